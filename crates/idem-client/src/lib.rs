@@ -1,0 +1,367 @@
+//! The Idem Rust SDK.
+//!
+//! ```text
+//! let client = Client::connect(ClientConfig::new("127.0.0.1:7101")).await?;
+//! let req = ReserveRequest::new("payments", "order-42", Fingerprint::of_request("POST", "/charge", body));
+//! match client.reserve(&req).await? {
+//!     Reservation::New(lease) => { /* charge, then */ client.complete(&lease, response).await?; }
+//!     Reservation::Replay(resp) => { /* return resp as is */ }
+//!     Reservation::InFlight { retry_after } => { /* 409: retry later */ }
+//!     Reservation::Mismatch { .. } => { /* 422: the client reused a key */ }
+//! }
+//! ```
+//!
+//! Every call retries transient failures (UNAVAILABLE, timeouts, connection errors) with
+//! exponential backoff and full jitter, waits at least as long as the server's
+//! `grpc-retry-pushback-ms` asks, and draws retries from a budget so that a struggling
+//! cluster sees a bounded multiple of its normal load, never a retry storm. A retried
+//! Reserve carries the same key, fingerprint and first-attempt time as the first one.
+
+mod retry;
+
+pub use idem_core::{Fence, Fingerprint, Header, StoredResponse};
+pub use retry::{RetryBudget, RetryPolicy};
+
+use idem_proto::convert::{from_wire_response, to_wire_fence, to_wire_response};
+use idem_proto::errors::{pushback_of, reason_of, ErrorReason};
+use idem_proto::v1::idem_client::IdemClient;
+use idem_proto::v1::{self, reserve_response};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use thiserror::Error;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `HOST:PORT` of any node (or a load balancer in front of a region).
+    pub endpoint: String,
+    /// Bearer token; the server maps it to the tenant.
+    pub token: Option<String>,
+    /// Deadline of each attempt.
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl ClientConfig {
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        ClientConfig {
+            endpoint: endpoint.into(),
+            token: None,
+            timeout: Duration::from_secs(10),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("invalid argument `{field}`: {message}")]
+    InvalidArgument { field: String, message: String },
+    /// The lease ended (or the key was taken over) before the call took effect.
+    /// For Complete: the completion was not acknowledged in time; the side effect's
+    /// outcome must be reconciled by its owner.
+    #[error("lease lost: {0}")]
+    LeaseLost(String),
+    #[error("the first attempt is too old for this key's retention: {0}")]
+    KeyTooOld(String),
+    #[error("the key is already completed")]
+    AlreadyCompleted,
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// Transient failures outlasted the retry policy or its budget.
+    #[error("unavailable after {attempts} attempts: {last}")]
+    Unavailable { attempts: u32, last: String },
+    #[error("server error: {0}")]
+    Server(Status),
+    #[error("cannot connect: {0}")]
+    Connect(String),
+}
+
+impl Error {
+    fn from_status(st: Status) -> Error {
+        let msg = st.message().to_string();
+        match reason_of(&st) {
+            Some(ErrorReason::InvalidArgument) | Some(ErrorReason::InvalidFingerprint) => Error::InvalidArgument {
+                field: idem_proto::errors::field_of(&st).unwrap_or_default(),
+                message: msg,
+            },
+            Some(ErrorReason::LeaseLost) => Error::LeaseLost(msg),
+            Some(ErrorReason::KeyTooOld) => Error::KeyTooOld(msg),
+            Some(ErrorReason::AlreadyCompleted) => Error::AlreadyCompleted,
+            Some(ErrorReason::NotFound) => Error::NotFound(msg),
+            Some(ErrorReason::Unauthenticated) => Error::Unauthenticated(msg),
+            _ => Error::Server(st),
+        }
+    }
+}
+
+fn retryable(st: &Status) -> bool {
+    matches!(st.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled | Code::ResourceExhausted)
+        && !matches!(reason_of(st), Some(ErrorReason::InvalidArgument))
+}
+
+/// A Reserve, kept identical across every retry.
+#[derive(Clone, Debug)]
+pub struct ReserveRequest {
+    pub scope: String,
+    pub key: Vec<u8>,
+    pub fingerprint: Fingerprint,
+    /// 0 = server default.
+    pub lease_ms: u64,
+    /// 0 = server default (30 days).
+    pub retention_ms: u64,
+    /// When the caller first tried this request (Unix ms); set once, kept on retries.
+    pub first_attempt_ms: u64,
+}
+
+impl ReserveRequest {
+    pub fn new(scope: impl Into<String>, key: impl Into<Vec<u8>>, fingerprint: Fingerprint) -> Self {
+        ReserveRequest {
+            scope: scope.into(),
+            key: key.into(),
+            fingerprint,
+            lease_ms: 0,
+            retention_ms: 0,
+            first_attempt_ms: now_ms(),
+        }
+    }
+}
+
+/// The right to run the side effect, until `expires_at_ms`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub scope: String,
+    pub key: Vec<u8>,
+    pub fence: Fence,
+    pub expires_at_ms: u64,
+    pub skew_margin_ms: u64,
+    /// The previous holder's fence when this grant took the key over after its lease
+    /// expired: that attempt may have had a side effect.
+    pub took_over: Option<Fence>,
+}
+
+impl Lease {
+    /// The time after which this holder must stop trusting the lease.
+    pub fn trust_until_ms(&self) -> u64 {
+        self.expires_at_ms.saturating_sub(self.skew_margin_ms)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    New(Lease),
+    InFlight { retry_after: Duration },
+    Replay(StoredResponse),
+    Mismatch { stored_fingerprint: Vec<u8> },
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[derive(Clone)]
+pub struct Client {
+    inner: IdemClient<Channel>,
+    cfg: ClientConfig,
+    budget: Arc<RetryBudget>,
+}
+
+impl Client {
+    /// A client for `cfg.endpoint`. Connects lazily: a node that is down now is retried
+    /// by the calls themselves.
+    pub async fn connect(cfg: ClientConfig) -> Result<Client, Error> {
+        let endpoint = if cfg.endpoint.contains("://") { cfg.endpoint.clone() } else { format!("http://{}", cfg.endpoint) };
+        let channel = Endpoint::from_shared(endpoint)
+            .map_err(|e| Error::Connect(e.to_string()))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let inner = IdemClient::new(channel).max_decoding_message_size(8 << 20).max_encoding_message_size(8 << 20);
+        let budget = Arc::new(RetryBudget::new(&cfg.retry));
+        Ok(Client { inner, cfg, budget })
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(self.cfg.timeout);
+        if let Some(t) = &self.cfg.token {
+            if let Ok(v) = format!("Bearer {t}").parse() {
+                req.metadata_mut().insert("authorization", v);
+            }
+        }
+        req
+    }
+
+    /// Run `call` with the retry policy: backoff with full jitter, server pushback,
+    /// bounded attempts and the shared retry budget.
+    async fn with_retries<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(IdemClient<Channel>, u32) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.budget.deposit();
+        let policy = &self.cfg.retry;
+        let mut attempt = 1;
+        loop {
+            match call(self.inner.clone(), attempt).await {
+                Ok(v) => return Ok(v),
+                Err(st) if retryable(&st) => {
+                    if attempt >= policy.max_attempts || !self.budget.withdraw() {
+                        return Err(Error::Unavailable { attempts: attempt, last: format!("{}: {}", st.code(), st.message()) });
+                    }
+                    let delay = policy.delay(attempt, pushback_of(&st));
+                    tracing::debug!(attempt, ?delay, code = ?st.code(), "retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(st) => return Err(Error::from_status(st)),
+            }
+        }
+    }
+
+    /// Reserve a key. Transient failures are retried with the same key and fingerprint.
+    pub async fn reserve(&self, r: &ReserveRequest) -> Result<Reservation, Error> {
+        let resp = self
+            .with_retries(|mut c, attempt| {
+                let req = self.request(v1::ReserveRequest {
+                    scope: r.scope.clone(),
+                    key: r.key.clone(),
+                    fingerprint: r.fingerprint.0.to_vec(),
+                    lease_ms: r.lease_ms,
+                    retention_ms: r.retention_ms,
+                    first_attempt_ms: r.first_attempt_ms,
+                    attempt,
+                });
+                async move { c.reserve(req).await.map(|x| x.into_inner()) }
+            })
+            .await?;
+        match resp.outcome {
+            Some(reserve_response::Outcome::New(n)) => {
+                let fence = idem_proto::convert::fence(n.fence.as_ref()).map_err(|e| Error::Server(Status::internal(e.to_string())))?;
+                let took_over = match n.previous.as_ref() {
+                    Some(p) if n.takeover => idem_proto::convert::fence(Some(p)).ok(),
+                    _ => None,
+                };
+                Ok(Reservation::New(Lease {
+                    scope: r.scope.clone(),
+                    key: r.key.clone(),
+                    fence,
+                    expires_at_ms: n.lease_expires_ms,
+                    skew_margin_ms: n.skew_margin_ms,
+                    took_over,
+                }))
+            }
+            Some(reserve_response::Outcome::InFlight(f)) => Ok(Reservation::InFlight { retry_after: Duration::from_millis(f.retry_after_ms) }),
+            Some(reserve_response::Outcome::Replay(p)) => Ok(Reservation::Replay(p.response.as_ref().map(from_wire_response).unwrap_or_default())),
+            Some(reserve_response::Outcome::Mismatch(m)) => Ok(Reservation::Mismatch { stored_fingerprint: m.stored_fingerprint }),
+            None => Err(Error::Server(Status::internal("Reserve answered no outcome"))),
+        }
+    }
+
+    /// Reserve, and while another attempt holds the key, wait (as long as the server's
+    /// retry-after says, within `max_wait` in total) for it to finish.
+    pub async fn reserve_wait(&self, r: &ReserveRequest, max_wait: Duration) -> Result<Reservation, Error> {
+        let deadline = tokio::time::Instant::now() + max_wait;
+        loop {
+            match self.reserve(r).await? {
+                Reservation::InFlight { retry_after } => {
+                    let now = tokio::time::Instant::now();
+                    if now + retry_after.min(Duration::from_millis(200)) > deadline {
+                        return Ok(Reservation::InFlight { retry_after });
+                    }
+                    // Poll at least every 200 ms: the holder may complete early.
+                    tokio::time::sleep(retry_after.clamp(Duration::from_millis(20), Duration::from_millis(200))).await;
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Store the response of the side effect. Acknowledged only while the lease holds:
+    /// an acknowledgement that arrives after `lease.trust_until_ms()` is reported as
+    /// `LeaseLost` (outcome unknown), never as success.
+    pub async fn complete(&self, lease: &Lease, response: &StoredResponse) -> Result<(), Error> {
+        self.with_retries(|mut c, _| {
+            let req = self.request(v1::CompleteRequest {
+                scope: lease.scope.clone(),
+                key: lease.key.clone(),
+                fence: Some(to_wire_fence(&lease.fence)),
+                response: Some(to_wire_response(response)),
+            });
+            async move { c.complete(req).await.map(|_| ()) }
+        })
+        .await?;
+        if now_ms() > lease.trust_until_ms() {
+            return Err(Error::LeaseLost("the acknowledgement arrived after the lease could be trusted; outcome unknown".into()));
+        }
+        Ok(())
+    }
+
+    /// Give the key back after a failure that had no side effect.
+    pub async fn release(&self, lease: &Lease) -> Result<(), Error> {
+        self.with_retries(|mut c, _| {
+            let req = self.request(v1::ReleaseRequest {
+                scope: lease.scope.clone(),
+                key: lease.key.clone(),
+                fence: Some(to_wire_fence(&lease.fence)),
+            });
+            async move { c.release(req).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    /// Extend the lease by `lease_ms` from now (0 = server default); updates `lease`.
+    pub async fn extend(&self, lease: &mut Lease, lease_ms: u64) -> Result<(), Error> {
+        let expires = self
+            .with_retries(|mut c, _| {
+                let req = self.request(v1::ExtendRequest {
+                    scope: lease.scope.clone(),
+                    key: lease.key.clone(),
+                    fence: Some(to_wire_fence(&lease.fence)),
+                    lease_ms,
+                });
+                async move { c.extend(req).await.map(|x| x.into_inner().lease_expires_ms) }
+            })
+            .await?;
+        lease.expires_at_ms = expires;
+        Ok(())
+    }
+
+    /// Read a key's record (linearizable).
+    pub async fn get(&self, scope: &str, key: &[u8]) -> Result<v1::GetResponse, Error> {
+        self.with_retries(|mut c, _| {
+            let req = self.request(v1::GetRequest { scope: scope.to_string(), key: key.to_vec() });
+            async move { c.get(req).await.map(|x| x.into_inner()) }
+        })
+        .await
+    }
+
+    /// Run `work` while keeping the lease alive: the lease is extended every third of
+    /// its length. Returns the work's output, or `LeaseLost` if an extension failed
+    /// (the work's result is then returned inside the error path to the caller as
+    /// lost: the side effect may have happened without the key being held).
+    pub async fn with_lease<T, Fut>(&self, lease: &mut Lease, lease_ms: u64, work: Fut) -> Result<T, Error>
+    where
+        Fut: Future<Output = T>,
+    {
+        let period = Duration::from_millis((lease_ms.max(300) / 3).max(100));
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => {
+                    if now_ms() > lease.trust_until_ms() {
+                        return Err(Error::LeaseLost("the lease ran out while the work ran".into()));
+                    }
+                    return Ok(out);
+                }
+                _ = tokio::time::sleep(period) => {
+                    self.extend(lease, lease_ms).await?;
+                }
+            }
+        }
+    }
+}

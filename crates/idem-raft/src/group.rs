@@ -1,0 +1,412 @@
+//! One Raft group on this node: start it, submit commands (stamped by the leader,
+//! forwarded there from followers), read records linearizably, report its health.
+
+use crate::codec::{decode, encode};
+use crate::log_store::LogStore;
+use crate::network::{Channels, NetworkFactory};
+use crate::router::GroupId;
+use crate::state_machine::StateMachine;
+use crate::types::{Peer, TypeConfig};
+use idem_core::{ClaimId, Command, CommandResult, Hlc, Key, Op, Record};
+use idem_proto::internal::RaftMessage;
+use idem_storage::{LogEngine, StateEngine};
+use openraft::async_runtime::WatchReceiver;
+use openraft::{BasicNode, Config, Raft, ReadPolicy, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use thiserror::Error;
+
+/// How many times a command follows a leader change before giving up.
+const MAX_FORWARD_TRIES: usize = 4;
+
+#[derive(Clone, Debug)]
+pub struct GroupConfig {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied entries.
+    pub snapshot_every_entries: u64,
+    /// Entries kept in the log behind a snapshot (for slow followers).
+    pub logs_kept_after_snapshot: u64,
+    /// How long a write or linearizable read may wait for the group.
+    pub request_timeout: Duration,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        GroupConfig {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1_000,
+            snapshot_every_entries: 20_000,
+            logs_kept_after_snapshot: 5_000,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Who this node is, for stamping claims.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeIdentity {
+    pub node_id: u64,
+    pub region: u16,
+}
+
+/// The leader's stamp on each command: time from the node's hybrid logical clock, the
+/// skew margin, and a fresh claim id.
+pub struct Stamper {
+    identity: NodeIdentity,
+    skew_margin_ms: u64,
+    hlc: Mutex<Hlc>,
+    /// Test-only offset added to the wall clock, to emulate a skewed node.
+    clock_offset_ms: std::sync::atomic::AtomicI64,
+}
+
+impl Stamper {
+    pub fn new(identity: NodeIdentity, skew_margin_ms: u64, max_clock_ahead_ms: u64) -> Stamper {
+        Stamper {
+            identity,
+            skew_margin_ms,
+            hlc: Mutex::new(Hlc::new(max_clock_ahead_ms)),
+            clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    pub fn identity(&self) -> NodeIdentity {
+        self.identity
+    }
+
+    pub fn skew_margin_ms(&self) -> u64 {
+        self.skew_margin_ms
+    }
+
+    pub fn set_clock_offset_ms(&self, offset: i64) {
+        self.clock_offset_ms
+            .store(offset, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Wall-clock milliseconds (with the test offset, if any).
+    pub fn wall_ms(&self) -> u64 {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let off = self.clock_offset_ms.load(std::sync::atomic::Ordering::Relaxed);
+        (wall + off).max(0) as u64
+    }
+
+    pub fn stamp(&self, key: Key, op: Op) -> Command {
+        let ts = self
+            .hlc
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .now(self.wall_ms());
+        Command {
+            now_ms: Hlc::physical_ms(ts),
+            skew_margin_ms: self.skew_margin_ms,
+            claim: ClaimId {
+                hlc: ts,
+                region: self.identity.region,
+                node: self.identity.node_id as u16,
+                nonce: rand::random(),
+            },
+            region_bit: 1u32 << (self.identity.region % 32),
+            key,
+            op,
+        }
+    }
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupError {
+    #[error("no leader is known for group {0}; an election is probably in progress")]
+    NoLeader(String),
+    #[error("this node is not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    #[error("the group did not answer within {0:?}; the outcome is unknown")]
+    Timeout(Duration),
+    #[error("the group is unavailable: {0}")]
+    Unavailable(String),
+    #[error("fatal group error: {0}")]
+    Fatal(String),
+}
+
+/// A command or read sent to the leader by a follower.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Forwarded {
+    Write { key: Key, op: Op },
+    Read { key: Key },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ForwardedReply {
+    Write(CommandResult),
+    Read(Option<Record>),
+}
+
+/// What an operator or a dashboard needs to know about a group.
+#[derive(Clone, Debug, Default)]
+pub struct GroupHealth {
+    pub state: String,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    pub voters: Vec<u64>,
+}
+
+pub struct Group {
+    id: GroupId,
+    node_id: u64,
+    raft: Raft<TypeConfig, StateMachine>,
+    engine: StateEngine,
+    stamper: Arc<Stamper>,
+    channels: Channels,
+    timeout: Duration,
+}
+
+impl Group {
+    /// Start the group on this node, and initialize it with `peers` if it never was.
+    pub async fn start(
+        id: GroupId,
+        stamper: Arc<Stamper>,
+        peers: &[Peer],
+        log: LogEngine,
+        state: StateEngine,
+        channels: Channels,
+        cfg: &GroupConfig,
+    ) -> Result<Group, GroupError> {
+        let node_id = stamper.identity().node_id;
+        let config = Config {
+            cluster_name: format!("idem-{id}"),
+            heartbeat_interval: cfg.heartbeat_ms,
+            election_timeout_min: cfg.election_timeout_min_ms,
+            election_timeout_max: cfg.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: cfg.logs_kept_after_snapshot,
+            purge_batch_size: 256,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| GroupError::Fatal(format!("raft config: {e}")))?;
+        let sm = StateMachine::open(state.clone(), id.shard)
+            .map_err(|e| GroupError::Fatal(format!("open state machine: {e}")))?;
+        let network = NetworkFactory {
+            group: id,
+            channels: channels.clone(),
+        };
+        let raft = Raft::new(
+            node_id,
+            Arc::new(config),
+            network,
+            LogStore::new(log, id.shard),
+            sm,
+        )
+        .await
+        .map_err(|e| GroupError::Fatal(e.to_string()))?;
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| GroupError::Fatal(e.to_string()))?;
+        if !initialized {
+            let members: BTreeMap<u64, BasicNode> = peers
+                .iter()
+                .map(|p| (p.id, BasicNode::new(p.addr.clone())))
+                .collect();
+            // Every member initializes with the same membership; all but the first
+            // attempt are refused harmlessly.
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!(group = %id, error = %e, "initialize refused");
+            }
+        }
+        Ok(Group {
+            id,
+            node_id,
+            raft,
+            engine: state,
+            stamper,
+            channels,
+            timeout: cfg.request_timeout,
+        })
+    }
+
+    pub fn id(&self) -> GroupId {
+        self.id
+    }
+
+    pub fn stamper(&self) -> &Arc<Stamper> {
+        &self.stamper
+    }
+
+    pub(crate) fn raft(&self) -> &Raft<TypeConfig, StateMachine> {
+        &self.raft
+    }
+
+    pub(crate) fn engine(&self) -> &StateEngine {
+        &self.engine
+    }
+
+    fn leader_addr(&self, leader: u64) -> Option<String> {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        metrics
+            .membership_config
+            .nodes()
+            .find(|(id, _)| **id == leader)
+            .map(|(_, n)| n.addr.clone())
+    }
+
+    async fn current_leader_or_wait(&self) -> Result<u64, GroupError> {
+        if let Some(l) = self.raft.current_leader().await {
+            return Ok(l);
+        }
+        // An election is usually a few hundred ms: wait for one before giving up.
+        let waited = self
+            .raft
+            .wait(Some(self.timeout.min(Duration::from_secs(2))))
+            .metrics(|m| m.current_leader.is_some(), "leader known")
+            .await;
+        match waited {
+            Ok(m) => m
+                .current_leader
+                .ok_or_else(|| GroupError::NoLeader(self.id.to_string())),
+            Err(_) => Err(GroupError::NoLeader(self.id.to_string())),
+        }
+    }
+
+    /// Run a command through the group, on whichever node leads it.
+    pub async fn submit(&self, key: Key, op: Op) -> Result<CommandResult, GroupError> {
+        match self.route(Forwarded::Write { key, op }).await? {
+            ForwardedReply::Write(r) => Ok(r),
+            ForwardedReply::Read(_) => Err(GroupError::Fatal("read reply to a write".into())),
+        }
+    }
+
+    /// Read a key's record as of now, linearizably (expired records read as absent).
+    pub async fn read(&self, key: Key) -> Result<Option<Record>, GroupError> {
+        match self.route(Forwarded::Read { key }).await? {
+            ForwardedReply::Read(r) => Ok(r),
+            ForwardedReply::Write(_) => Err(GroupError::Fatal("write reply to a read".into())),
+        }
+    }
+
+    async fn route(&self, req: Forwarded) -> Result<ForwardedReply, GroupError> {
+        let payload = encode(&req);
+        let mut last = GroupError::NoLeader(self.id.to_string());
+        for attempt in 0..MAX_FORWARD_TRIES {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
+            }
+            let leader = self.current_leader_or_wait().await?;
+            let result = if leader == self.node_id {
+                self.handle_local(decode(&payload).map_err(|e| GroupError::Fatal(e.to_string()))?)
+                    .await
+            } else {
+                self.forward(leader, payload.clone()).await
+            };
+            match result {
+                Err(e @ GroupError::NotLeader { .. }) | Err(e @ GroupError::NoLeader(_)) => last = e,
+                other => return other,
+            }
+        }
+        Err(last)
+    }
+
+    async fn forward(&self, leader: u64, payload: Vec<u8>) -> Result<ForwardedReply, GroupError> {
+        let addr = self
+            .leader_addr(leader)
+            .ok_or_else(|| GroupError::NoLeader(self.id.to_string()))?;
+        let mut client = self
+            .channels
+            .client(&addr)
+            .map_err(|e| GroupError::Unavailable(e.to_string()))?;
+        let mut req = tonic::Request::new(RaftMessage {
+            group: Some(self.id.to_wire()),
+            payload,
+        });
+        req.set_timeout(self.timeout);
+        let resp = client.forward(req).await.map_err(|st| match st.code() {
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => GroupError::Timeout(self.timeout),
+            _ => GroupError::Unavailable(format!("leader {leader} at {addr}: {}", st.message())),
+        })?;
+        decode::<Result<ForwardedReply, GroupError>>(&resp.into_inner().payload)
+            .map_err(|e| GroupError::Fatal(e.to_string()))?
+    }
+
+    /// Serve a write or read on this node, which must be the leader.
+    pub(crate) async fn handle_local(&self, req: Forwarded) -> Result<ForwardedReply, GroupError> {
+        match req {
+            Forwarded::Write { key, op } => {
+                let cmd = self.stamper.stamp(key, op);
+                let fut = self.raft.client_write(cmd);
+                match tokio::time::timeout(self.timeout, fut).await {
+                    Err(_) => Err(GroupError::Timeout(self.timeout)),
+                    Ok(Ok(resp)) => Ok(ForwardedReply::Write(resp.data)),
+                    Ok(Err(e)) => Err(match e.forward_to_leader() {
+                        Some(f) => GroupError::NotLeader {
+                            leader: f.leader_id,
+                        },
+                        None => GroupError::Unavailable(e.to_string()),
+                    }),
+                }
+            }
+            Forwarded::Read { key } => {
+                let fut = self.raft.ensure_linearizable(ReadPolicy::ReadIndex);
+                match tokio::time::timeout(self.timeout, fut).await {
+                    Err(_) => return Err(GroupError::Timeout(self.timeout)),
+                    Ok(Err(e)) => {
+                        return Err(match e.forward_to_leader() {
+                            Some(f) => GroupError::NotLeader {
+                                leader: f.leader_id,
+                            },
+                            None => GroupError::Unavailable(e.to_string()),
+                        })
+                    }
+                    Ok(Ok(_)) => {}
+                }
+                let now = self.stamper.wall_ms();
+                let rec = self
+                    .engine
+                    .get_record(self.id.shard, &key)
+                    .map_err(|e| GroupError::Fatal(e.to_string()))?;
+                Ok(ForwardedReply::Read(rec.filter(|r| !r.is_expired(now))))
+            }
+        }
+    }
+
+    pub fn health(&self) -> GroupHealth {
+        let m = self.raft.metrics().borrow_watched().clone();
+        GroupHealth {
+            state: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            }
+            .to_string(),
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+            voters: m.membership_config.voter_ids().collect(),
+        }
+    }
+
+    /// Wait until this group has a leader (for start-up and tests).
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<u64, GroupError> {
+        self.raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "leader")
+            .await
+            .ok()
+            .and_then(|m| m.current_leader)
+            .ok_or_else(|| GroupError::NoLeader(self.id.to_string()))
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+}

@@ -1,0 +1,217 @@
+//! openraft's network over tonic. One HTTP/2 channel per peer address is shared by every
+//! group of the node (requests of many groups are multiplexed on it); each message names
+//! its group. Payloads are versioned bincode (see `codec`).
+
+use crate::codec::{decode, encode};
+use crate::router::GroupId;
+use crate::types::{Snapshot, TypeConfig, Vote};
+use idem_proto::internal::raft_client::RaftClient;
+use idem_proto::internal::{RaftMessage, SnapshotChunk};
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, OptionalSend};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tonic::transport::{Channel, Endpoint};
+
+/// Bytes of snapshot data per streamed chunk.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// Chunks buffered ahead of the network while a snapshot streams.
+const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 4;
+/// Most peer addresses kept connected.
+const MAX_CHANNELS: usize = 1024;
+
+/// Connections to peers, shared by every group on the node.
+#[derive(Clone, Default)]
+pub struct Channels {
+    inner: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Channels {
+    /// A lazily connected channel to `addr` (host:port).
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        if map.len() >= MAX_CHANNELS {
+            map.clear();
+        }
+        map.insert(addr.to_owned(), ch.clone());
+        Ok(ch)
+    }
+
+    pub fn client(&self, addr: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
+        Ok(RaftClient::new(self.get(addr)?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+}
+
+pub struct NetworkFactory {
+    pub group: GroupId,
+    pub channels: Channels,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Network;
+
+    async fn new_client(&mut self, _target: u64, node: &BasicNode) -> Network {
+        Network {
+            group: self.group,
+            addr: node.addr.clone(),
+            channels: self.channels.clone(),
+        }
+    }
+}
+
+pub struct Network {
+    group: GroupId,
+    addr: String,
+    channels: Channels,
+}
+
+fn unreachable(e: &(impl std::error::Error + 'static)) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::new(e))
+}
+
+fn status_error(st: tonic::Status) -> RPCError<TypeConfig> {
+    match st.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown => unreachable(&st),
+        _ => RPCError::Network(NetworkError::new(&st)),
+    }
+}
+
+fn decode_error(e: std::io::Error) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&e))
+}
+
+impl Network {
+    fn message(&self, payload: Vec<u8>) -> RaftMessage {
+        RaftMessage {
+            group: Some(self.group.to_wire()),
+            payload,
+        }
+    }
+
+    fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
+        self.channels.client(&self.addr).map_err(|e| unreachable(&e))
+    }
+
+    async fn vote_rpc(
+        &mut self,
+        pre: bool,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let mut req = tonic::Request::new(self.message(encode(&(pre, rpc))));
+        req.set_timeout(option.hard_ttl());
+        let resp = self.client()?.vote(req).await.map_err(status_error)?;
+        decode::<Result<VoteResponse<TypeConfig>, String>>(&resp.into_inner().payload)
+            .map_err(decode_error)?
+            .map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for Network {
+    type SnapshotData = idem_storage::SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let mut req = tonic::Request::new(self.message(encode(&rpc)));
+        req.set_timeout(option.hard_ttl());
+        let resp = self
+            .client()?
+            .append_entries(req)
+            .await
+            .map_err(status_error)?;
+        decode::<Result<AppendEntriesResponse<TypeConfig>, String>>(&resp.into_inner().payload)
+            .map_err(decode_error)?
+            .map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.vote_rpc(false, rpc, option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.vote_rpc(true, rpc, option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let group = self.group.to_wire();
+        let meta = encode(&(vote, snapshot.meta.clone()));
+        let path = snapshot.snapshot.path.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(SNAPSHOT_CHUNKS_IN_FLIGHT);
+        // Reads the file in bounded chunks; stops when the receiver goes away.
+        let reader = tokio::spawn(async move {
+            let mut file = tokio::fs::File::open(&path).await?;
+            let mut first = true;
+            loop {
+                let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+                let n = file.read(&mut buf).await?;
+                if n == 0 && !first {
+                    return Ok::<(), std::io::Error>(());
+                }
+                buf.truncate(n);
+                let chunk = SnapshotChunk {
+                    group: Some(group),
+                    meta: if first { meta.clone() } else { Vec::new() },
+                    data: buf,
+                };
+                first = false;
+                if tx.send(chunk).await.is_err() {
+                    return Ok(());
+                }
+                if n == 0 {
+                    return Ok(());
+                }
+            }
+        });
+        let mut client = self
+            .client()
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let send = client.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let result = tokio::select! {
+            closed = cancel => {
+                reader.abort();
+                return Err(StreamingError::Closed(closed));
+            }
+            r = send => r,
+        };
+        reader.abort();
+        let resp = result.map_err(|st| StreamingError::Network(NetworkError::new(&st)))?;
+        decode::<Result<SnapshotResponse<TypeConfig>, String>>(&resp.into_inner().payload)
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?
+            .map_err(|e| StreamingError::Network(NetworkError::from_string(e)))
+    }
+}

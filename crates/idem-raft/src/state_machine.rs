@@ -1,0 +1,165 @@
+//! openraft's state machine over the node's state engine. The records live in RocksDB;
+//! this struct holds only the group's applied log id and membership (also persisted, in
+//! the same write batch as the records they cover).
+
+use crate::codec::{decode, encode};
+use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+use futures::StreamExt;
+use idem_core::CommandResult;
+use idem_storage::{ApplyItem, Shard, SnapshotFile, StateEngine};
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
+use std::io;
+
+/// Most entries applied in one write batch.
+const MAX_APPLY_BATCH: usize = 512;
+
+#[derive(Clone)]
+pub struct StateMachine {
+    engine: StateEngine,
+    shard: Shard,
+    applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+type AppliedState = (Option<LogId>, StoredMembership);
+
+impl StateMachine {
+    pub fn open(engine: StateEngine, shard: Shard) -> io::Result<StateMachine> {
+        let (applied, membership) = match engine.applied_state(shard)? {
+            Some(b) => decode::<AppliedState>(&b)?,
+            None => (None, StoredMembership::default()),
+        };
+        Ok(StateMachine {
+            engine,
+            shard,
+            applied,
+            membership,
+        })
+    }
+
+    pub fn engine(&self) -> &StateEngine {
+        &self.engine
+    }
+
+    fn apply_batch(
+        &mut self,
+        batch: Vec<EntryResponder<TypeConfig>>,
+    ) -> io::Result<()> {
+        let mut applied = self.applied.clone();
+        let mut membership = self.membership.clone();
+        let mut items = Vec::with_capacity(batch.len());
+        for (entry, _) in &batch {
+            applied = Some(entry.log_id.clone());
+            items.push(match &entry.payload {
+                EntryPayload::Normal(cmd) => ApplyItem::Command(cmd),
+                EntryPayload::Membership(m) => {
+                    membership = StoredMembership::new(Some(entry.log_id.clone()), m.clone());
+                    ApplyItem::Other
+                }
+                EntryPayload::Blank => ApplyItem::Other,
+            });
+        }
+        let state = encode(&(applied.clone(), membership.clone()));
+        let results = self.engine.apply(self.shard, &items, &state)?;
+        drop(items);
+        self.applied = applied;
+        self.membership = membership;
+        for ((_, responder), result) in batch.into_iter().zip(results) {
+            if let Some(r) = responder {
+                // Entries with a responder are client writes, hence commands.
+                r.send(result.unwrap_or(CommandResult::Release(Ok(()))));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> io::Result<AppliedState> {
+        Ok((self.applied.clone(), self.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    where
+        Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>>
+            + Unpin
+            + OptionalSend,
+    {
+        let mut batch = Vec::new();
+        while let Some(item) = entries.next().await {
+            batch.push(item?);
+            if batch.len() >= MAX_APPLY_BATCH {
+                self.apply_batch(std::mem::take(&mut batch))?;
+            }
+        }
+        if !batch.is_empty() {
+            self.apply_batch(batch)?;
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotFile,
+    ) -> io::Result<()> {
+        let state = encode(&(meta.last_log_id.clone(), meta.last_membership.clone()));
+        let engine = self.engine.clone();
+        let shard = self.shard;
+        tokio::task::spawn_blocking(move || engine.install_snapshot(shard, &snapshot, &state))
+            .await
+            .map_err(io::Error::other)??;
+        self.applied = meta.last_log_id.clone();
+        self.membership = meta.last_membership.clone();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
+        let Some(file) = self.engine.current_snapshot(self.shard)? else {
+            return Ok(None);
+        };
+        let meta: SnapshotMeta = decode(&file.read_meta()?)?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: file,
+        }))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        let engine = self.engine.clone();
+        let shard = self.shard;
+        // Records and applied state come from one RocksDB snapshot inside the engine, so
+        // the metadata describes exactly the records in the file, however far apply has
+        // moved since this builder was handed out.
+        let (file, meta_bytes) = tokio::task::spawn_blocking(move || {
+            engine.build_snapshot(shard, |applied| {
+                let (last_log_id, last_membership) = match applied {
+                    Some(b) => decode::<AppliedState>(b)?,
+                    None => (None, StoredMembership::default()),
+                };
+                Ok(encode(&SnapshotMeta {
+                    last_log_id,
+                    last_membership,
+                }))
+            })
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(Snapshot {
+            meta: decode(&meta_bytes)?,
+            snapshot: file,
+        })
+    }
+}

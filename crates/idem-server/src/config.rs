@@ -1,0 +1,388 @@
+//! Node configuration: one struct with a default for every field, read from TOML, with
+//! environment overrides (`IDEM__SECTION__KEY=value`, e.g. `IDEM__NODE__ID=2`), and a
+//! `validate()` whose errors name the offending key.
+
+use idem_core::Limits;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use thiserror::Error;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub cluster: ClusterConfig,
+    /// Every region of the cluster and its nodes. Empty: a one-node cluster of this node.
+    pub regions: Vec<RegionConfig>,
+    pub raft: RaftConfig,
+    pub limits: Limits,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Unique in the cluster, 1..=65535.
+    pub id: u64,
+    /// The name of this node's region (one of `regions`).
+    pub region: String,
+    pub data_dir: PathBuf,
+    /// gRPC listen address: the public API, the admin API and node-to-node traffic.
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address: /metrics, /healthz, /status.
+    pub http_addr: SocketAddr,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: 1,
+            region: "local".into(),
+            data_dir: PathBuf::from("./idem-data"),
+            grpc_addr: "127.0.0.1:7101".parse().expect("literal"),
+            http_addr: "127.0.0.1:7201".parse().expect("literal"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Shards per region (the same in every region). Fixed for the cluster's life.
+    pub shards: u32,
+    /// Largest clock difference assumed between any two nodes. Leases are held this
+    /// much longer than granted before another claim may take the key.
+    pub skew_margin_ms: u64,
+    /// A peer timestamp further ahead than this is refused, not adopted.
+    pub max_clock_ahead_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            shards: 1,
+            skew_margin_ms: 500,
+            max_clock_ahead_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    /// Region number, 0..=31 (a bit in witness sets).
+    pub id: u16,
+    pub name: String,
+    pub nodes: Vec<PeerConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u64,
+    /// The node's gRPC address as other nodes reach it.
+    pub addr: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftConfig {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    pub snapshot_every_entries: u64,
+    pub logs_kept_after_snapshot: u64,
+    /// How long a request may wait for its group before UNAVAILABLE.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        let d = idem_raft::GroupConfig::default();
+        RaftConfig {
+            heartbeat_ms: d.heartbeat_ms,
+            election_timeout_min_ms: d.election_timeout_min_ms,
+            election_timeout_max_ms: d.election_timeout_max_ms,
+            snapshot_every_entries: d.snapshot_every_entries,
+            logs_kept_after_snapshot: d.logs_kept_after_snapshot,
+            request_timeout_ms: d.request_timeout.as_millis() as u64,
+        }
+    }
+}
+
+impl RaftConfig {
+    pub fn group_config(&self) -> idem_raft::GroupConfig {
+        idem_raft::GroupConfig {
+            heartbeat_ms: self.heartbeat_ms,
+            election_timeout_min_ms: self.election_timeout_min_ms,
+            election_timeout_max_ms: self.election_timeout_max_ms,
+            snapshot_every_entries: self.snapshot_every_entries,
+            logs_kept_after_snapshot: self.logs_kept_after_snapshot,
+            request_timeout: std::time::Duration::from_millis(self.request_timeout_ms),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Off: every caller is tenant `default` (development and `idem demo`).
+    pub enabled: bool,
+    pub tokens: Vec<TokenConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub tenant: String,
+    /// Hex SHA-256 of the bearer token (the token itself is never stored).
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. "info" or "idem_server=debug,info".
+    pub level: String,
+    /// "text" or "json".
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("environment variable {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Read a TOML file (or nothing: all defaults), then apply environment overrides.
+    pub fn load(
+        path: Option<&std::path::Path>,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Config::from_toml_with_env(&text, env)
+    }
+
+    pub fn from_toml_with_env(
+        text: &str,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        for (var, value) in env {
+            let Some(path) = var.strip_prefix("IDEM__") else {
+                continue;
+            };
+            let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            if parts.iter().any(|p| p.is_empty()) {
+                return Err(ConfigError::Env {
+                    var,
+                    reason: "empty path segment".into(),
+                });
+            }
+            // A value that parses as TOML (number, bool, array) is taken as such;
+            // anything else is a string.
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value));
+            let mut cur = &mut table;
+            for p in &parts[..parts.len() - 1] {
+                let entry = cur
+                    .entry(p.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                cur = match entry {
+                    toml::Value::Table(t) => t,
+                    _ => {
+                        return Err(ConfigError::Env {
+                            var,
+                            reason: format!("`{p}` is not a section"),
+                        })
+                    }
+                };
+            }
+            cur.insert(parts[parts.len() - 1].clone(), parsed);
+        }
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// The regions, with the single-node default filled in when none are configured.
+    pub fn effective_regions(&self) -> Vec<RegionConfig> {
+        if !self.regions.is_empty() {
+            return self.regions.clone();
+        }
+        vec![RegionConfig {
+            id: 0,
+            name: self.node.region.clone(),
+            nodes: vec![PeerConfig {
+                id: self.node.id,
+                addr: self.node.grpc_addr.to_string(),
+            }],
+        }]
+    }
+
+    pub fn my_region(&self) -> Option<RegionConfig> {
+        self.effective_regions()
+            .into_iter()
+            .find(|r| r.name == self.node.region)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.id == 0 || self.node.id > u64::from(u16::MAX) {
+            return Err(invalid("node.id", "must be between 1 and 65535"));
+        }
+        if self.cluster.shards == 0 || self.cluster.shards > 4096 {
+            return Err(invalid("cluster.shards", "must be between 1 and 4096"));
+        }
+        if self.cluster.skew_margin_ms > 60_000 {
+            return Err(invalid("cluster.skew_margin_ms", "must be at most 60000"));
+        }
+        let regions = self.effective_regions();
+        let mut ids = std::collections::BTreeSet::new();
+        let mut names = std::collections::BTreeSet::new();
+        let mut nodes = std::collections::BTreeSet::new();
+        for (i, r) in regions.iter().enumerate() {
+            if r.id > 31 {
+                return Err(invalid(&format!("regions[{i}].id"), "must be between 0 and 31"));
+            }
+            if !ids.insert(r.id) {
+                return Err(invalid(&format!("regions[{i}].id"), format!("{} is used twice", r.id)));
+            }
+            if !names.insert(r.name.clone()) {
+                return Err(invalid(&format!("regions[{i}].name"), format!("{:?} is used twice", r.name)));
+            }
+            if r.nodes.is_empty() {
+                return Err(invalid(&format!("regions[{i}].nodes"), "must list at least one node"));
+            }
+            for (j, n) in r.nodes.iter().enumerate() {
+                if !nodes.insert(n.id) {
+                    return Err(invalid(&format!("regions[{i}].nodes[{j}].id"), format!("node {} is listed twice", n.id)));
+                }
+                if n.addr.parse::<SocketAddr>().is_err() && !n.addr.contains(':') {
+                    return Err(invalid(&format!("regions[{i}].nodes[{j}].addr"), "must be HOST:PORT"));
+                }
+            }
+        }
+        let Some(mine) = self.my_region() else {
+            return Err(invalid("node.region", format!("{:?} is not one of the configured regions", self.node.region)));
+        };
+        if !mine.nodes.iter().any(|n| n.id == self.node.id) {
+            return Err(invalid("node.id", format!("node {} is not listed in region {:?}", self.node.id, mine.name)));
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms {
+            return Err(invalid("raft.election_timeout_min_ms", "must be greater than raft.heartbeat_ms (and heartbeat_ms > 0)"));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(invalid("raft.election_timeout_max_ms", "must be greater than raft.election_timeout_min_ms"));
+        }
+        if r.request_timeout_ms == 0 {
+            return Err(invalid("raft.request_timeout_ms", "must be greater than 0"));
+        }
+        if r.snapshot_every_entries == 0 {
+            return Err(invalid("raft.snapshot_every_entries", "must be greater than 0"));
+        }
+        self.limits
+            .check()
+            .map_err(|e| invalid(e.field, e.reason))?;
+        if self.auth.enabled && self.auth.tokens.is_empty() {
+            return Err(invalid("auth.tokens", "auth is enabled but no token is configured"));
+        }
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            if t.tenant.is_empty() || t.tenant.len() > 128 {
+                return Err(invalid(&format!("auth.tokens[{i}].tenant"), "must be 1 to 128 bytes"));
+            }
+            if hex::decode(&t.sha256).map(|b| b.len()) != Ok(32) {
+                return Err(invalid(&format!("auth.tokens[{i}].sha256"), "must be 64 hex digits (SHA-256 of the token)"));
+            }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(invalid("log.format", "must be \"text\" or \"json\""));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let c = Config::from_toml_with_env(
+            "[node]\nid = 3\n",
+            env(&[("IDEM__NODE__ID", "1"), ("IDEM__CLUSTER__SKEW_MARGIN_MS", "250"), ("IDEM__NODE__DATA_DIR", "/tmp/x")]),
+        )
+        .unwrap();
+        assert_eq!(c.node.id, 1);
+        assert_eq!(c.cluster.skew_margin_ms, 250);
+        assert_eq!(c.node.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |toml: &str| {
+            Config::from_toml_with_env(toml, env(&[]))
+                .and_then(|c| c.validate().map(|_| c))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("[node]\nid = 0\n").contains("`node.id`"));
+        assert!(err("[cluster]\nshards = 0\n").contains("`cluster.shards`"));
+        assert!(err("[raft]\nheartbeat_ms = 500\n").contains("raft.election_timeout_min_ms"));
+        assert!(err("[limits]\nmin_lease_ms = 0\n").contains("limits.min_lease_ms"));
+        assert!(err("[node]\nbogus = 1\n").contains("bogus"));
+        assert!(err("[auth]\nenabled = true\n").contains("auth.tokens"));
+        assert!(err("[node]\nregion = \"mars\"\n").contains("`node.region`"));
+    }
+}

@@ -1,0 +1,75 @@
+//! The node's HTTP port: `/metrics` (Prometheus text), `/healthz` (200 when every group
+//! on the node has a leader), `/status` (JSON).
+
+use crate::admin::status_of;
+use crate::node::NodeInfo;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+pub fn router(info: NodeInfo) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/status", get(status))
+        .with_state(info)
+}
+
+async fn metrics(State(info): State<NodeInfo>) -> impl IntoResponse {
+    info.refresh_gauges();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        info.metrics.render(),
+    )
+}
+
+async fn healthz(State(info): State<NodeInfo>) -> impl IntoResponse {
+    let leaderless: Vec<String> = info
+        .router
+        .all()
+        .iter()
+        .filter(|g| g.health().leader.is_none())
+        .map(|g| g.id().to_string())
+        .collect();
+    if leaderless.is_empty() {
+        (StatusCode::OK, "ok\n".to_string())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no leader: {}\n", leaderless.join(", ")),
+        )
+    }
+}
+
+async fn status(State(info): State<NodeInfo>) -> impl IntoResponse {
+    let s = status_of(&info);
+    let groups: Vec<serde_json::Value> = s
+        .groups
+        .iter()
+        .map(|g| {
+            serde_json::json!({
+                "group": g.group.as_ref().map(|x| format!("r{}/s{}", x.region, x.shard)),
+                "state": g.state,
+                "term": g.term,
+                "leader": g.has_leader.then_some(g.leader),
+                "last_log_index": g.last_log_index,
+                "applied_index": g.applied_index,
+                "voters": g.voters,
+            })
+        })
+        .collect();
+    axum::Json(serde_json::json!({
+        "node_id": s.node_id,
+        "region": s.region,
+        "region_name": s.region_name,
+        "grpc_addr": s.grpc_addr,
+        "http_addr": s.http_addr,
+        "records": s.records,
+        "state_disk_bytes": s.state_disk_bytes,
+        "log_disk_bytes": s.log_disk_bytes,
+        "version": s.version,
+        "groups": groups,
+    }))
+}

@@ -1,0 +1,245 @@
+//! Node assembly: open the engines, serve gRPC and HTTP, start this node's groups.
+
+use crate::admin::AdminService;
+use crate::api::IdemService;
+use crate::auth::Auth;
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use idem_proto::internal::admin_server::AdminServer;
+use idem_proto::internal::raft_server::RaftServer;
+use idem_proto::v1::idem_server::IdemServer;
+use idem_raft::{Group, GroupId, NodeIdentity, Peer, RaftService, Router, Stamper};
+use idem_storage::{LogEngine, StateEngine};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How often Raft health is sampled for the leader-change counter.
+const HEALTH_SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// Largest gRPC message a node accepts (a 1 MiB response plus headroom).
+const MAX_GRPC_MESSAGE_BYTES: usize = 8 << 20;
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("storage: {0}")]
+    Storage(#[from] idem_storage::StorageError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("raft: {0}")]
+    Raft(#[from] idem_raft::GroupError),
+}
+
+/// What the services and endpoints of a node share.
+#[derive(Clone)]
+pub struct NodeInfo {
+    pub node_id: u64,
+    pub region: u16,
+    pub region_name: String,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub router: Router,
+    pub state: StateEngine,
+    pub log: LogEngine,
+    pub metrics: Arc<Metrics>,
+    pub stamper: Arc<Stamper>,
+    last_leaders: Arc<Mutex<BTreeMap<GroupId, Option<u64>>>>,
+}
+
+impl NodeInfo {
+    /// Refresh the sampled gauges (Raft and RocksDB health) and count leader changes.
+    pub fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        let mut last = self.last_leaders.lock().unwrap_or_else(|p| p.into_inner());
+        for g in self.router.all() {
+            let h = g.health();
+            let label = g.id().to_string();
+            let l = [label.as_str()];
+            m.raft_is_leader.with(&l).set(f64::from(u8::from(h.leader == Some(self.node_id))));
+            m.raft_has_leader.with(&l).set(f64::from(u8::from(h.leader.is_some())));
+            m.raft_term.with(&l).set(h.term as f64);
+            m.raft_last_log_index.with(&l).set(h.last_log_index as f64);
+            m.raft_applied_index.with(&l).set(h.applied_index as f64);
+            let prev = last.insert(g.id(), h.leader);
+            if let (Some(Some(a)), Some(b)) = (prev, h.leader) {
+                if a != b {
+                    m.raft_leader_changes_total.with(&l).inc();
+                }
+            }
+        }
+        let s = self.state.stats();
+        m.keys_stored.set(s.estimated_records as f64);
+        m.state_disk_bytes.set(s.disk_bytes as f64);
+        m.log_disk_bytes.set(self.log.disk_bytes() as f64);
+        m.rocksdb_pending_compaction_bytes.set(s.pending_compaction_bytes as f64);
+        m.rocksdb_write_stalled.set(f64::from(u8::from(s.write_stalled)));
+    }
+}
+
+pub struct Node {
+    info: NodeInfo,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    pub async fn start(cfg: Config) -> Result<Node, NodeError> {
+        cfg.validate()?;
+        let region = cfg
+            .my_region()
+            .ok_or_else(|| ConfigError::Invalid { key: "node.region".into(), reason: "unknown region".into() })?;
+        let data = &cfg.node.data_dir;
+        std::fs::create_dir_all(data).map_err(|source| NodeError::DataDir { path: data.clone(), source })?;
+        let log = LogEngine::open(&data.join("log"))?;
+        let state = StateEngine::open(&data.join("state"))?;
+
+        let grpc_listener = TcpListener::bind(cfg.node.grpc_addr)
+            .await
+            .map_err(|source| NodeError::Bind { addr: cfg.node.grpc_addr, source })?;
+        let http_listener = TcpListener::bind(cfg.node.http_addr)
+            .await
+            .map_err(|source| NodeError::Bind { addr: cfg.node.http_addr, source })?;
+        let grpc_addr = grpc_listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.node.grpc_addr, source })?;
+        let http_addr = http_listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.node.http_addr, source })?;
+
+        let identity = NodeIdentity { node_id: cfg.node.id, region: region.id };
+        let stamper = Arc::new(Stamper::new(identity, cfg.cluster.skew_margin_ms, cfg.cluster.max_clock_ahead_ms));
+        let router = Router::default();
+        let metrics = Arc::new(Metrics::default());
+        let info = NodeInfo {
+            node_id: cfg.node.id,
+            region: region.id,
+            region_name: region.name.clone(),
+            grpc_addr,
+            http_addr,
+            router: router.clone(),
+            state: state.clone(),
+            log: log.clone(),
+            metrics: metrics.clone(),
+            stamper: stamper.clone(),
+            last_leaders: Arc::default(),
+        };
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        // Serve first: peers must reach this node while its groups elect leaders.
+        let idem = IdemService {
+            region: region.id,
+            shards: cfg.cluster.shards,
+            router: router.clone(),
+            limits: cfg.limits.clone(),
+            auth: Auth::new(&cfg.auth),
+            metrics: metrics.clone(),
+            skew_margin_ms: cfg.cluster.skew_margin_ms,
+        };
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<IdemServer<IdemService>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(idem_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ConfigError::Parse(format!("reflection: {e}")))?;
+        let grpc = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(
+                IdemServer::new(idem)
+                    .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES),
+            )
+            .add_service(
+                RaftServer::new(RaftService::new(router.clone()))
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20),
+            )
+            .add_service(AdminServer::new(AdminService { info: info.clone() }))
+            .add_service(health_service)
+            .add_service(reflection);
+        let mut rx = shutdown_rx.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        tasks.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = grpc.serve_with_incoming_shutdown(incoming, stop).await {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        }));
+        let mut rx = shutdown_rx.clone();
+        let app = crate::http::router(info.clone());
+        tasks.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(http_listener, app).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        }));
+
+        let peers: Vec<Peer> = region.nodes.iter().map(|n| Peer { id: n.id, addr: n.addr.clone() }).collect();
+        let channels = idem_raft::Channels::default();
+        let group_cfg = cfg.raft.group_config();
+        for shard in 0..cfg.cluster.shards {
+            let id = GroupId { region: region.id, shard };
+            let g = Group::start(id, stamper.clone(), &peers, log.clone(), state.clone(), channels.clone(), &group_cfg).await?;
+            router.insert(Arc::new(g));
+        }
+
+        let sampler = info.clone();
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEALTH_SAMPLE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => sampler.refresh_gauges(),
+                    _ = rx.wait_for(|s| *s) => return,
+                }
+            }
+        }));
+        tracing::info!(node = cfg.node.id, region = %region.name, grpc = %grpc_addr, http = %http_addr, "node started");
+        Ok(Node { info, shutdown, tasks })
+    }
+
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.info.grpc_addr
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.info.http_addr
+    }
+
+    /// Wait until every group of this node knows its leader.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), NodeError> {
+        for g in self.info.router.all() {
+            g.wait_for_leader(timeout).await?;
+        }
+        Ok(())
+    }
+
+    /// Stop serving, stop the groups, and wait for the background tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for g in self.info.router.all() {
+            g.shutdown().await;
+        }
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}

@@ -1,0 +1,126 @@
+use super::*;
+use idem_core::acceptor::ReserveOutcome;
+use idem_core::command::Op;
+use idem_core::{ClaimId, Fingerprint, StoredResponse};
+
+fn key(k: &str) -> Key {
+    Key {
+        tenant: "t".into(),
+        scope: "s".into(),
+        key: k.as_bytes().to_vec(),
+    }
+}
+
+fn reserve(k: &str, now: u64, retention_ms: u64, n: u32) -> Command {
+    Command {
+        now_ms: now,
+        skew_margin_ms: 100,
+        claim: ClaimId {
+            hlc: now,
+            region: 0,
+            node: 1,
+            nonce: n,
+        },
+        region_bit: 1,
+        key: key(k),
+        op: Op::Reserve {
+            fingerprint: Fingerprint([1; 32]),
+            lease_ms: 1_000,
+            retention_ms,
+            first_attempt_ms: 0,
+        },
+    }
+}
+
+#[test]
+fn apply_sees_earlier_writes_of_the_same_batch_and_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let se = StateEngine::open(dir.path()).unwrap();
+        let a = reserve("a", 1_000, 3_600_000, 1);
+        let b = reserve("a", 1_001, 3_600_000, 2);
+        let out = se
+            .apply(0, &[ApplyItem::Command(&a), ApplyItem::Other, ApplyItem::Command(&b)], b"applied-3")
+            .unwrap();
+        assert!(matches!(out[0], Some(CommandResult::Reserve { outcome: ReserveOutcome::New { .. }, .. })));
+        assert!(out[1].is_none());
+        assert!(matches!(out[2], Some(CommandResult::Reserve { outcome: ReserveOutcome::InFlight { .. }, attempt: 2, .. })));
+    }
+    let se = StateEngine::open(dir.path()).unwrap();
+    assert_eq!(se.applied_state(0).unwrap().as_deref(), Some(&b"applied-3"[..]));
+    let r = se.get_record(0, &key("a")).unwrap().unwrap();
+    assert_eq!(r.attempts, 2);
+    assert_eq!(se.get_record(1, &key("a")).unwrap(), None, "shards are separate");
+}
+
+#[test]
+fn compaction_removes_expired_records_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let se = StateEngine::open(dir.path()).unwrap();
+    let now = wall_ms();
+    // Stamped long ago with a short retention: already expired by the wall clock.
+    let old = reserve("old", now - 10_000, 5_000, 1);
+    let live = reserve("live", now, 3_600_000, 2);
+    se.apply(0, &[ApplyItem::Command(&old), ApplyItem::Command(&live)], b"x").unwrap();
+    assert_eq!(se.raw_record_count(0).unwrap(), 2);
+    se.compact();
+    assert_eq!(se.raw_record_count(0).unwrap(), 1);
+    assert!(se.get_record(0, &key("live")).unwrap().is_some());
+}
+
+#[test]
+fn snapshot_round_trip_replaces_the_group_state() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let src = StateEngine::open(src_dir.path()).unwrap();
+    let dst = StateEngine::open(dst_dir.path()).unwrap();
+    let now = wall_ms();
+    let cmds: Vec<Command> = (0..500).map(|i| reserve(&format!("k{i}"), now, 3_600_000, i)).collect();
+    let items: Vec<ApplyItem> = cmds.iter().map(ApplyItem::Command).collect();
+    src.apply(3, &items, b"applied-500").unwrap();
+    // Complete one so a response travels too.
+    let rec = src.get_record(3, &key("k7")).unwrap().unwrap();
+    let done = Command {
+        op: Op::Complete {
+            fence: rec.fence(),
+            response: StoredResponse { status: 201, headers: vec![], body: b"done".to_vec() },
+        },
+        ..reserve("k7", now + 1, 3_600_000, 9)
+    };
+    src.apply(3, &[ApplyItem::Command(&done)], b"applied-501").unwrap();
+    // The destination has stale data in the group that the snapshot must erase.
+    let stale = reserve("stale", now, 3_600_000, 1);
+    dst.apply(3, &[ApplyItem::Command(&stale)], b"old").unwrap();
+
+    let (snap, meta) = src
+        .build_snapshot(3, |applied| {
+            assert_eq!(applied, Some(&b"applied-501"[..]));
+            Ok(b"meta-501".to_vec())
+        })
+        .unwrap();
+    assert_eq!(meta, b"meta-501");
+    assert_eq!(snap.read_meta().unwrap(), b"meta-501");
+    assert_eq!(src.current_snapshot(3).unwrap(), Some(snap.clone()));
+    let incoming = SnapshotFile::incoming(&dst.snapshot_dir(), 3);
+    std::fs::copy(&snap.path, &incoming.path).unwrap();
+    dst.install_snapshot(3, &incoming, b"applied-501").unwrap();
+
+    assert_eq!(dst.raw_record_count(3).unwrap(), 500);
+    assert_eq!(dst.get_record(3, &key("stale")).unwrap(), None);
+    assert_eq!(dst.get_record(3, &key("k7")).unwrap(), src.get_record(3, &key("k7")).unwrap());
+    assert_eq!(dst.applied_state(3).unwrap().as_deref(), Some(&b"applied-501"[..]));
+    assert!(dst.current_snapshot(3).unwrap().is_some());
+}
+
+#[test]
+fn truncated_snapshot_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let se = StateEngine::open(dir.path()).unwrap();
+    let c = reserve("a", wall_ms(), 3_600_000, 1);
+    se.apply(0, &[ApplyItem::Command(&c)], b"x").unwrap();
+    let (snap, _) = se.build_snapshot(0, |_| Ok(b"m".to_vec())).unwrap();
+    let bytes = std::fs::read(&snap.path).unwrap();
+    let cut = SnapshotFile::incoming(&se.snapshot_dir(), 0);
+    std::fs::write(&cut.path, &bytes[..bytes.len() - 3]).unwrap();
+    assert!(cut.read_records(|_, _| Ok(())).is_err());
+}
