@@ -55,7 +55,7 @@ pub fn demo_configs(nodes: u16, grpc_port: u16, http_port: u16, data: &std::path
 }
 
 pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
-    crate::init_tracing("warn", false);
+    crate::init_tracing("warn,openraft=off", false);
     let tmp;
     let data = match &a.data_dir {
         Some(d) => d.clone(),

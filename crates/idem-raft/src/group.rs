@@ -251,11 +251,12 @@ impl Group {
 
     fn leader_addr(&self, leader: u64) -> Option<String> {
         let metrics = self.raft.metrics().borrow_watched().clone();
-        metrics
+        let addr = metrics
             .membership_config
             .nodes()
             .find(|(id, _)| **id == leader)
-            .map(|(_, n)| n.addr.clone())
+            .map(|(_, n)| n.addr.clone());
+        addr
     }
 
     async fn current_leader_or_wait(&self) -> Result<u64, GroupError> {

@@ -2,16 +2,13 @@
 
 use crate::codec::{decode, encode};
 use crate::types::{Entry, LogId, TypeConfig, Vote};
-use idem_storage::{LogEngine, Shard};
+use idem_storage::{LogEngine, Shard, COMMITTED, PURGED, VOTE};
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::OptionalSend;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 
-const VOTE: &str = "vote";
-const COMMITTED: &str = "committed";
-const PURGED: &str = "purged";
 /// Most entries one read returns; openraft asks again for the rest.
 const MAX_READ_ENTRIES: usize = 4096;
 

@@ -38,10 +38,6 @@ impl StateMachine {
         })
     }
 
-    pub fn engine(&self) -> &StateEngine {
-        &self.engine
-    }
-
     fn apply_batch(
         &mut self,
         batch: Vec<EntryResponder<TypeConfig>>,

@@ -383,6 +383,8 @@ mod tests {
         assert!(err("[limits]\nmin_lease_ms = 0\n").contains("limits.min_lease_ms"));
         assert!(err("[node]\nbogus = 1\n").contains("bogus"));
         assert!(err("[auth]\nenabled = true\n").contains("auth.tokens"));
-        assert!(err("[node]\nregion = \"mars\"\n").contains("`node.region`"));
+        let regions = "[[regions]]\nid = 0\nname = \"eu\"\n[[regions.nodes]]\nid = 1\naddr = \"127.0.0.1:7101\"\n";
+        assert!(err(&format!("[node]\nregion = \"mars\"\n{regions}")).contains("`node.region`"));
+        assert!(err(&format!("[node]\nregion = \"eu\"\nid = 2\n{regions}")).contains("`node.id`"));
     }
 }

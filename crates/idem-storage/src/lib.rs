@@ -16,7 +16,7 @@ mod snapshot;
 mod state_engine;
 
 pub use error::StorageError;
-pub use log_engine::LogEngine;
+pub use log_engine::{LogEngine, COMMITTED, PURGED, VOTE};
 pub use snapshot::SnapshotFile;
 pub use state_engine::{ApplyItem, EngineStats, StateEngine};
 

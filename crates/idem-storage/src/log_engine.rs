@@ -26,7 +26,23 @@ pub type OnDurable = Box<dyn FnOnce(Result<(), String>) + Send>;
 #[derive(Clone)]
 pub struct LogEngine {
     db: Arc<DB>,
-    syncer: std::sync::mpsc::SyncSender<OnDurable>,
+    syncer: Arc<Syncer>,
+}
+
+/// The group-commit thread and its queue. Dropping the last handle closes the queue and
+/// joins the thread, so the database is closed when the engine is.
+struct Syncer {
+    tx: Option<std::sync::mpsc::SyncSender<OnDurable>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Group commit: one thread syncs the WAL for every append that arrived since its last
@@ -65,10 +81,16 @@ impl LogEngine {
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
         let (tx, rx) = std::sync::mpsc::sync_channel(MAX_PENDING_SYNCS);
         let sync_db = db.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("idem-wal-sync".into())
             .spawn(move || run_syncer(sync_db, rx))?;
-        Ok(LogEngine { db, syncer: tx })
+        Ok(LogEngine {
+            db,
+            syncer: Arc::new(Syncer {
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
+        })
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -107,10 +129,14 @@ impl LogEngine {
             batch.put_cf(cf, log_key(shard, *index), bytes);
         }
         self.db.write(batch)?;
-        if let Err(e) = self.syncer.send(on_durable) {
-            // The sync thread is gone (it only exits when every engine handle is
-            // dropped): acknowledge with an error rather than never.
-            (e.0)(Err("wal sync thread stopped".into()));
+        match &self.syncer.tx {
+            Some(tx) => {
+                if let Err(e) = tx.send(on_durable) {
+                    // The sync thread is gone: acknowledge with an error rather than never.
+                    (e.0)(Err("wal sync thread stopped".into()));
+                }
+            }
+            None => on_durable(Err("wal sync thread stopped".into())),
         }
         Ok(())
     }

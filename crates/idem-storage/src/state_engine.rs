@@ -239,7 +239,7 @@ impl StateEngine {
         self.set_current_snapshot(shard, &stable)?;
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_META), meta_key(shard, APPLIED));
-        batch.delete_range_cf(self.cf(CF_RECORDS), shard_prefix(shard), shard_end(shard));
+        batch.delete_range_cf(self.cf(CF_RECORDS), shard_prefix(shard).to_vec(), shard_end(shard));
         self.db.write(batch)?;
         let cf = self.cf(CF_RECORDS);
         let mut batch = WriteBatch::default();
