@@ -117,6 +117,7 @@ async fn leader_killed_mid_load_loses_nothing_and_grants_once() {
     }
     let h = history.lock().unwrap();
     let survivor = (0..3).find(|&i| i != leader).unwrap();
+    eprintln!("completed before the kill: {before_kill}, in all: {}, granted: {}", h.completed.len(), h.granted.len());
     assert!(before_kill > 0, "load ran before the kill");
     assert!(h.completed.len() > before_kill + 50, "load continued after the kill: {} then {}", before_kill, h.completed.len());
     assert_history_holds(&cluster, &h, survivor).await;

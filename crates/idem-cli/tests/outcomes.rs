@@ -150,7 +150,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     }
     // Nothing was stored for the key of the rejected (otherwise valid) requests.
     let st = raw.get(v1::GetRequest { scope: "payments".into(), key: b"bad-input".to_vec() }).await.unwrap_err();
-    assert_eq!(st.code(), tonic::Code::NotFound);
+    assert_eq!(st.code(), tonic::Code::NotFound, "{st:?}");
 
     // An oversized response is refused and the key stays reserved.
     let new = raw.reserve(good.clone()).await.unwrap().into_inner();

@@ -26,6 +26,13 @@ async fn metrics(State(info): State<NodeInfo>) -> impl IntoResponse {
 }
 
 async fn healthz(State(info): State<NodeInfo>) -> impl IntoResponse {
+    let running = info.router.all().len();
+    if running < info.expected_groups {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("starting: {running} of {} groups running\n", info.expected_groups),
+        );
+    }
     let leaderless: Vec<String> = info
         .router
         .all()

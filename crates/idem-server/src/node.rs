@@ -57,6 +57,8 @@ pub struct NodeInfo {
     pub log: LogEngine,
     pub metrics: Arc<Metrics>,
     pub stamper: Arc<Stamper>,
+    /// Groups this node runs once started (one per shard).
+    pub expected_groups: usize,
     last_leaders: Arc<Mutex<BTreeMap<GroupId, Option<u64>>>>,
 }
 
@@ -131,6 +133,7 @@ impl Node {
             log: log.clone(),
             metrics: metrics.clone(),
             stamper: stamper.clone(),
+            expected_groups: cfg.cluster.shards as usize,
             last_leaders: Arc::default(),
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
