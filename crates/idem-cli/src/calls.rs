@@ -4,7 +4,10 @@
 use crate::DEFAULT_ENDPOINT;
 use anyhow::Context;
 use clap::Args;
-use idem_client::{Client, ClientConfig, Error, Fence, Fingerprint, Header, Lease, Reservation, ReserveRequest, StoredResponse};
+use idem_client::{
+    Client, ClientConfig, Error, Fence, Fingerprint, Header, Lease, Reservation, ReserveRequest,
+    StoredResponse,
+};
 use serde_json::{json, Value};
 use std::process::ExitCode;
 
@@ -134,7 +137,11 @@ fn fail(json_mode: bool, e: &Error) -> ExitCode {
         Error::Unavailable { .. } | Error::Connect(_) => ("UNAVAILABLE", None),
         Error::Server(_) => ("INTERNAL", None),
     };
-    emit(json_mode, json!({"outcome": "error", "reason": reason, "field": field, "message": e.to_string()}), format!("ERROR {reason}: {e}"));
+    emit(
+        json_mode,
+        json!({"outcome": "error", "reason": reason, "field": field, "message": e.to_string()}),
+        format!("ERROR {reason}: {e}"),
+    );
     ExitCode::from(1)
 }
 
@@ -158,12 +165,17 @@ pub fn describe(res: &Reservation) -> (Value, String) {
                 "NEW fence={} lease_expires_ms={}{}",
                 l.fence,
                 l.expires_at_ms,
-                l.took_over.map(|f| format!(" (took over from {f} after its lease expired)")).unwrap_or_default()
+                l.took_over
+                    .map(|f| format!(" (took over from {f} after its lease expired)"))
+                    .unwrap_or_default()
             ),
         ),
         Reservation::InFlight { retry_after } => (
             json!({"outcome": "in_flight", "retry_after_ms": retry_after.as_millis() as u64}),
-            format!("IN_FLIGHT another attempt holds the key; retry after {} ms", retry_after.as_millis()),
+            format!(
+                "IN_FLIGHT another attempt holds the key; retry after {} ms",
+                retry_after.as_millis()
+            ),
         ),
         Reservation::Replay(r) => (
             json!({"outcome": "replay", "response": response_json(r)}),
@@ -177,11 +189,19 @@ pub fn describe(res: &Reservation) -> (Value, String) {
 }
 
 fn parse_fence(s: &str) -> anyhow::Result<Fence> {
-    s.parse::<Fence>().map_err(|e| anyhow::anyhow!("--fence: {e}"))
+    s.parse::<Fence>()
+        .map_err(|e| anyhow::anyhow!("--fence: {e}"))
 }
 
 fn lease_for(k: &KeyArgs, fence: Fence) -> Lease {
-    Lease { scope: k.scope.clone(), key: k.key.as_bytes().to_vec(), fence, expires_at_ms: u64::MAX, skew_margin_ms: 0, took_over: None }
+    Lease {
+        scope: k.scope.clone(),
+        key: k.key.as_bytes().to_vec(),
+        fence,
+        expires_at_ms: u64::MAX,
+        skew_margin_ms: 0,
+        took_over: None,
+    }
 }
 
 pub async fn reserve(a: ReserveArgs) -> anyhow::Result<ExitCode> {
@@ -208,14 +228,27 @@ pub async fn complete(a: CompleteArgs) -> anyhow::Result<ExitCode> {
     let fence = parse_fence(&a.fence)?;
     let mut headers = Vec::new();
     for h in &a.headers {
-        let (n, v) = h.split_once('=').with_context(|| format!("--header {h:?} is not NAME=VALUE"))?;
-        headers.push(Header { name: n.to_string(), value: v.as_bytes().to_vec() });
+        let (n, v) = h
+            .split_once('=')
+            .with_context(|| format!("--header {h:?} is not NAME=VALUE"))?;
+        headers.push(Header {
+            name: n.to_string(),
+            value: v.as_bytes().to_vec(),
+        });
     }
-    let resp = StoredResponse { status: a.status, headers, body: a.body.into_bytes() };
+    let resp = StoredResponse {
+        status: a.status,
+        headers,
+        body: a.body.into_bytes(),
+    };
     let c = client(&a.common).await?;
     match c.complete(&lease_for(&a.k, fence), &resp).await {
         Ok(()) => {
-            emit(a.common.json, json!({"outcome": "completed", "fence": fence.to_string()}), format!("COMPLETED fence={fence}"));
+            emit(
+                a.common.json,
+                json!({"outcome": "completed", "fence": fence.to_string()}),
+                format!("COMPLETED fence={fence}"),
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => Ok(fail(a.common.json, &e)),
@@ -227,7 +260,11 @@ pub async fn release(a: ReleaseArgs) -> anyhow::Result<ExitCode> {
     let c = client(&a.common).await?;
     match c.release(&lease_for(&a.k, fence)).await {
         Ok(()) => {
-            emit(a.common.json, json!({"outcome": "released", "fence": fence.to_string()}), format!("RELEASED fence={fence}"));
+            emit(
+                a.common.json,
+                json!({"outcome": "released", "fence": fence.to_string()}),
+                format!("RELEASED fence={fence}"),
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => Ok(fail(a.common.json, &e)),
@@ -240,7 +277,11 @@ pub async fn extend(a: ExtendArgs) -> anyhow::Result<ExitCode> {
     let mut lease = lease_for(&a.k, fence);
     match c.extend(&mut lease, a.lease_ms).await {
         Ok(()) => {
-            emit(a.common.json, json!({"outcome": "extended", "lease_expires_ms": lease.expires_at_ms}), format!("EXTENDED lease_expires_ms={}", lease.expires_at_ms));
+            emit(
+                a.common.json,
+                json!({"outcome": "extended", "lease_expires_ms": lease.expires_at_ms}),
+                format!("EXTENDED lease_expires_ms={}", lease.expires_at_ms),
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => Ok(fail(a.common.json, &e)),
@@ -257,12 +298,24 @@ pub async fn get(a: GetArgs) -> anyhow::Result<ExitCode> {
                 3 => "completed",
                 _ => "unknown",
             };
-            let fence = idem_proto::convert::fence(r.fence.as_ref()).map(|f| f.to_string()).unwrap_or_default();
-            let resp = r.response.as_ref().map(|x| response_json(&idem_proto::convert::from_wire_response(x)));
+            let fence = idem_proto::convert::fence(r.fence.as_ref())
+                .map(|f| f.to_string())
+                .unwrap_or_default();
+            let resp = r
+                .response
+                .as_ref()
+                .map(|x| response_json(&idem_proto::convert::from_wire_response(x)));
             emit(
                 a.common.json,
                 json!({"outcome": "found", "phase": phase, "fence": fence, "fingerprint": hex::encode(&r.fingerprint), "lease_expires_ms": r.lease_expires_ms, "created_ms": r.created_ms, "expires_ms": r.expires_ms, "attempts": r.attempts, "final": r.r#final, "response": resp}),
-                format!("{} fence={} attempts={} expires_ms={}{}", phase.to_uppercase(), fence, r.attempts, r.expires_ms, resp.map(|v| format!(" response={v}")).unwrap_or_default()),
+                format!(
+                    "{} fence={} attempts={} expires_ms={}{}",
+                    phase.to_uppercase(),
+                    fence,
+                    r.attempts,
+                    r.expires_ms,
+                    resp.map(|v| format!(" response={v}")).unwrap_or_default()
+                ),
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -275,7 +328,10 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let mut admin = idem_proto::internal::admin_client::AdminClient::connect(endpoint.clone())
         .await
         .with_context(|| format!("cannot reach {}", a.common.endpoint))?;
-    let s = admin.status(idem_proto::internal::StatusRequest {}).await?.into_inner();
+    let s = admin
+        .status(idem_proto::internal::StatusRequest {})
+        .await?
+        .into_inner();
     let groups: Vec<Value> = s
         .groups
         .iter()
@@ -286,12 +342,20 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         s.node_id, s.region_name, s.region, s.grpc_addr, s.http_addr, s.version, s.records, s.state_disk_bytes, s.log_disk_bytes
     );
     for g in &s.groups {
-        let id = g.group.as_ref().map(|x| format!("r{}/s{}", x.region, x.shard)).unwrap_or_default();
+        let id = g
+            .group
+            .as_ref()
+            .map(|x| format!("r{}/s{}", x.region, x.shard))
+            .unwrap_or_default();
         human.push_str(&format!(
             "  group {id}: {} term {} leader {} log {} applied {} voters {:?}\n",
             g.state,
             g.term,
-            if g.has_leader { g.leader.to_string() } else { "none".into() },
+            if g.has_leader {
+                g.leader.to_string()
+            } else {
+                "none".into()
+            },
             g.last_log_index,
             g.applied_index,
             g.voters

@@ -32,12 +32,20 @@ pub struct DemoArgs {
     pub exit_after_example: bool,
 }
 
-pub fn demo_configs(nodes: u16, grpc_port: u16, http_port: u16, data: &std::path::Path) -> Vec<Config> {
+pub fn demo_configs(
+    nodes: u16,
+    grpc_port: u16,
+    http_port: u16,
+    data: &std::path::Path,
+) -> Vec<Config> {
     let region = RegionConfig {
         id: 0,
         name: "local".into(),
         nodes: (0..nodes)
-            .map(|i| PeerConfig { id: u64::from(i) + 1, addr: format!("127.0.0.1:{}", grpc_port + i) })
+            .map(|i| PeerConfig {
+                id: u64::from(i) + 1,
+                addr: format!("127.0.0.1:{}", grpc_port + i),
+            })
             .collect(),
     };
     (0..nodes)
@@ -46,8 +54,12 @@ pub fn demo_configs(nodes: u16, grpc_port: u16, http_port: u16, data: &std::path
             c.node.id = u64::from(i) + 1;
             c.node.region = "local".into();
             c.node.data_dir = data.join(format!("node-{}", i + 1));
-            c.node.grpc_addr = format!("127.0.0.1:{}", grpc_port + i).parse().expect("loopback address");
-            c.node.http_addr = format!("127.0.0.1:{}", http_port + i).parse().expect("loopback address");
+            c.node.grpc_addr = format!("127.0.0.1:{}", grpc_port + i)
+                .parse()
+                .expect("loopback address");
+            c.node.http_addr = format!("127.0.0.1:{}", http_port + i)
+                .parse()
+                .expect("loopback address");
             c.regions = vec![region.clone()];
             c
         })
@@ -64,12 +76,20 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             tmp.path().to_path_buf()
         }
     };
-    println!("Idem demo: {} nodes in region \"local\", data in {}", a.nodes, data.display());
+    println!(
+        "Idem demo: {} nodes in region \"local\", data in {}",
+        a.nodes,
+        data.display()
+    );
     let mut nodes = Vec::new();
     for cfg in demo_configs(a.nodes, a.grpc_port, a.http_port, &data) {
         let (id, region) = (cfg.node.id, cfg.node.region.clone());
         let node = Node::start(cfg).await?;
-        println!("  node {id}  region {region}  grpc {}  http http://{}", node.grpc_addr(), node.http_addr());
+        println!(
+            "  node {id}  region {region}  grpc {}  http http://{}",
+            node.grpc_addr(),
+            node.http_addr()
+        );
         nodes.push(node);
     }
     for n in &nodes {
@@ -98,19 +118,34 @@ async fn example(endpoint: &str) -> anyhow::Result<()> {
         println!("  {step:<52} -> {}", describe(r).1);
     };
     println!("\nexample: key {key:?} in scope \"payments\"");
-    let first = client.reserve(&ReserveRequest::new("payments", key.clone(), charge)).await?;
+    let first = client
+        .reserve(&ReserveRequest::new("payments", key.clone(), charge))
+        .await?;
     show("1. Reserve (first attempt)", &first);
     let Reservation::New(lease) = first else {
         anyhow::bail!("the first Reserve of a fresh key was not NEW");
     };
-    let retry = client.reserve(&ReserveRequest::new("payments", key.clone(), charge)).await?;
+    let retry = client
+        .reserve(&ReserveRequest::new("payments", key.clone(), charge))
+        .await?;
     show("2. Reserve again while the charge runs", &retry);
-    let reuse = client.reserve(&ReserveRequest::new("payments", key.clone(), other)).await?;
+    let reuse = client
+        .reserve(&ReserveRequest::new("payments", key.clone(), other))
+        .await?;
     show("3. Reserve the same key with a different body", &reuse);
-    let response = StoredResponse { status: 201, headers: vec![], body: b"{\"charge\": \"ch_42\", \"amount\": 42}".to_vec() };
+    let response = StoredResponse {
+        status: 201,
+        headers: vec![],
+        body: b"{\"charge\": \"ch_42\", \"amount\": 42}".to_vec(),
+    };
     client.complete(&lease, &response).await?;
-    println!("  {:<52} -> COMPLETED", "4. Complete with the charge's response");
-    let after = client.reserve(&ReserveRequest::new("payments", key.clone(), charge)).await?;
+    println!(
+        "  {:<52} -> COMPLETED",
+        "4. Complete with the charge's response"
+    );
+    let after = client
+        .reserve(&ReserveRequest::new("payments", key.clone(), charge))
+        .await?;
     show("5. Reserve again (a client retry)", &after);
     Ok(())
 }

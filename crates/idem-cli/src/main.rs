@@ -1,7 +1,9 @@
 //! The `idem` binary: run a node (`server`), a local cluster (`demo`), or call one.
 
+mod bench;
 mod calls;
 mod demo;
+mod top;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -11,7 +13,11 @@ use std::process::ExitCode;
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:7101";
 
 #[derive(Parser)]
-#[command(name = "idem", version, about = "Idem: a geo-replicated idempotency-key store")]
+#[command(
+    name = "idem",
+    version,
+    about = "Idem: a geo-replicated idempotency-key store"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -42,13 +48,23 @@ enum Cmd {
     Get(calls::GetArgs),
     /// Show a node's status and its groups.
     Status(calls::StatusArgs),
+    /// The dashboard's numbers in the terminal, refreshing.
+    Top(top::TopArgs),
+    /// Load a cluster with a scenario and report throughput and latency.
+    Bench(bench::BenchArgs),
 }
 
 fn init_tracing(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 async fn run_server(config: Option<PathBuf>, check: bool) -> anyhow::Result<ExitCode> {
@@ -64,12 +80,22 @@ async fn run_server(config: Option<PathBuf>, check: bool) -> anyhow::Result<Exit
         return Ok(ExitCode::from(2));
     }
     if check {
-        println!("config ok: node {} in region {:?}, {} shard(s), data in {}", cfg.node.id, cfg.node.region, cfg.cluster.shards, cfg.node.data_dir.display());
+        println!(
+            "config ok: node {} in region {:?}, {} shard(s), data in {}",
+            cfg.node.id,
+            cfg.node.region,
+            cfg.cluster.shards,
+            cfg.node.data_dir.display()
+        );
         return Ok(ExitCode::SUCCESS);
     }
     init_tracing(&cfg.log.level, cfg.log.format == "json");
     let node = idem_server::Node::start(cfg).await?;
-    println!("idem node serving gRPC on {} and HTTP on http://{}", node.grpc_addr(), node.http_addr());
+    println!(
+        "idem node serving gRPC on {} and HTTP on http://{}",
+        node.grpc_addr(),
+        node.http_addr()
+    );
     shutdown_signal().await;
     tracing::info!("shutting down");
     node.shutdown().await;
@@ -81,13 +107,14 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -103,7 +130,10 @@ pub async fn shutdown_signal() {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Server { config, check_config } => run_server(config, check_config).await,
+        Cmd::Server {
+            config,
+            check_config,
+        } => run_server(config, check_config).await,
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Reserve(a) => calls::reserve(a).await,
         Cmd::Complete(a) => calls::complete(a).await,
@@ -111,6 +141,8 @@ async fn main() -> ExitCode {
         Cmd::Extend(a) => calls::extend(a).await,
         Cmd::Get(a) => calls::get(a).await,
         Cmd::Status(a) => calls::status(a).await,
+        Cmd::Top(a) => top::run(a).await,
+        Cmd::Bench(a) => bench::run(a).await,
     };
     match result {
         Ok(code) => code,

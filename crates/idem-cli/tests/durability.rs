@@ -14,10 +14,14 @@ fn fp(k: &str) -> Fingerprint {
 }
 
 fn body(k: &str) -> StoredResponse {
-    StoredResponse { status: 200, headers: vec![], body: format!("paid {k}").into_bytes() }
+    StoredResponse {
+        status: 200,
+        headers: vec![],
+        body: format!("paid {k}").into_bytes(),
+    }
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct History {
     /// Keys granted NEW, with how many times.
     granted: BTreeMap<String, u32>,
@@ -40,7 +44,12 @@ async fn load(cluster: &Cluster, keys: usize, history: Arc<Mutex<History>>, pref
                 let req = ReserveRequest::new("load", k.clone(), fp(&k));
                 match client.reserve(&req).await {
                     Ok(Reservation::New(lease)) => {
-                        *history.lock().unwrap().granted.entry(k.clone()).or_default() += 1;
+                        *history
+                            .lock()
+                            .unwrap()
+                            .granted
+                            .entry(k.clone())
+                            .or_default() += 1;
                         if client.complete(&lease, &body(&k)).await.is_ok() {
                             history.lock().unwrap().completed.insert(k.clone());
                         }
@@ -50,7 +59,12 @@ async fn load(cluster: &Cluster, keys: usize, history: Arc<Mutex<History>>, pref
                 }
                 // A retry through another node: never a second NEW.
                 if let Ok(Reservation::New(_)) = retry_client.reserve(&req).await {
-                    *history.lock().unwrap().granted.entry(k.clone()).or_default() += 1;
+                    *history
+                        .lock()
+                        .unwrap()
+                        .granted
+                        .entry(k.clone())
+                        .or_default() += 1;
                 }
             }
         }));
@@ -66,7 +80,11 @@ async fn assert_history_holds(cluster: &Cluster, history: &History, via: usize) 
     }
     let client = cluster.client(via).await;
     for k in &history.completed {
-        match client.reserve(&ReserveRequest::new("load", k.clone(), fp(k))).await.unwrap() {
+        match client
+            .reserve(&ReserveRequest::new("load", k.clone(), fp(k)))
+            .await
+            .unwrap()
+        {
             Reservation::Replay(r) => assert_eq!(r, body(k), "key {k}"),
             other => panic!("acknowledged completion of {k} lost: {other:?}"),
         }
@@ -115,17 +133,24 @@ async fn leader_killed_mid_load_loses_nothing_and_grants_once() {
     for t in tasks {
         t.await.unwrap();
     }
-    let h = history.lock().unwrap();
+    let h = history.lock().unwrap().clone();
     let survivor = (0..3).find(|&i| i != leader).unwrap();
-    eprintln!("completed before the kill: {before_kill}, in all: {}, granted: {}", h.completed.len(), h.granted.len());
+    eprintln!(
+        "completed before the kill: {before_kill}, in all: {}, granted: {}",
+        h.completed.len(),
+        h.granted.len()
+    );
     assert!(before_kill > 0, "load ran before the kill");
-    assert!(h.completed.len() > before_kill + 50, "load continued after the kill: {} then {}", before_kill, h.completed.len());
+    assert!(
+        h.completed.len() > before_kill + 50,
+        "load continued after the kill: {} then {}",
+        before_kill,
+        h.completed.len()
+    );
     assert_history_holds(&cluster, &h, survivor).await;
-    drop(h);
     // The killed node comes back and catches up.
     cluster.spawn(leader);
     cluster.wait_ready(Duration::from_secs(30));
-    let h = history.lock().unwrap();
     assert_history_holds(&cluster, &h, leader).await;
 }
 
@@ -142,7 +167,7 @@ async fn whole_group_restart_keeps_every_acknowledged_record() {
         cluster.spawn(i);
     }
     cluster.wait_ready(Duration::from_secs(30));
-    let h = history.lock().unwrap();
+    let h = history.lock().unwrap().clone();
     for via in 0..3 {
         assert_history_holds(&cluster, &h, via).await;
     }
@@ -154,25 +179,47 @@ async fn expired_records_read_as_absent_and_are_compacted_away() {
     let client = cluster.client(0).await;
     let mut short = ReserveRequest::new("ttl", "short-lived", fp("a"));
     short.retention_ms = 1_500;
-    let Reservation::New(lease) = client.reserve(&short).await.unwrap() else { panic!("expected NEW") };
+    let Reservation::New(lease) = client.reserve(&short).await.unwrap() else {
+        panic!("expected NEW")
+    };
     client.complete(&lease, &body("a")).await.unwrap();
     let long = ReserveRequest::new("ttl", "long-lived", fp("b"));
-    let Reservation::New(lease) = client.reserve(&long).await.unwrap() else { panic!("expected NEW") };
+    let Reservation::New(lease) = client.reserve(&long).await.unwrap() else {
+        panic!("expected NEW")
+    };
     client.complete(&lease, &body("b")).await.unwrap();
     assert!(client.get("ttl", b"short-lived").await.is_ok());
 
     tokio::time::sleep(Duration::from_millis(2_000)).await;
-    assert!(matches!(client.get("ttl", b"short-lived").await, Err(Error::NotFound(_))), "expired reads as absent");
+    assert!(
+        matches!(
+            client.get("ttl", b"short-lived").await,
+            Err(Error::NotFound(_))
+        ),
+        "expired reads as absent"
+    );
     assert!(client.get("ttl", b"long-lived").await.is_ok());
 
     // Compaction removes it physically on every node.
     for i in 0..3 {
-        let mut admin = idem_proto::internal::admin_client::AdminClient::connect(format!("http://{}", cluster.nodes[i].grpc)).await.unwrap();
-        admin.compact(idem_proto::internal::CompactRequest {}).await.unwrap();
+        let mut admin = idem_proto::internal::admin_client::AdminClient::connect(format!(
+            "http://{}",
+            cluster.nodes[i].grpc
+        ))
+        .await
+        .unwrap();
+        admin
+            .compact(idem_proto::internal::CompactRequest {})
+            .await
+            .unwrap();
     }
     for i in 0..3 {
         cluster.kill(i);
         let state = idem_storage::StateEngine::open(&cluster.data_dir(i).join("state")).unwrap();
-        assert_eq!(state.raw_record_count(0).unwrap(), 1, "node {i} still stores the expired record");
+        assert_eq!(
+            state.raw_record_count(0).unwrap(),
+            1,
+            "node {i} still stores the expired record"
+        );
     }
 }

@@ -38,14 +38,23 @@ async fn reserve_outcomes_on_a_three_node_group() {
     }
     // 422 wins over 409: another body while in flight is MISMATCH.
     let other = ReserveRequest::new("payments", "order-1", fp("amount=99"));
-    assert!(matches!(c.reserve(&other).await.unwrap(), Reservation::Mismatch { .. }));
+    assert!(matches!(
+        c.reserve(&other).await.unwrap(),
+        Reservation::Mismatch { .. }
+    ));
 
     // Complete, then every retry through every node replays the exact bytes.
     let response = StoredResponse {
         status: 201,
         headers: vec![
-            Header { name: "content-type".into(), value: b"application/json".to_vec() },
-            Header { name: "x-charge".into(), value: vec![0, 159, 146, 150] },
+            Header {
+                name: "content-type".into(),
+                value: b"application/json".to_vec(),
+            },
+            Header {
+                name: "x-charge".into(),
+                value: vec![0, 159, 146, 150],
+            },
         ],
         body: (0u8..=255).collect(),
     };
@@ -56,9 +65,15 @@ async fn reserve_outcomes_on_a_three_node_group() {
             other => panic!("expected REPLAY, got {other:?}"),
         }
     }
-    assert!(matches!(b.reserve(&other).await.unwrap(), Reservation::Mismatch { .. }));
+    assert!(matches!(
+        b.reserve(&other).await.unwrap(),
+        Reservation::Mismatch { .. }
+    ));
     // A completed key cannot be released.
-    assert!(matches!(a.release(&lease).await, Err(Error::AlreadyCompleted)));
+    assert!(matches!(
+        a.release(&lease).await,
+        Err(Error::AlreadyCompleted)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,10 +85,20 @@ async fn release_then_new_with_next_generation() {
     a.release(&first).await.unwrap();
     let second = new_lease(cluster.client(2).await.reserve(&req).await.unwrap());
     assert_eq!(second.fence.generation, first.fence.generation + 1);
-    assert!(second.took_over.is_none(), "a released key is not a takeover");
+    assert!(
+        second.took_over.is_none(),
+        "a released key is not a takeover"
+    );
     // The released fence no longer completes anything.
-    let done = StoredResponse { status: 200, headers: vec![], body: b"late".to_vec() };
-    assert!(matches!(a.complete(&first, &done).await, Err(Error::LeaseLost(_))));
+    let done = StoredResponse {
+        status: 200,
+        headers: vec![],
+        body: b"late".to_vec(),
+    };
+    assert!(matches!(
+        a.complete(&first, &done).await,
+        Err(Error::LeaseLost(_))
+    ));
     a.complete(&second, &done).await.unwrap();
 }
 
@@ -88,8 +113,16 @@ async fn lease_expiry_takeover_and_late_complete_is_lease_lost() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let new = new_lease(cluster.client(1).await.reserve(&req).await.unwrap());
     assert_eq!(new.fence.generation, old.fence.generation + 1);
-    assert_eq!(new.took_over, Some(old.fence), "the grant is flagged as a takeover of the expired claim");
-    let late = StoredResponse { status: 200, headers: vec![], body: b"late".to_vec() };
+    assert_eq!(
+        new.took_over,
+        Some(old.fence),
+        "the grant is flagged as a takeover of the expired claim"
+    );
+    let late = StoredResponse {
+        status: 200,
+        headers: vec![],
+        body: b"late".to_vec(),
+    };
     // Without the client's own lease check, so the server's answer is what is tested.
     let mut raw = cluster.raw_client(2).await;
     let st = raw
@@ -133,49 +166,138 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
         ..Default::default()
     };
     let cases: Vec<(&str, v1::ReserveRequest)> = vec![
-        ("key", v1::ReserveRequest { key: vec![], ..good.clone() }),
-        ("key", v1::ReserveRequest { key: vec![b'k'; 257], ..good.clone() }),
-        ("scope", v1::ReserveRequest { scope: "s".repeat(129), ..good.clone() }),
-        ("fingerprint", v1::ReserveRequest { fingerprint: vec![7; 31], ..good.clone() }),
-        ("fingerprint", v1::ReserveRequest { fingerprint: vec![], ..good.clone() }),
-        ("lease_ms", v1::ReserveRequest { lease_ms: 5, ..good.clone() }),
-        ("lease_ms", v1::ReserveRequest { lease_ms: 10 * 3_600_000, ..good.clone() }),
-        ("retention_ms", v1::ReserveRequest { retention_ms: 1, ..good.clone() }),
+        (
+            "key",
+            v1::ReserveRequest {
+                key: vec![],
+                ..good.clone()
+            },
+        ),
+        (
+            "key",
+            v1::ReserveRequest {
+                key: vec![b'k'; 257],
+                ..good.clone()
+            },
+        ),
+        (
+            "scope",
+            v1::ReserveRequest {
+                scope: "s".repeat(129),
+                ..good.clone()
+            },
+        ),
+        (
+            "fingerprint",
+            v1::ReserveRequest {
+                fingerprint: vec![7; 31],
+                ..good.clone()
+            },
+        ),
+        (
+            "fingerprint",
+            v1::ReserveRequest {
+                fingerprint: vec![],
+                ..good.clone()
+            },
+        ),
+        (
+            "lease_ms",
+            v1::ReserveRequest {
+                lease_ms: 5,
+                ..good.clone()
+            },
+        ),
+        (
+            "lease_ms",
+            v1::ReserveRequest {
+                lease_ms: 10 * 3_600_000,
+                ..good.clone()
+            },
+        ),
+        (
+            "retention_ms",
+            v1::ReserveRequest {
+                retention_ms: 1,
+                ..good.clone()
+            },
+        ),
     ];
     for (field, req) in cases {
         let st = raw.reserve(req).await.unwrap_err();
         assert_eq!(st.code(), tonic::Code::InvalidArgument, "{field}: {st:?}");
         assert_eq!(field_of(&st).as_deref(), Some(field), "{st:?}");
-        assert!(st.message().contains(field), "the message names the field: {}", st.message());
+        assert!(
+            st.message().contains(field),
+            "the message names the field: {}",
+            st.message()
+        );
     }
     // Nothing was stored for the key of the rejected (otherwise valid) requests.
-    let st = raw.get(v1::GetRequest { scope: "payments".into(), key: b"bad-input".to_vec() }).await.unwrap_err();
+    let st = raw
+        .get(v1::GetRequest {
+            scope: "payments".into(),
+            key: b"bad-input".to_vec(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(st.code(), tonic::Code::NotFound, "{st:?}");
 
     // An oversized response is refused and the key stays reserved.
     let new = raw.reserve(good.clone()).await.unwrap().into_inner();
-    let Some(v1::reserve_response::Outcome::New(n)) = new.outcome else { panic!("expected NEW") };
+    let Some(v1::reserve_response::Outcome::New(n)) = new.outcome else {
+        panic!("expected NEW")
+    };
     let st = raw
         .complete(v1::CompleteRequest {
             scope: "payments".into(),
             key: b"bad-input".to_vec(),
-            fence: n.fence.clone(),
-            response: Some(v1::StoredResponse { status: 200, headers: vec![], body: vec![0; (1 << 20) + 1] }),
+            fence: n.fence,
+            response: Some(v1::StoredResponse {
+                status: 200,
+                headers: vec![],
+                body: vec![0; (1 << 20) + 1],
+            }),
         })
         .await
         .unwrap_err();
     assert_eq!(st.code(), tonic::Code::InvalidArgument);
     assert_eq!(field_of(&st).as_deref(), Some("response"));
     let st = raw
-        .complete(v1::CompleteRequest { scope: "payments".into(), key: b"bad-input".to_vec(), fence: None, response: None })
+        .complete(v1::CompleteRequest {
+            scope: "payments".into(),
+            key: b"bad-input".to_vec(),
+            fence: None,
+            response: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(field_of(&st).as_deref(), Some("fence"));
-    let rec = raw.get(v1::GetRequest { scope: "payments".into(), key: b"bad-input".to_vec() }).await.unwrap().into_inner();
+    let rec = raw
+        .get(v1::GetRequest {
+            scope: "payments".into(),
+            key: b"bad-input".to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(rec.phase, v1::Phase::Reserved as i32);
 
     // The node is still healthy and serving.
-    assert_eq!(common::http_get(&cluster.nodes[0].http, "/healthz").map(|x| x.0), Some(200));
-    let ok = raw.reserve(v1::ReserveRequest { key: b"after-bad-input".to_vec(), ..good }).await.unwrap().into_inner();
-    assert!(matches!(ok.outcome, Some(v1::reserve_response::Outcome::New(_))));
+    assert_eq!(
+        common::http_get(&cluster.nodes[0].http, "/healthz").map(|x| x.0),
+        Some(200)
+    );
+    let ok = raw
+        .reserve(v1::ReserveRequest {
+            key: b"after-bad-input".to_vec(),
+            ..good
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        ok.outcome,
+        Some(v1::reserve_response::Outcome::New(_))
+    ));
 }

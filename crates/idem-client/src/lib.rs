@@ -85,10 +85,12 @@ impl Error {
     fn from_status(st: Status) -> Error {
         let msg = st.message().to_string();
         match reason_of(&st) {
-            Some(ErrorReason::InvalidArgument) | Some(ErrorReason::InvalidFingerprint) => Error::InvalidArgument {
-                field: idem_proto::errors::field_of(&st).unwrap_or_default(),
-                message: msg,
-            },
+            Some(ErrorReason::InvalidArgument) | Some(ErrorReason::InvalidFingerprint) => {
+                Error::InvalidArgument {
+                    field: idem_proto::errors::field_of(&st).unwrap_or_default(),
+                    message: msg,
+                }
+            }
             Some(ErrorReason::LeaseLost) => Error::LeaseLost(msg),
             Some(ErrorReason::KeyTooOld) => Error::KeyTooOld(msg),
             Some(ErrorReason::AlreadyCompleted) => Error::AlreadyCompleted,
@@ -100,8 +102,14 @@ impl Error {
 }
 
 fn retryable(st: &Status) -> bool {
-    matches!(st.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled | Code::ResourceExhausted)
-        && !matches!(reason_of(st), Some(ErrorReason::InvalidArgument))
+    matches!(
+        st.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::ResourceExhausted
+    ) && !matches!(reason_of(st), Some(ErrorReason::InvalidArgument))
 }
 
 /// A Reserve, kept identical across every retry.
@@ -119,7 +127,11 @@ pub struct ReserveRequest {
 }
 
 impl ReserveRequest {
-    pub fn new(scope: impl Into<String>, key: impl Into<Vec<u8>>, fingerprint: Fingerprint) -> Self {
+    pub fn new(
+        scope: impl Into<String>,
+        key: impl Into<Vec<u8>>,
+        fingerprint: Fingerprint,
+    ) -> Self {
         ReserveRequest {
             scope: scope.into(),
             key: key.into(),
@@ -160,7 +172,10 @@ pub enum Reservation {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[derive(Clone)]
@@ -174,13 +189,19 @@ impl Client {
     /// A client for `cfg.endpoint`. Connects lazily: a node that is down now is retried
     /// by the calls themselves.
     pub async fn connect(cfg: ClientConfig) -> Result<Client, Error> {
-        let endpoint = if cfg.endpoint.contains("://") { cfg.endpoint.clone() } else { format!("http://{}", cfg.endpoint) };
+        let endpoint = if cfg.endpoint.contains("://") {
+            cfg.endpoint.clone()
+        } else {
+            format!("http://{}", cfg.endpoint)
+        };
         let channel = Endpoint::from_shared(endpoint)
             .map_err(|e| Error::Connect(e.to_string()))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .connect_lazy();
-        let inner = IdemClient::new(channel).max_decoding_message_size(8 << 20).max_encoding_message_size(8 << 20);
+        let inner = IdemClient::new(channel)
+            .max_decoding_message_size(8 << 20)
+            .max_encoding_message_size(8 << 20);
         let budget = Arc::new(RetryBudget::new(&cfg.retry));
         Ok(Client { inner, cfg, budget })
     }
@@ -211,7 +232,10 @@ impl Client {
                 Ok(v) => return Ok(v),
                 Err(st) if retryable(&st) => {
                     if attempt >= policy.max_attempts || !self.budget.withdraw() {
-                        return Err(Error::Unavailable { attempts: attempt, last: format!("{}: {}", st.code(), st.message()) });
+                        return Err(Error::Unavailable {
+                            attempts: attempt,
+                            last: format!("{}: {}", st.code(), st.message()),
+                        });
                     }
                     let delay = policy.delay(attempt, pushback_of(&st));
                     tracing::debug!(attempt, ?delay, code = ?st.code(), "retrying");
@@ -241,7 +265,8 @@ impl Client {
             .await?;
         match resp.outcome {
             Some(reserve_response::Outcome::New(n)) => {
-                let fence = idem_proto::convert::fence(n.fence.as_ref()).map_err(|e| Error::Server(Status::internal(e.to_string())))?;
+                let fence = idem_proto::convert::fence(n.fence.as_ref())
+                    .map_err(|e| Error::Server(Status::internal(e.to_string())))?;
                 let took_over = match n.previous.as_ref() {
                     Some(p) if n.takeover => idem_proto::convert::fence(Some(p)).ok(),
                     _ => None,
@@ -255,16 +280,31 @@ impl Client {
                     took_over,
                 }))
             }
-            Some(reserve_response::Outcome::InFlight(f)) => Ok(Reservation::InFlight { retry_after: Duration::from_millis(f.retry_after_ms) }),
-            Some(reserve_response::Outcome::Replay(p)) => Ok(Reservation::Replay(p.response.as_ref().map(from_wire_response).unwrap_or_default())),
-            Some(reserve_response::Outcome::Mismatch(m)) => Ok(Reservation::Mismatch { stored_fingerprint: m.stored_fingerprint }),
-            None => Err(Error::Server(Status::internal("Reserve answered no outcome"))),
+            Some(reserve_response::Outcome::InFlight(f)) => Ok(Reservation::InFlight {
+                retry_after: Duration::from_millis(f.retry_after_ms),
+            }),
+            Some(reserve_response::Outcome::Replay(p)) => Ok(Reservation::Replay(
+                p.response
+                    .as_ref()
+                    .map(from_wire_response)
+                    .unwrap_or_default(),
+            )),
+            Some(reserve_response::Outcome::Mismatch(m)) => Ok(Reservation::Mismatch {
+                stored_fingerprint: m.stored_fingerprint,
+            }),
+            None => Err(Error::Server(Status::internal(
+                "Reserve answered no outcome",
+            ))),
         }
     }
 
     /// Reserve, and while another attempt holds the key, wait (as long as the server's
     /// retry-after says, within `max_wait` in total) for it to finish.
-    pub async fn reserve_wait(&self, r: &ReserveRequest, max_wait: Duration) -> Result<Reservation, Error> {
+    pub async fn reserve_wait(
+        &self,
+        r: &ReserveRequest,
+        max_wait: Duration,
+    ) -> Result<Reservation, Error> {
         let deadline = tokio::time::Instant::now() + max_wait;
         loop {
             match self.reserve(r).await? {
@@ -274,7 +314,10 @@ impl Client {
                         return Ok(Reservation::InFlight { retry_after });
                     }
                     // Poll at least every 200 ms: the holder may complete early.
-                    tokio::time::sleep(retry_after.clamp(Duration::from_millis(20), Duration::from_millis(200))).await;
+                    tokio::time::sleep(
+                        retry_after.clamp(Duration::from_millis(20), Duration::from_millis(200)),
+                    )
+                    .await;
                 }
                 other => return Ok(other),
             }
@@ -296,7 +339,10 @@ impl Client {
         })
         .await?;
         if now_ms() > lease.trust_until_ms() {
-            return Err(Error::LeaseLost("the acknowledgement arrived after the lease could be trusted; outcome unknown".into()));
+            return Err(Error::LeaseLost(
+                "the acknowledgement arrived after the lease could be trusted; outcome unknown"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -334,7 +380,10 @@ impl Client {
     /// Read a key's record (linearizable).
     pub async fn get(&self, scope: &str, key: &[u8]) -> Result<v1::GetResponse, Error> {
         self.with_retries(|mut c, _| {
-            let req = self.request(v1::GetRequest { scope: scope.to_string(), key: key.to_vec() });
+            let req = self.request(v1::GetRequest {
+                scope: scope.to_string(),
+                key: key.to_vec(),
+            });
             async move { c.get(req).await.map(|x| x.into_inner()) }
         })
         .await
@@ -344,7 +393,12 @@ impl Client {
     /// its length. Returns the work's output, or `LeaseLost` if an extension failed
     /// (the work's result is then returned inside the error path to the caller as
     /// lost: the side effect may have happened without the key being held).
-    pub async fn with_lease<T, Fut>(&self, lease: &mut Lease, lease_ms: u64, work: Fut) -> Result<T, Error>
+    pub async fn with_lease<T, Fut>(
+        &self,
+        lease: &mut Lease,
+        lease_ms: u64,
+        work: Fut,
+    ) -> Result<T, Error>
     where
         Fut: Future<Output = T>,
     {

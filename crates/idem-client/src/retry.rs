@@ -83,7 +83,10 @@ mod tests {
     fn delay_is_jittered_bounded_and_honours_pushback() {
         let p = RetryPolicy::default();
         for attempt in 1..10 {
-            let cap = p.base_delay.saturating_mul(1 << (attempt - 1)).min(p.max_delay);
+            let cap = p
+                .base_delay
+                .saturating_mul(1 << (attempt - 1))
+                .min(p.max_delay);
             for _ in 0..50 {
                 assert!(p.delay(attempt, None) <= cap);
             }
@@ -95,7 +98,11 @@ mod tests {
 
     #[test]
     fn budget_limits_retries_to_a_fraction_of_calls() {
-        let p = RetryPolicy { budget_floor: 2.0, budget_ratio: 0.5, ..Default::default() };
+        let p = RetryPolicy {
+            budget_floor: 2.0,
+            budget_ratio: 0.5,
+            ..Default::default()
+        };
         let b = RetryBudget::new(&p);
         assert!(b.withdraw());
         assert!(b.withdraw());

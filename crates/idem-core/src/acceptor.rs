@@ -43,10 +43,7 @@ pub enum ReserveOutcome {
         takeover: Option<Fence>,
     },
     /// Another attempt holds a live lease (or its completion is not final yet).
-    InFlight {
-        holder: Fence,
-        retry_after_ms: u64,
-    },
+    InFlight { holder: Fence, retry_after_ms: u64 },
     /// The completed attempt's response, to be returned byte for byte.
     Replay {
         fence: Fence,
@@ -56,7 +53,10 @@ pub enum ReserveOutcome {
     Mismatch { stored: Fingerprint },
     /// The request's first attempt is too close to the retention limit to guarantee
     /// at-most-once: the original record may already be gone.
-    TooOld { first_attempt_ms: u64, limit_ms: u64 },
+    TooOld {
+        first_attempt_ms: u64,
+        limit_ms: u64,
+    },
     /// The proposed generation is not above the stored one.
     StaleGen { stored: u32 },
 }
@@ -117,7 +117,8 @@ pub fn reserve(stored: Option<&Record>, a: &ReserveArgs) -> Decision {
     let Some(r) = cur else {
         return grant(None, a, 1, attempt, since_previous_ms);
     };
-    let held = r.phase == Phase::Reserved && now < r.lease_expires_ms.saturating_add(a.skew_margin_ms);
+    let held =
+        r.phase == Phase::Reserved && now < r.lease_expires_ms.saturating_add(a.skew_margin_ms);
 
     // Rule 1: a live record of another request. 422 wins over 409.
     if !same_fp && (held || r.phase == Phase::Completed) {
@@ -211,7 +212,9 @@ fn grant(
 ) -> Decision {
     let now = a.now_ms;
     let first_attempt_ms = earliest(prev.map_or(0, |p| p.first_attempt_ms), a.first_attempt_ms);
-    let limit_ms = a.retention_ms.saturating_sub(too_old_margin_ms(a.retention_ms));
+    let limit_ms = a
+        .retention_ms
+        .saturating_sub(too_old_margin_ms(a.retention_ms));
     if first_attempt_ms != 0 && now.saturating_sub(first_attempt_ms) > limit_ms {
         return Decision {
             outcome: ReserveOutcome::TooOld {

@@ -215,10 +215,22 @@ pub(crate) mod tests {
         (
             (any::<u64>(), any::<u64>(), any::<[u8; 32]>(), any::<u32>()),
             (1u8..=3, any::<(u64, u16, u16, u32)>(), any::<u64>()),
-            (any::<u32>(), any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>()),
+            (
+                any::<u32>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<bool>(),
+            ),
             proptest::option::of((
                 any::<u32>(),
-                proptest::collection::vec(("[a-z-]{1,12}", proptest::collection::vec(any::<u8>(), 0..16)), 0..4),
+                proptest::collection::vec(
+                    (
+                        "[a-z-]{1,12}",
+                        proptest::collection::vec(any::<u8>(), 0..16),
+                    ),
+                    0..4,
+                ),
                 proptest::collection::vec(any::<u8>(), 0..64),
             )),
         )
@@ -277,7 +289,12 @@ pub(crate) mod tests {
             fingerprint: Fingerprint([7; 32]),
             generation: 3,
             phase: Phase::Completed,
-            claim: ClaimId { hlc: 1, region: 2, node: 3, nonce: 4 },
+            claim: ClaimId {
+                hlc: 1,
+                region: 2,
+                node: 3,
+                nonce: 4,
+            },
             lease_expires_ms: 5,
             attempts: 6,
             last_attempt_ms: 7,
@@ -286,7 +303,10 @@ pub(crate) mod tests {
             is_final: true,
             response: Some(StoredResponse {
                 status: 201,
-                headers: vec![Header { name: "a".into(), value: b"b".to_vec() }],
+                headers: vec![Header {
+                    name: "a".into(),
+                    value: b"b".to_vec(),
+                }],
                 body: b"ok".to_vec(),
             }),
         };

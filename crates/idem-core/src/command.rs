@@ -3,7 +3,9 @@
 //! A command is stamped by the group leader (time, skew margin, claim) before it is
 //! appended, so every replica applies exactly the same inputs and reaches the same state.
 
-use crate::acceptor::{self, CompleteError, ExtendError, ReleaseError, ReserveArgs, ReserveOutcome};
+use crate::acceptor::{
+    self, CompleteError, ExtendError, ReleaseError, ReserveArgs, ReserveOutcome,
+};
 use crate::{ClaimId, Fence, Fingerprint, Key, Record, StoredResponse};
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -28,7 +28,9 @@ impl Fingerprint {
     }
 
     pub fn from_hex(s: &str) -> Option<Fingerprint> {
-        hex::decode(s).ok().and_then(|b| Fingerprint::from_slice(&b))
+        hex::decode(s)
+            .ok()
+            .and_then(|b| Fingerprint::from_slice(&b))
     }
 
     pub fn to_hex(&self) -> String {

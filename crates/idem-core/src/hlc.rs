@@ -41,7 +41,11 @@ impl Hlc {
     /// A new timestamp, strictly greater than every one issued or observed before.
     pub fn now(&mut self, wall_ms: u64) -> u64 {
         let wall = Hlc::compose(wall_ms, 0);
-        self.last = if wall > self.last { wall } else { self.last + 1 };
+        self.last = if wall > self.last {
+            wall
+        } else {
+            self.last + 1
+        };
         self.last
     }
 

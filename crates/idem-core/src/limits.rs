@@ -187,10 +187,7 @@ impl Limits {
         if size > self.max_response_bytes {
             return Err(ValidationError::new(
                 "response",
-                format!(
-                    "is {size} bytes, the limit is {}",
-                    self.max_response_bytes
-                ),
+                format!("is {size} bytes, the limit is {}", self.max_response_bytes),
             ));
         }
         Ok(())
@@ -212,7 +209,10 @@ mod tests {
         assert_eq!(l.validate_key(b"").unwrap_err().field, "key");
         assert_eq!(l.validate_key(&[b'k'; 257]).unwrap_err().field, "key");
         assert!(l.validate_key(&[b'k'; 256]).is_ok());
-        assert_eq!(l.validate_scope(&"s".repeat(129)).unwrap_err().field, "scope");
+        assert_eq!(
+            l.validate_scope(&"s".repeat(129)).unwrap_err().field,
+            "scope"
+        );
         assert_eq!(l.lease("lease_ms", 5).unwrap_err().field, "lease_ms");
         assert_eq!(l.lease("lease_ms", 0).unwrap(), 30_000);
         assert_eq!(l.retention(1).unwrap_err().field, "retention_ms");

@@ -58,7 +58,10 @@ mod tests {
     #[test]
     fn growing_moves_only_a_fraction() {
         let moved = (0..10_000u64)
-            .filter(|&i| jump_hash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15), 4) != jump_hash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15), 5))
+            .filter(|&i| {
+                jump_hash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15), 4)
+                    != jump_hash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15), 5)
+            })
             .count();
         assert!(moved < 3_000, "{moved} of 10000 moved");
     }

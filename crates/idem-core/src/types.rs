@@ -53,7 +53,9 @@ impl std::str::FromStr for ClaimId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.split('-').collect();
         if parts.len() != 4 {
-            return Err(format!("claim id {s:?} is not HLC-REGION-NODE-NONCE in hex"));
+            return Err(format!(
+                "claim id {s:?} is not HLC-REGION-NODE-NONCE in hex"
+            ));
         }
         let bad = |what: &str| format!("claim id {s:?}: bad {what}");
         Ok(ClaimId {

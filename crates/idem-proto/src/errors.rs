@@ -60,9 +60,7 @@ impl ErrorReason {
 
     pub fn code(self) -> Code {
         match self {
-            ErrorReason::InvalidArgument | ErrorReason::InvalidFingerprint => {
-                Code::InvalidArgument
-            }
+            ErrorReason::InvalidArgument | ErrorReason::InvalidFingerprint => Code::InvalidArgument,
             ErrorReason::LeaseLost | ErrorReason::KeyTooOld | ErrorReason::AlreadyCompleted => {
                 Code::FailedPrecondition
             }

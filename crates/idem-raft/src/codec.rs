@@ -40,9 +40,15 @@ mod tests {
         assert_eq!(decode::<Vote>(&encode(&vote)).unwrap(), vote);
         let committed = Vote::new_committed(4, 1);
         assert_eq!(decode::<Vote>(&encode(&committed)).unwrap(), committed);
-        let log_id = LogId::new(<TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(3, 1), 9);
+        let log_id = LogId::new(
+            <TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(3, 1),
+            9,
+        );
         assert_eq!(decode::<LogId>(&encode(&log_id)).unwrap(), log_id);
-        assert_eq!(decode::<Option<LogId>>(&encode(&Some(log_id.clone()))).unwrap(), Some(log_id));
+        assert_eq!(
+            decode::<Option<LogId>>(&encode(&Some(log_id))).unwrap(),
+            Some(log_id)
+        );
         assert!(decode::<Vote>(&[9, 1, 2]).is_err());
         assert!(decode::<Vote>(&[]).is_err());
     }

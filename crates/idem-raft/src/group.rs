@@ -93,7 +93,9 @@ impl Stamper {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        let off = self.clock_offset_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let off = self
+            .clock_offset_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
         (wall + off).max(0) as u64
     }
 
@@ -308,7 +310,9 @@ impl Group {
                 self.forward(leader, payload.clone()).await
             };
             match result {
-                Err(e @ GroupError::NotLeader { .. }) | Err(e @ GroupError::NoLeader(_)) => last = e,
+                Err(e @ GroupError::NotLeader { .. }) | Err(e @ GroupError::NoLeader(_)) => {
+                    last = e
+                }
                 other => return other,
             }
         }
@@ -329,7 +333,9 @@ impl Group {
         });
         req.set_timeout(self.timeout);
         let resp = client.forward(req).await.map_err(|st| match st.code() {
-            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => GroupError::Timeout(self.timeout),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                GroupError::Timeout(self.timeout)
+            }
             _ => GroupError::Unavailable(format!("leader {leader} at {addr}: {}", st.message())),
         })?;
         decode::<Result<ForwardedReply, GroupError>>(&resp.into_inner().payload)

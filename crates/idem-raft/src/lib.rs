@@ -12,10 +12,12 @@ mod network;
 mod router;
 mod service;
 mod state_machine;
+#[cfg(test)]
+mod storage_suite;
 mod types;
 
 pub use group::{Group, GroupConfig, GroupError, GroupHealth, NodeIdentity, Stamper};
-pub use router::{GroupId, Router};
 pub use network::Channels;
+pub use router::{GroupId, Router};
 pub use service::RaftService;
 pub use types::Peer;

@@ -60,7 +60,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&e) => e,
             Bound::Unbounded => u64::MAX,
         };
-        let raw = self.engine.entries(self.shard, start, end, MAX_READ_ENTRIES)?;
+        let raw = self
+            .engine
+            .entries(self.shard, start, end, MAX_READ_ENTRIES)?;
         raw.iter().map(|(_, b)| decode::<Entry>(b)).collect()
     }
 
@@ -76,7 +78,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged: Option<LogId> = self.get_meta(PURGED)?;
         let last = match self.engine.last_entry(self.shard)? {
             Some((_, b)) => Some(decode::<Entry>(&b)?.log_id),
-            None => last_purged.clone(),
+            None => last_purged,
         };
         Ok(LogState {
             last_purged_log_id: last_purged,
@@ -124,7 +126,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last: Option<LogId>) -> io::Result<()> {
         let from = last.map_or(0, |l| l.index + 1);
-        self.blocking(move |e, s| Ok(e.truncate_from(s, from)?)).await
+        self.blocking(move |e, s| Ok(e.truncate_from(s, from)?))
+            .await
     }
 
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {

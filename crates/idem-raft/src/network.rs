@@ -107,7 +107,9 @@ impl Network {
     }
 
     fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
-        self.channels.client(&self.addr).map_err(|e| unreachable(&e))
+        self.channels
+            .client(&self.addr)
+            .map_err(|e| unreachable(&e))
     }
 
     async fn vote_rpc(

@@ -47,18 +47,26 @@ fn reply<T: serde::Serialize>(group: &Group, value: &T) -> Response<RaftMessage>
 
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
-    async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let m = req.into_inner();
         let g = self.group(m.group.as_ref())?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&m.payload).map_err(bad_payload)?;
-        let r = g.raft().append_entries(rpc).await.map_err(|e| e.to_string());
+        let r = g
+            .raft()
+            .append_entries(rpc)
+            .await
+            .map_err(|e| e.to_string());
         Ok(reply(&g, &r))
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let m = req.into_inner();
         let g = self.group(m.group.as_ref())?;
-        let (pre, rpc): (bool, VoteRequest<TypeConfig>) = decode(&m.payload).map_err(bad_payload)?;
+        let (pre, rpc): (bool, VoteRequest<TypeConfig>) =
+            decode(&m.payload).map_err(bad_payload)?;
         let r = if pre {
             g.raft().pre_vote(rpc).await
         } else {
@@ -90,13 +98,19 @@ impl RaftRpc for RaftService {
                 let _ = std::fs::remove_file(&file.path);
                 return Err(Status::resource_exhausted("snapshot larger than the limit"));
             }
-            out.write_all(&c.data).map_err(|e| Status::internal(e.to_string()))?;
+            out.write_all(&c.data)
+                .map_err(|e| Status::internal(e.to_string()))?;
             chunk = stream.message().await?;
         }
-        let f = out.into_inner().map_err(|e| Status::internal(e.to_string()))?;
+        let f = out
+            .into_inner()
+            .map_err(|e| Status::internal(e.to_string()))?;
         f.sync_all().map_err(|e| Status::internal(e.to_string()))?;
         drop(f);
-        let snapshot = Snapshot { meta, snapshot: file };
+        let snapshot = Snapshot {
+            meta,
+            snapshot: file,
+        };
         let r = g
             .raft()
             .install_full_snapshot(vote, snapshot)

@@ -38,25 +38,22 @@ impl StateMachine {
         })
     }
 
-    fn apply_batch(
-        &mut self,
-        batch: Vec<EntryResponder<TypeConfig>>,
-    ) -> io::Result<()> {
-        let mut applied = self.applied.clone();
+    fn apply_batch(&mut self, batch: Vec<EntryResponder<TypeConfig>>) -> io::Result<()> {
+        let mut applied = self.applied;
         let mut membership = self.membership.clone();
         let mut items = Vec::with_capacity(batch.len());
         for (entry, _) in &batch {
-            applied = Some(entry.log_id.clone());
+            applied = Some(entry.log_id);
             items.push(match &entry.payload {
                 EntryPayload::Normal(cmd) => ApplyItem::Command(cmd),
                 EntryPayload::Membership(m) => {
-                    membership = StoredMembership::new(Some(entry.log_id.clone()), m.clone());
+                    membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     ApplyItem::Other
                 }
                 EntryPayload::Blank => ApplyItem::Other,
             });
         }
-        let state = encode(&(applied.clone(), membership.clone()));
+        let state = encode(&(applied, membership.clone()));
         let results = self.engine.apply(self.shard, &items, &state)?;
         drop(items);
         self.applied = applied;
@@ -76,14 +73,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> io::Result<AppliedState> {
-        Ok((self.applied.clone(), self.membership.clone()))
+        Ok((self.applied, self.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
     where
-        Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>>
-            + Unpin
-            + OptionalSend,
+        Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
         let mut batch = Vec::new();
         while let Some(item) = entries.next().await {
@@ -107,13 +102,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotFile,
     ) -> io::Result<()> {
-        let state = encode(&(meta.last_log_id.clone(), meta.last_membership.clone()));
+        let state = encode(&(meta.last_log_id, meta.last_membership.clone()));
         let engine = self.engine.clone();
         let shard = self.shard;
         tokio::task::spawn_blocking(move || engine.install_snapshot(shard, &snapshot, &state))
             .await
             .map_err(io::Error::other)??;
-        self.applied = meta.last_log_id.clone();
+        self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         Ok(())
     }

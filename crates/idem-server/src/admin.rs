@@ -47,11 +47,17 @@ pub fn status_of(info: &NodeInfo) -> StatusResponse {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(status_of(&self.info)))
     }
 
-    async fn compact(&self, _req: Request<CompactRequest>) -> Result<Response<CompactResponse>, Status> {
+    async fn compact(
+        &self,
+        _req: Request<CompactRequest>,
+    ) -> Result<Response<CompactResponse>, Status> {
         let state = self.info.state.clone();
         tokio::task::spawn_blocking(move || state.compact())
             .await

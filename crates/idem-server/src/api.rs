@@ -78,7 +78,14 @@ impl IdemService {
     }
 
     /// Count one finished call.
-    fn observe<T>(&self, method: &str, started: Instant, outcome: &str, r: &Result<Response<T>, Status>, class: Option<&'static str>) {
+    fn observe<T>(
+        &self,
+        method: &str,
+        started: Instant,
+        outcome: &str,
+        r: &Result<Response<T>, Status>,
+        class: Option<&'static str>,
+    ) {
         let class = class.unwrap_or_else(|| match r {
             Ok(_) => "2xx",
             Err(st) => status_class(st.code()),
@@ -94,7 +101,10 @@ impl IdemService {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    async fn reserve_inner(&self, req: Request<v1::ReserveRequest>) -> Result<(Response<v1::ReserveResponse>, &'static str), Status> {
+    async fn reserve_inner(
+        &self,
+        req: Request<v1::ReserveRequest>,
+    ) -> Result<(Response<v1::ReserveResponse>, &'static str), Status> {
         let tenant = self.auth.tenant(req.metadata())?;
         let r = convert::reserve(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
         if r.client_attempt > 0 {
@@ -112,20 +122,49 @@ impl IdemService {
             first_attempt_ms: r.first_attempt_ms,
         };
         let result = group.submit(key, op).await.map_err(group_error)?;
-        let CommandResult::Reserve { outcome, attempt, since_previous_ms } = result else {
-            return Err(status(ErrorReason::Internal, "unexpected result for Reserve", &[], None));
+        let CommandResult::Reserve {
+            outcome,
+            attempt,
+            since_previous_ms,
+        } = result
+        else {
+            return Err(status(
+                ErrorReason::Internal,
+                "unexpected result for Reserve",
+                &[],
+                None,
+            ));
         };
         let label = outcome.label();
-        if !matches!(outcome, ReserveOutcome::TooOld { .. } | ReserveOutcome::StaleGen { .. }) {
+        if !matches!(
+            outcome,
+            ReserveOutcome::TooOld { .. } | ReserveOutcome::StaleGen { .. }
+        ) {
             self.metrics.idempotency_key_total.with(&[label]).inc();
-            self.metrics.retry_attempt_total.with(&[attempt_label(attempt)]).inc();
+        }
+        // A mismatch is another request, not an attempt at the stored one: the record
+        // is not touched and no attempt is counted.
+        if matches!(
+            outcome,
+            ReserveOutcome::New { .. }
+                | ReserveOutcome::InFlight { .. }
+                | ReserveOutcome::Replay { .. }
+        ) {
+            self.metrics
+                .retry_attempt_total
+                .with(&[attempt_label(attempt)])
+                .inc();
             if let Some(ms) = since_previous_ms {
                 self.metrics.retry_delay_seconds.observe(ms as f64 / 1000.0);
             }
         }
         let mut pushback = None;
         let out = match outcome {
-            ReserveOutcome::New { fence, lease_expires_ms, takeover } => {
+            ReserveOutcome::New {
+                fence,
+                lease_expires_ms,
+                takeover,
+            } => {
                 if takeover.is_some() {
                     self.metrics.lease_takeover_total.inc();
                 }
@@ -141,14 +180,21 @@ impl IdemService {
                 pushback = Some(retry_after_ms);
                 reserve_response::Outcome::InFlight(reserve_response::InFlight { retry_after_ms })
             }
-            ReserveOutcome::Replay { response, .. } => reserve_response::Outcome::Replay(reserve_response::Replay {
-                response: Some(convert::to_wire_response(&response)),
-                fence: None,
-            }),
-            ReserveOutcome::Mismatch { stored } => reserve_response::Outcome::Mismatch(reserve_response::Mismatch {
-                stored_fingerprint: stored.0.to_vec(),
-            }),
-            ReserveOutcome::TooOld { first_attempt_ms, limit_ms } => {
+            ReserveOutcome::Replay { response, .. } => {
+                reserve_response::Outcome::Replay(reserve_response::Replay {
+                    response: Some(convert::to_wire_response(&response)),
+                    fence: None,
+                })
+            }
+            ReserveOutcome::Mismatch { stored } => {
+                reserve_response::Outcome::Mismatch(reserve_response::Mismatch {
+                    stored_fingerprint: stored.0.to_vec(),
+                })
+            }
+            ReserveOutcome::TooOld {
+                first_attempt_ms,
+                limit_ms,
+            } => {
                 self.metrics.key_too_old_total.inc();
                 return Err(status(
                     ErrorReason::KeyTooOld,
@@ -158,7 +204,12 @@ impl IdemService {
                 ));
             }
             ReserveOutcome::StaleGen { stored } => {
-                return Err(status(ErrorReason::Internal, format!("stale generation (stored {stored})"), &[], None));
+                return Err(status(
+                    ErrorReason::Internal,
+                    format!("stale generation (stored {stored})"),
+                    &[],
+                    None,
+                ));
             }
         };
         let mut resp = Response::new(v1::ReserveResponse {
@@ -176,12 +227,19 @@ impl IdemService {
 
 #[tonic::async_trait]
 impl Idem for IdemService {
-    async fn reserve(&self, req: Request<v1::ReserveRequest>) -> Result<Response<v1::ReserveResponse>, Status> {
+    async fn reserve(
+        &self,
+        req: Request<v1::ReserveRequest>,
+    ) -> Result<Response<v1::ReserveResponse>, Status> {
         let started = Instant::now();
         let (r, label, class) = match self.reserve_inner(req).await {
             Ok((resp, label)) => {
                 // As an HTTP gateway maps them: IN_FLIGHT is 409, MISMATCH is 422.
-                let class = if matches!(label, "in_flight" | "mismatch") { "4xx" } else { "2xx" };
+                let class = if matches!(label, "in_flight" | "mismatch") {
+                    "4xx"
+                } else {
+                    "2xx"
+                };
                 (Ok(resp), label, Some(class))
             }
             Err(st) => (Err(st), "error", None),
@@ -190,7 +248,10 @@ impl Idem for IdemService {
         r
     }
 
-    async fn complete(&self, req: Request<v1::CompleteRequest>) -> Result<Response<v1::CompleteResponse>, Status> {
+    async fn complete(
+        &self,
+        req: Request<v1::CompleteRequest>,
+    ) -> Result<Response<v1::CompleteResponse>, Status> {
         let started = Instant::now();
         let r = async {
             let tenant = self.auth.tenant(req.metadata())?;
@@ -216,22 +277,49 @@ impl Idem for IdemService {
         r
     }
 
-    async fn release(&self, req: Request<v1::ReleaseRequest>) -> Result<Response<v1::ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        req: Request<v1::ReleaseRequest>,
+    ) -> Result<Response<v1::ReleaseResponse>, Status> {
         let started = Instant::now();
         let r = async {
             let tenant = self.auth.tenant(req.metadata())?;
             let c = convert::release(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
             let key = self.key(tenant, c.scope, c.key);
             let group = self.group_for(&key)?;
-            match group.submit(key, Op::Release { fence: c.fence }).await.map_err(group_error)? {
+            match group
+                .submit(key, Op::Release { fence: c.fence })
+                .await
+                .map_err(group_error)?
+            {
                 CommandResult::Release(Ok(())) => Ok(Response::new(v1::ReleaseResponse {})),
                 CommandResult::Release(Err(ReleaseError::LeaseLost { current })) => {
                     self.metrics.lease_lost_total.inc();
-                    Err(status(ErrorReason::LeaseLost, "the key was granted to another attempt", &fence_meta(current), None))
+                    Err(status(
+                        ErrorReason::LeaseLost,
+                        "the key was granted to another attempt",
+                        &fence_meta(current),
+                        None,
+                    ))
                 }
-                CommandResult::Release(Err(ReleaseError::AlreadyCompleted)) => Err(status(ErrorReason::AlreadyCompleted, "the key is completed; a completed key cannot be released", &[], None)),
-                CommandResult::Release(Err(ReleaseError::NotFound)) => Err(status(ErrorReason::NotFound, "no record for this key (never reserved, or expired)", &[], None)),
-                _ => Err(status(ErrorReason::Internal, "unexpected result for Release", &[], None)),
+                CommandResult::Release(Err(ReleaseError::AlreadyCompleted)) => Err(status(
+                    ErrorReason::AlreadyCompleted,
+                    "the key is completed; a completed key cannot be released",
+                    &[],
+                    None,
+                )),
+                CommandResult::Release(Err(ReleaseError::NotFound)) => Err(status(
+                    ErrorReason::NotFound,
+                    "no record for this key (never reserved, or expired)",
+                    &[],
+                    None,
+                )),
+                _ => Err(status(
+                    ErrorReason::Internal,
+                    "unexpected result for Release",
+                    &[],
+                    None,
+                )),
             }
         }
         .await;
@@ -239,21 +327,51 @@ impl Idem for IdemService {
         r
     }
 
-    async fn extend(&self, req: Request<v1::ExtendRequest>) -> Result<Response<v1::ExtendResponse>, Status> {
+    async fn extend(
+        &self,
+        req: Request<v1::ExtendRequest>,
+    ) -> Result<Response<v1::ExtendResponse>, Status> {
         let started = Instant::now();
         let r = async {
             let tenant = self.auth.tenant(req.metadata())?;
             let c = convert::extend(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
             let key = self.key(tenant, c.scope, c.key);
             let group = self.group_for(&key)?;
-            match group.submit(key, Op::Extend { fence: c.fence, lease_ms: c.lease_ms }).await.map_err(group_error)? {
-                CommandResult::Extend(Ok(lease_expires_ms)) => Ok(Response::new(v1::ExtendResponse { lease_expires_ms })),
+            match group
+                .submit(
+                    key,
+                    Op::Extend {
+                        fence: c.fence,
+                        lease_ms: c.lease_ms,
+                    },
+                )
+                .await
+                .map_err(group_error)?
+            {
+                CommandResult::Extend(Ok(lease_expires_ms)) => {
+                    Ok(Response::new(v1::ExtendResponse { lease_expires_ms }))
+                }
                 CommandResult::Extend(Err(ExtendError::LeaseLost { current })) => {
                     self.metrics.lease_lost_total.inc();
-                    Err(status(ErrorReason::LeaseLost, "the lease is over or the key was granted to another attempt", &fence_meta(current), None))
+                    Err(status(
+                        ErrorReason::LeaseLost,
+                        "the lease is over or the key was granted to another attempt",
+                        &fence_meta(current),
+                        None,
+                    ))
                 }
-                CommandResult::Extend(Err(ExtendError::NotFound)) => Err(status(ErrorReason::NotFound, "no record for this key (never reserved, or expired)", &[], None)),
-                _ => Err(status(ErrorReason::Internal, "unexpected result for Extend", &[], None)),
+                CommandResult::Extend(Err(ExtendError::NotFound)) => Err(status(
+                    ErrorReason::NotFound,
+                    "no record for this key (never reserved, or expired)",
+                    &[],
+                    None,
+                )),
+                _ => Err(status(
+                    ErrorReason::Internal,
+                    "unexpected result for Extend",
+                    &[],
+                    None,
+                )),
             }
         }
         .await;
@@ -270,7 +388,12 @@ impl Idem for IdemService {
             let group = self.group_for(&key)?;
             match group.read(key).await.map_err(group_error)? {
                 Some(rec) => Ok(Response::new(convert::to_wire_record(&rec))),
-                None => Err(status(ErrorReason::NotFound, "no record for this key", &[], None)),
+                None => Err(status(
+                    ErrorReason::NotFound,
+                    "no record for this key",
+                    &[],
+                    None,
+                )),
             }
         }
         .await;

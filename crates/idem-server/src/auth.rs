@@ -75,11 +75,17 @@ mod tests {
             }],
         });
         let mut md = MetadataMap::new();
-        assert_eq!(auth.tenant(&md).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            auth.tenant(&md).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         md.insert("authorization", "Bearer s3cret".parse().unwrap());
         assert_eq!(auth.tenant(&md).unwrap(), "acme");
         md.insert("authorization", "Bearer wrong".parse().unwrap());
-        assert_eq!(auth.tenant(&md).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            auth.tenant(&md).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         let open = Auth::new(&AuthConfig::default());
         assert_eq!(open.tenant(&MetadataMap::new()).unwrap(), DEFAULT_TENANT);
     }

@@ -280,57 +280,105 @@ impl Config {
         let mut nodes = std::collections::BTreeSet::new();
         for (i, r) in regions.iter().enumerate() {
             if r.id > 31 {
-                return Err(invalid(&format!("regions[{i}].id"), "must be between 0 and 31"));
+                return Err(invalid(
+                    &format!("regions[{i}].id"),
+                    "must be between 0 and 31",
+                ));
             }
             if !ids.insert(r.id) {
-                return Err(invalid(&format!("regions[{i}].id"), format!("{} is used twice", r.id)));
+                return Err(invalid(
+                    &format!("regions[{i}].id"),
+                    format!("{} is used twice", r.id),
+                ));
             }
             if !names.insert(r.name.clone()) {
-                return Err(invalid(&format!("regions[{i}].name"), format!("{:?} is used twice", r.name)));
+                return Err(invalid(
+                    &format!("regions[{i}].name"),
+                    format!("{:?} is used twice", r.name),
+                ));
             }
             if r.nodes.is_empty() {
-                return Err(invalid(&format!("regions[{i}].nodes"), "must list at least one node"));
+                return Err(invalid(
+                    &format!("regions[{i}].nodes"),
+                    "must list at least one node",
+                ));
             }
             for (j, n) in r.nodes.iter().enumerate() {
                 if !nodes.insert(n.id) {
-                    return Err(invalid(&format!("regions[{i}].nodes[{j}].id"), format!("node {} is listed twice", n.id)));
+                    return Err(invalid(
+                        &format!("regions[{i}].nodes[{j}].id"),
+                        format!("node {} is listed twice", n.id),
+                    ));
                 }
                 if n.addr.parse::<SocketAddr>().is_err() && !n.addr.contains(':') {
-                    return Err(invalid(&format!("regions[{i}].nodes[{j}].addr"), "must be HOST:PORT"));
+                    return Err(invalid(
+                        &format!("regions[{i}].nodes[{j}].addr"),
+                        "must be HOST:PORT",
+                    ));
                 }
             }
         }
         let Some(mine) = self.my_region() else {
-            return Err(invalid("node.region", format!("{:?} is not one of the configured regions", self.node.region)));
+            return Err(invalid(
+                "node.region",
+                format!(
+                    "{:?} is not one of the configured regions",
+                    self.node.region
+                ),
+            ));
         };
         if !mine.nodes.iter().any(|n| n.id == self.node.id) {
-            return Err(invalid("node.id", format!("node {} is not listed in region {:?}", self.node.id, mine.name)));
+            return Err(invalid(
+                "node.id",
+                format!(
+                    "node {} is not listed in region {:?}",
+                    self.node.id, mine.name
+                ),
+            ));
         }
         let r = &self.raft;
         if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms {
-            return Err(invalid("raft.election_timeout_min_ms", "must be greater than raft.heartbeat_ms (and heartbeat_ms > 0)"));
+            return Err(invalid(
+                "raft.election_timeout_min_ms",
+                "must be greater than raft.heartbeat_ms (and heartbeat_ms > 0)",
+            ));
         }
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
-            return Err(invalid("raft.election_timeout_max_ms", "must be greater than raft.election_timeout_min_ms"));
+            return Err(invalid(
+                "raft.election_timeout_max_ms",
+                "must be greater than raft.election_timeout_min_ms",
+            ));
         }
         if r.request_timeout_ms == 0 {
             return Err(invalid("raft.request_timeout_ms", "must be greater than 0"));
         }
         if r.snapshot_every_entries == 0 {
-            return Err(invalid("raft.snapshot_every_entries", "must be greater than 0"));
+            return Err(invalid(
+                "raft.snapshot_every_entries",
+                "must be greater than 0",
+            ));
         }
         self.limits
             .check()
             .map_err(|e| invalid(e.field, e.reason))?;
         if self.auth.enabled && self.auth.tokens.is_empty() {
-            return Err(invalid("auth.tokens", "auth is enabled but no token is configured"));
+            return Err(invalid(
+                "auth.tokens",
+                "auth is enabled but no token is configured",
+            ));
         }
         for (i, t) in self.auth.tokens.iter().enumerate() {
             if t.tenant.is_empty() || t.tenant.len() > 128 {
-                return Err(invalid(&format!("auth.tokens[{i}].tenant"), "must be 1 to 128 bytes"));
+                return Err(invalid(
+                    &format!("auth.tokens[{i}].tenant"),
+                    "must be 1 to 128 bytes",
+                ));
             }
             if hex::decode(&t.sha256).map(|b| b.len()) != Ok(32) {
-                return Err(invalid(&format!("auth.tokens[{i}].sha256"), "must be 64 hex digits (SHA-256 of the token)"));
+                return Err(invalid(
+                    &format!("auth.tokens[{i}].sha256"),
+                    "must be 64 hex digits (SHA-256 of the token)",
+                ));
             }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
@@ -361,7 +409,11 @@ mod tests {
     fn env_overrides_file() {
         let c = Config::from_toml_with_env(
             "[node]\nid = 3\n",
-            env(&[("IDEM__NODE__ID", "1"), ("IDEM__CLUSTER__SKEW_MARGIN_MS", "250"), ("IDEM__NODE__DATA_DIR", "/tmp/x")]),
+            env(&[
+                ("IDEM__NODE__ID", "1"),
+                ("IDEM__CLUSTER__SKEW_MARGIN_MS", "250"),
+                ("IDEM__NODE__DATA_DIR", "/tmp/x"),
+            ]),
         )
         .unwrap();
         assert_eq!(c.node.id, 1);

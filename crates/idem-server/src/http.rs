@@ -1,5 +1,6 @@
 //! The node's HTTP port: `/metrics` (Prometheus text), `/healthz` (200 when every group
-//! on the node has a leader), `/status` (JSON).
+//! on the node has a leader), `/status` (JSON), `/dashboard` (a live page with no
+//! external assets) and `/api/history` (what the dashboard and `idem top` draw).
 
 use crate::admin::status_of;
 use crate::node::NodeInfo;
@@ -14,13 +15,22 @@ pub fn router(info: NodeInfo) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/status", get(status))
+        .route(
+            "/",
+            get(|| async { axum::response::Redirect::temporary("/dashboard") }),
+        )
+        .route("/dashboard", get(dashboard))
+        .route("/api/history", get(history))
         .with_state(info)
 }
 
 async fn metrics(State(info): State<NodeInfo>) -> impl IntoResponse {
     info.refresh_gauges();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         info.metrics.render(),
     )
 }
@@ -30,7 +40,10 @@ async fn healthz(State(info): State<NodeInfo>) -> impl IntoResponse {
     if running < info.expected_groups {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("starting: {running} of {} groups running\n", info.expected_groups),
+            format!(
+                "starting: {running} of {} groups running\n",
+                info.expected_groups
+            ),
         );
     }
     let leaderless: Vec<String> = info
@@ -50,10 +63,24 @@ async fn healthz(State(info): State<NodeInfo>) -> impl IntoResponse {
     }
 }
 
-async fn status(State(info): State<NodeInfo>) -> impl IntoResponse {
+async fn dashboard() -> impl IntoResponse {
+    axum::response::Html(include_str!("dashboard.html"))
+}
+
+async fn history(State(info): State<NodeInfo>) -> impl IntoResponse {
     let s = status_of(&info);
-    let groups: Vec<serde_json::Value> = s
-        .groups
+    axum::Json(serde_json::json!({
+        "node_id": s.node_id,
+        "region": s.region_name,
+        "grpc_addr": s.grpc_addr,
+        "groups": groups_json(&s),
+        "samples": info.history.samples(),
+        "alerts": info.history.firing(),
+    }))
+}
+
+fn groups_json(s: &idem_proto::internal::StatusResponse) -> Vec<serde_json::Value> {
+    s.groups
         .iter()
         .map(|g| {
             serde_json::json!({
@@ -66,7 +93,12 @@ async fn status(State(info): State<NodeInfo>) -> impl IntoResponse {
                 "voters": g.voters,
             })
         })
-        .collect();
+        .collect()
+}
+
+async fn status(State(info): State<NodeInfo>) -> impl IntoResponse {
+    let s = status_of(&info);
+    let groups = groups_json(&s);
     axum::Json(serde_json::json!({
         "node_id": s.node_id,
         "region": s.region,

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod node;

@@ -93,7 +93,11 @@ impl Histogram {
         }
         let count = self.count();
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
         let sum = f64::from_bits(self.sum_bits.load(Ordering::Relaxed));
         let _ = writeln!(out, "{name}_sum{braces} {sum}");
         let _ = writeln!(out, "{name}_count{braces} {count}");
@@ -108,7 +112,10 @@ pub struct Family<M> {
 }
 
 impl<M> Family<M> {
-    pub fn new(labels: &'static [&'static str], make: impl Fn() -> M + Send + Sync + 'static) -> Self {
+    pub fn new(
+        labels: &'static [&'static str],
+        make: impl Fn() -> M + Send + Sync + 'static,
+    ) -> Self {
         Family {
             labels,
             make: Box::new(make),
@@ -123,7 +130,15 @@ impl<M> Family<M> {
         if !m.contains_key(&key) && m.len() >= MAX_LABEL_SETS {
             key = values.iter().map(|_| "other".to_string()).collect();
         }
-        m.entry(key).or_insert_with(|| Arc::new((self.make)())).clone()
+        m.entry(key)
+            .or_insert_with(|| Arc::new((self.make)()))
+            .clone()
+    }
+
+    /// Every member with its label values.
+    pub fn members(&self) -> Vec<(Vec<String>, Arc<M>)> {
+        let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     fn each(&self, mut f: impl FnMut(String, &M)) {
@@ -142,12 +157,15 @@ impl<M> Family<M> {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Buckets (seconds) for the time between two attempts on one key.
 pub const RETRY_DELAY_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+    3600.0,
 ];
 /// Buckets (seconds) for request latency.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -281,29 +299,121 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(16 << 10);
         let mut w = Writer { out: &mut out };
-        w.counters("idempotency_key_total", "Reserve outcomes: new, replay, in_flight, mismatch.", &self.idempotency_key_total);
-        w.counters("retry_attempt_total", "Reserves by attempt number, counted by the server from the key's record.", &self.retry_attempt_total);
-        w.counters("client_retry_attempt_total", "Reserves by the attempt number the client reported.", &self.client_retry_attempt_total);
-        w.histogram("retry_delay_seconds", "Time since the previous attempt on the same key, measured by the server.", &self.retry_delay_seconds);
-        w.gauges("outbox_lag_seconds", "Age of the oldest unshipped outbox entry per destination region.", &self.outbox_lag_seconds);
-        w.gauges("dead_letter_queue_depth", "Entries in the dead-letter column family per destination region.", &self.dead_letter_queue_depth);
-        w.counters("http_request_outcome", "API calls by status class (2xx, 4xx, 5xx, timeout).", &self.http_request_outcome);
-        w.histograms("idem_request_duration_seconds", "API call latency by method and outcome.", &self.request_duration_seconds);
-        w.counter("idem_lease_takeover_total", "Keys granted again after the previous holder's lease expired.", &self.lease_takeover_total);
-        w.counter("idem_key_too_old_total", "Reserves refused because the first attempt is older than retention allows.", &self.key_too_old_total);
-        w.counter("idem_lease_lost_total", "Complete, Release or Extend calls refused with LEASE_LOST.", &self.lease_lost_total);
-        w.counters("cross_region_conflict_total", "Keys granted in two regions at once, resolved by the merge.", &self.cross_region_conflict_total);
-        w.gauges("idem_raft_is_leader", "1 if this node leads the group.", &self.raft_is_leader);
-        w.gauges("idem_raft_has_leader", "1 if the group has a known leader.", &self.raft_has_leader);
-        w.gauges("idem_raft_term", "Current Raft term of the group on this node.", &self.raft_term);
-        w.gauges("idem_raft_last_log_index", "Last log index of the group on this node.", &self.raft_last_log_index);
-        w.gauges("idem_raft_applied_index", "Last applied index of the group on this node.", &self.raft_applied_index);
-        w.counters("idem_raft_leader_changes_total", "Leader changes seen by this node.", &self.raft_leader_changes_total);
-        w.gauge("idem_keys_stored", "Estimated records stored on this node.", &self.keys_stored);
-        w.gauge("idem_state_disk_bytes", "Bytes of the state engine on disk.", &self.state_disk_bytes);
-        w.gauge("idem_log_disk_bytes", "Bytes of the log engine on disk.", &self.log_disk_bytes);
-        w.gauge("idem_rocksdb_pending_compaction_bytes", "Estimated bytes compaction still has to rewrite.", &self.rocksdb_pending_compaction_bytes);
-        w.gauge("idem_rocksdb_write_stalled", "1 while RocksDB delays or stops writes.", &self.rocksdb_write_stalled);
+        w.counters(
+            "idempotency_key_total",
+            "Reserve outcomes: new, replay, in_flight, mismatch.",
+            &self.idempotency_key_total,
+        );
+        w.counters(
+            "retry_attempt_total",
+            "Reserves by attempt number, counted by the server from the key's record.",
+            &self.retry_attempt_total,
+        );
+        w.counters(
+            "client_retry_attempt_total",
+            "Reserves by the attempt number the client reported.",
+            &self.client_retry_attempt_total,
+        );
+        w.histogram(
+            "retry_delay_seconds",
+            "Time since the previous attempt on the same key, measured by the server.",
+            &self.retry_delay_seconds,
+        );
+        w.gauges(
+            "outbox_lag_seconds",
+            "Age of the oldest unshipped outbox entry per destination region.",
+            &self.outbox_lag_seconds,
+        );
+        w.gauges(
+            "dead_letter_queue_depth",
+            "Entries in the dead-letter column family per destination region.",
+            &self.dead_letter_queue_depth,
+        );
+        w.counters(
+            "http_request_outcome",
+            "API calls by status class (2xx, 4xx, 5xx, timeout).",
+            &self.http_request_outcome,
+        );
+        w.histograms(
+            "idem_request_duration_seconds",
+            "API call latency by method and outcome.",
+            &self.request_duration_seconds,
+        );
+        w.counter(
+            "idem_lease_takeover_total",
+            "Keys granted again after the previous holder's lease expired.",
+            &self.lease_takeover_total,
+        );
+        w.counter(
+            "idem_key_too_old_total",
+            "Reserves refused because the first attempt is older than retention allows.",
+            &self.key_too_old_total,
+        );
+        w.counter(
+            "idem_lease_lost_total",
+            "Complete, Release or Extend calls refused with LEASE_LOST.",
+            &self.lease_lost_total,
+        );
+        w.counters(
+            "cross_region_conflict_total",
+            "Keys granted in two regions at once, resolved by the merge.",
+            &self.cross_region_conflict_total,
+        );
+        w.gauges(
+            "idem_raft_is_leader",
+            "1 if this node leads the group.",
+            &self.raft_is_leader,
+        );
+        w.gauges(
+            "idem_raft_has_leader",
+            "1 if the group has a known leader.",
+            &self.raft_has_leader,
+        );
+        w.gauges(
+            "idem_raft_term",
+            "Current Raft term of the group on this node.",
+            &self.raft_term,
+        );
+        w.gauges(
+            "idem_raft_last_log_index",
+            "Last log index of the group on this node.",
+            &self.raft_last_log_index,
+        );
+        w.gauges(
+            "idem_raft_applied_index",
+            "Last applied index of the group on this node.",
+            &self.raft_applied_index,
+        );
+        w.counters(
+            "idem_raft_leader_changes_total",
+            "Leader changes seen by this node.",
+            &self.raft_leader_changes_total,
+        );
+        w.gauge(
+            "idem_keys_stored",
+            "Estimated records stored on this node.",
+            &self.keys_stored,
+        );
+        w.gauge(
+            "idem_state_disk_bytes",
+            "Bytes of the state engine on disk.",
+            &self.state_disk_bytes,
+        );
+        w.gauge(
+            "idem_log_disk_bytes",
+            "Bytes of the log engine on disk.",
+            &self.log_disk_bytes,
+        );
+        w.gauge(
+            "idem_rocksdb_pending_compaction_bytes",
+            "Estimated bytes compaction still has to rewrite.",
+            &self.rocksdb_pending_compaction_bytes,
+        );
+        w.gauge(
+            "idem_rocksdb_write_stalled",
+            "1 while RocksDB delays or stops writes.",
+            &self.rocksdb_write_stalled,
+        );
         out
     }
 }

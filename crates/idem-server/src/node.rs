@@ -59,6 +59,7 @@ pub struct NodeInfo {
     pub stamper: Arc<Stamper>,
     /// Groups this node runs once started (one per shard).
     pub expected_groups: usize,
+    pub history: Arc<crate::history::History>,
     last_leaders: Arc<Mutex<BTreeMap<GroupId, Option<u64>>>>,
 }
 
@@ -71,8 +72,12 @@ impl NodeInfo {
             let h = g.health();
             let label = g.id().to_string();
             let l = [label.as_str()];
-            m.raft_is_leader.with(&l).set(f64::from(u8::from(h.leader == Some(self.node_id))));
-            m.raft_has_leader.with(&l).set(f64::from(u8::from(h.leader.is_some())));
+            m.raft_is_leader
+                .with(&l)
+                .set(f64::from(u8::from(h.leader == Some(self.node_id))));
+            m.raft_has_leader
+                .with(&l)
+                .set(f64::from(u8::from(h.leader.is_some())));
             m.raft_term.with(&l).set(h.term as f64);
             m.raft_last_log_index.with(&l).set(h.last_log_index as f64);
             m.raft_applied_index.with(&l).set(h.applied_index as f64);
@@ -87,8 +92,10 @@ impl NodeInfo {
         m.keys_stored.set(s.estimated_records as f64);
         m.state_disk_bytes.set(s.disk_bytes as f64);
         m.log_disk_bytes.set(self.log.disk_bytes() as f64);
-        m.rocksdb_pending_compaction_bytes.set(s.pending_compaction_bytes as f64);
-        m.rocksdb_write_stalled.set(f64::from(u8::from(s.write_stalled)));
+        m.rocksdb_pending_compaction_bytes
+            .set(s.pending_compaction_bytes as f64);
+        m.rocksdb_write_stalled
+            .set(f64::from(u8::from(s.write_stalled)));
     }
 }
 
@@ -101,25 +108,52 @@ pub struct Node {
 impl Node {
     pub async fn start(cfg: Config) -> Result<Node, NodeError> {
         cfg.validate()?;
-        let region = cfg
-            .my_region()
-            .ok_or_else(|| ConfigError::Invalid { key: "node.region".into(), reason: "unknown region".into() })?;
+        let region = cfg.my_region().ok_or_else(|| ConfigError::Invalid {
+            key: "node.region".into(),
+            reason: "unknown region".into(),
+        })?;
         let data = &cfg.node.data_dir;
-        std::fs::create_dir_all(data).map_err(|source| NodeError::DataDir { path: data.clone(), source })?;
+        std::fs::create_dir_all(data).map_err(|source| NodeError::DataDir {
+            path: data.clone(),
+            source,
+        })?;
         let log = LogEngine::open(&data.join("log"))?;
         let state = StateEngine::open(&data.join("state"))?;
 
         let grpc_listener = TcpListener::bind(cfg.node.grpc_addr)
             .await
-            .map_err(|source| NodeError::Bind { addr: cfg.node.grpc_addr, source })?;
+            .map_err(|source| NodeError::Bind {
+                addr: cfg.node.grpc_addr,
+                source,
+            })?;
         let http_listener = TcpListener::bind(cfg.node.http_addr)
             .await
-            .map_err(|source| NodeError::Bind { addr: cfg.node.http_addr, source })?;
-        let grpc_addr = grpc_listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.node.grpc_addr, source })?;
-        let http_addr = http_listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.node.http_addr, source })?;
+            .map_err(|source| NodeError::Bind {
+                addr: cfg.node.http_addr,
+                source,
+            })?;
+        let grpc_addr = grpc_listener
+            .local_addr()
+            .map_err(|source| NodeError::Bind {
+                addr: cfg.node.grpc_addr,
+                source,
+            })?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| NodeError::Bind {
+                addr: cfg.node.http_addr,
+                source,
+            })?;
 
-        let identity = NodeIdentity { node_id: cfg.node.id, region: region.id };
-        let stamper = Arc::new(Stamper::new(identity, cfg.cluster.skew_margin_ms, cfg.cluster.max_clock_ahead_ms));
+        let identity = NodeIdentity {
+            node_id: cfg.node.id,
+            region: region.id,
+        };
+        let stamper = Arc::new(Stamper::new(
+            identity,
+            cfg.cluster.skew_margin_ms,
+            cfg.cluster.max_clock_ahead_ms,
+        ));
         let router = Router::default();
         let metrics = Arc::new(Metrics::default());
         let info = NodeInfo {
@@ -134,6 +168,7 @@ impl Node {
             metrics: metrics.clone(),
             stamper: stamper.clone(),
             expected_groups: cfg.cluster.shards as usize,
+            history: Arc::default(),
             last_leaders: Arc::default(),
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -150,7 +185,9 @@ impl Node {
             skew_margin_ms: cfg.cluster.skew_margin_ms,
         };
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<IdemServer<IdemService>>().await;
+        health_reporter
+            .set_serving::<IdemServer<IdemService>>()
+            .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(idem_proto::FILE_DESCRIPTOR_SET)
             .build_v1()
@@ -186,17 +223,39 @@ impl Node {
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(http_listener, app).with_graceful_shutdown(stop).await {
+            if let Err(e) = axum::serve(http_listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
                 tracing::error!(error = %e, "HTTP server stopped");
             }
         }));
 
-        let peers: Vec<Peer> = region.nodes.iter().map(|n| Peer { id: n.id, addr: n.addr.clone() }).collect();
+        let peers: Vec<Peer> = region
+            .nodes
+            .iter()
+            .map(|n| Peer {
+                id: n.id,
+                addr: n.addr.clone(),
+            })
+            .collect();
         let channels = idem_raft::Channels::default();
         let group_cfg = cfg.raft.group_config();
         for shard in 0..cfg.cluster.shards {
-            let id = GroupId { region: region.id, shard };
-            let g = Group::start(id, stamper.clone(), &peers, log.clone(), state.clone(), channels.clone(), &group_cfg).await?;
+            let id = GroupId {
+                region: region.id,
+                shard,
+            };
+            let g = Group::start(
+                id,
+                stamper.clone(),
+                &peers,
+                log.clone(),
+                state.clone(),
+                channels.clone(),
+                &group_cfg,
+            )
+            .await?;
             router.insert(Arc::new(g));
         }
 
@@ -204,15 +263,28 @@ impl Node {
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEALTH_SAMPLE_EVERY);
+            let per_sample = (crate::history::SAMPLE_EVERY_SECS * 1000 / HEALTH_SAMPLE_EVERY.as_millis() as u64).max(1);
+            let mut n = 0u64;
             loop {
                 tokio::select! {
-                    _ = tick.tick() => sampler.refresh_gauges(),
+                    _ = tick.tick() => {
+                        sampler.refresh_gauges();
+                        if n.is_multiple_of(per_sample) {
+                            let sample = crate::history::Sample::take(&sampler.metrics, sampler.stamper.wall_ms());
+                            sampler.history.push(sample);
+                        }
+                        n += 1;
+                    }
                     _ = rx.wait_for(|s| *s) => return,
                 }
             }
         }));
         tracing::info!(node = cfg.node.id, region = %region.name, grpc = %grpc_addr, http = %http_addr, "node started");
-        Ok(Node { info, shutdown, tasks })
+        Ok(Node {
+            info,
+            shutdown,
+            tasks,
+        })
     }
 
     pub fn info(&self) -> &NodeInfo {

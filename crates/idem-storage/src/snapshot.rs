@@ -41,7 +41,12 @@ fn unique_name(dir: &Path, shard: Shard, tag: &str) -> PathBuf {
 }
 
 /// Write a snapshot: `fill` is called with a sink that appends one record.
-pub(crate) fn write<F>(dir: &Path, shard: Shard, meta: &[u8], fill: F) -> Result<SnapshotFile, StorageError>
+pub(crate) fn write<F>(
+    dir: &Path,
+    shard: Shard,
+    meta: &[u8],
+    fill: F,
+) -> Result<SnapshotFile, StorageError>
 where
     F: FnOnce(&mut dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError>) -> Result<(), StorageError>,
 {
@@ -125,7 +130,8 @@ impl SnapshotFile {
                 }
                 0 => {
                     let mut b = [0u8; 8];
-                    r.read_exact(&mut b).map_err(|_| corrupt("truncated trailer"))?;
+                    r.read_exact(&mut b)
+                        .map_err(|_| corrupt("truncated trailer"))?;
                     let expected = u64::from_be_bytes(b);
                     if expected != count {
                         return Err(corrupt(format!("{count} records, trailer says {expected}")));

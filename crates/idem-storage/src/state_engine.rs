@@ -110,7 +110,9 @@ impl StateEngine {
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column family created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
     }
 
     pub fn snapshot_dir(&self) -> PathBuf {
@@ -119,12 +121,17 @@ impl StateEngine {
 
     /// The record of `key`, as stored (expired records included: callers decide).
     pub fn get_record(&self, shard: Shard, key: &Key) -> Result<Option<Record>, StorageError> {
-        match self.db.get_pinned_cf(self.cf(CF_RECORDS), record_key(shard, key))? {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_RECORDS), record_key(shard, key))?
+        {
             None => Ok(None),
-            Some(bytes) => decode_record(&bytes).map(Some).map_err(|e| StorageError::Corrupt {
-                what: "record",
-                detail: e.to_string(),
-            }),
+            Some(bytes) => decode_record(&bytes)
+                .map(Some)
+                .map_err(|e| StorageError::Corrupt {
+                    what: "record",
+                    detail: e.to_string(),
+                }),
         }
     }
 
@@ -175,7 +182,11 @@ impl StateEngine {
     /// whatever the record count). The records and the applied state are read from one
     /// RocksDB snapshot, so they match exactly; `make_meta` turns that applied state
     /// into the snapshot's versioned metadata.
-    pub fn build_snapshot<F>(&self, shard: Shard, make_meta: F) -> Result<(SnapshotFile, Vec<u8>), StorageError>
+    pub fn build_snapshot<F>(
+        &self,
+        shard: Shard,
+        make_meta: F,
+    ) -> Result<(SnapshotFile, Vec<u8>), StorageError>
     where
         F: FnOnce(Option<&[u8]>) -> Result<Vec<u8>, StorageError>,
     {
@@ -219,7 +230,10 @@ impl StateEngine {
 
     /// The group's latest snapshot (built here or installed from the leader).
     pub fn current_snapshot(&self, shard: Shard) -> Result<Option<SnapshotFile>, StorageError> {
-        let Some(p) = self.db.get_cf(self.cf(CF_META), meta_key(shard, SNAPSHOT))? else {
+        let Some(p) = self
+            .db
+            .get_cf(self.cf(CF_META), meta_key(shard, SNAPSHOT))?
+        else {
             return Ok(None);
         };
         let path = PathBuf::from(String::from_utf8_lossy(&p).into_owned());
@@ -234,12 +248,21 @@ impl StateEngine {
     /// Crash safety: the snapshot becomes "current" and `applied` is cleared first, so a
     /// crash part-way leaves a group that the Raft layer sees as behind its snapshot and
     /// installs again at start-up.
-    pub fn install_snapshot(&self, shard: Shard, file: &SnapshotFile, applied: &[u8]) -> Result<(), StorageError> {
+    pub fn install_snapshot(
+        &self,
+        shard: Shard,
+        file: &SnapshotFile,
+        applied: &[u8],
+    ) -> Result<(), StorageError> {
         let stable = file.move_into(&self.snapshot_dir(), shard)?;
         self.set_current_snapshot(shard, &stable)?;
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_META), meta_key(shard, APPLIED));
-        batch.delete_range_cf(self.cf(CF_RECORDS), shard_prefix(shard).to_vec(), shard_end(shard));
+        batch.delete_range_cf(
+            self.cf(CF_RECORDS),
+            shard_prefix(shard).to_vec(),
+            shard_end(shard),
+        );
         self.db.write(batch)?;
         let cf = self.cf(CF_RECORDS);
         let mut batch = WriteBatch::default();
@@ -264,7 +287,8 @@ impl StateEngine {
 
     /// Compact the records now: expired records are physically removed.
     pub fn compact(&self) {
-        self.db.compact_range_cf(self.cf(CF_RECORDS), None::<&[u8]>, None::<&[u8]>);
+        self.db
+            .compact_range_cf(self.cf(CF_RECORDS), None::<&[u8]>, None::<&[u8]>);
     }
 
     /// Records of `shard` as raw keys and bytes (for tests and digests).

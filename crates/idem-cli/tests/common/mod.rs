@@ -54,12 +54,22 @@ impl Default for Options {
 
 impl Cluster {
     pub fn start(opts: Options) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("idem-it-").tempdir().expect("tempdir");
-        let ports: Vec<(u16, u16)> = (0..opts.nodes).map(|_| (free_port(), free_port())).collect();
+        let dir = tempfile::Builder::new()
+            .prefix("idem-it-")
+            .tempdir()
+            .expect("tempdir");
+        let ports: Vec<(u16, u16)> = (0..opts.nodes)
+            .map(|_| (free_port(), free_port()))
+            .collect();
         let members: String = ports
             .iter()
             .enumerate()
-            .map(|(i, (g, _))| format!("[[regions.nodes]]\nid = {}\naddr = \"127.0.0.1:{g}\"\n", i + 1))
+            .map(|(i, (g, _))| {
+                format!(
+                    "[[regions.nodes]]\nid = {}\naddr = \"127.0.0.1:{g}\"\n",
+                    i + 1
+                )
+            })
             .collect();
         let mut nodes = Vec::new();
         for (i, (g, h)) in ports.iter().enumerate() {
@@ -130,7 +140,12 @@ impl Cluster {
     }
 
     pub fn log_of(&self, i: usize) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("node-{}.log", self.nodes[i].id))).unwrap_or_default()
+        std::fs::read_to_string(
+            self.dir
+                .path()
+                .join(format!("node-{}.log", self.nodes[i].id)),
+        )
+        .unwrap_or_default()
     }
 
     /// Wait until every running node reports a leader for all its groups.
@@ -141,11 +156,18 @@ impl Cluster {
                 continue;
             }
             loop {
-                if http_get(&n.http, "/healthz").map(|(code, _)| code == 200).unwrap_or(false) {
+                if http_get(&n.http, "/healthz")
+                    .map(|(code, _)| code == 200)
+                    .unwrap_or(false)
+                {
                     break;
                 }
                 if start.elapsed() > timeout {
-                    panic!("node {} not ready after {timeout:?}; log:\n{}", n.id, self.log_of(i));
+                    panic!(
+                        "node {} not ready after {timeout:?}; log:\n{}",
+                        n.id,
+                        self.log_of(i)
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -168,19 +190,28 @@ impl Cluster {
     pub async fn client(&self, i: usize) -> Client {
         let mut cfg = ClientConfig::new(self.nodes[i].grpc.clone());
         cfg.timeout = Duration::from_secs(5);
-        cfg.retry = RetryPolicy { max_attempts: 20, budget_floor: 1_000.0, ..RetryPolicy::default() };
+        cfg.retry = RetryPolicy {
+            max_attempts: 20,
+            budget_floor: 1_000.0,
+            ..RetryPolicy::default()
+        };
         Client::connect(cfg).await.expect("client")
     }
 
     /// A client with no retries, to see each answer as the server gave it.
-    pub async fn raw_client(&self, i: usize) -> idem_proto::v1::idem_client::IdemClient<tonic::transport::Channel> {
+    pub async fn raw_client(
+        &self,
+        i: usize,
+    ) -> idem_proto::v1::idem_client::IdemClient<tonic::transport::Channel> {
         idem_proto::v1::idem_client::IdemClient::connect(format!("http://{}", self.nodes[i].grpc))
             .await
             .expect("connect")
     }
 
     pub fn metrics(&self, i: usize) -> String {
-        http_get(&self.nodes[i].http, "/metrics").map(|(_, b)| b).unwrap_or_default()
+        http_get(&self.nodes[i].http, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
     }
 
     pub fn data_dir(&self, i: usize) -> &Path {
@@ -199,12 +230,21 @@ impl Drop for Cluster {
 /// A minimal HTTP/1.1 GET (no client library needed for the node's plain endpoints).
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500)).ok()?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500))
+            .ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }

@@ -55,7 +55,9 @@ fn first_reserve_is_new_then_in_flight_then_replay() {
     let rec = d.write.unwrap();
 
     let d2 = reserve(Some(&rec), &args(1_200, 1, 2));
-    assert!(matches!(d2.outcome, ReserveOutcome::InFlight { holder, retry_after_ms } if holder == fence && retry_after_ms == 2_000 + SKEW - 1_200));
+    assert!(
+        matches!(d2.outcome, ReserveOutcome::InFlight { holder, retry_after_ms } if holder == fence && retry_after_ms == 2_000 + SKEW - 1_200)
+    );
     assert_eq!(d2.attempt, 2);
     assert_eq!(d2.since_previous_ms, Some(200));
     let rec = d2.write.unwrap();
@@ -79,7 +81,10 @@ fn mismatch_wins_over_in_flight_and_replay() {
     let rec = reserve(None, &args(1_000, 1, 1)).write.unwrap();
     let d = reserve(Some(&rec), &args(1_100, 2, 2));
     assert!(matches!(d.outcome, ReserveOutcome::Mismatch { stored } if stored == fp(1)));
-    assert!(d.write.is_none(), "a mismatching request must not touch the record");
+    assert!(
+        d.write.is_none(),
+        "a mismatching request must not touch the record"
+    );
     let done = complete(Some(&rec), rec.fence(), resp("x"), 1_200, 1, true)
         .unwrap()
         .unwrap();
@@ -97,7 +102,10 @@ fn release_then_new_with_next_generation() {
     let d = reserve(Some(&rel), &args(1_200, 1, 2));
     let f = new_fence(&d);
     assert_eq!(f.generation, 2);
-    assert!(matches!(d.outcome, ReserveOutcome::New { takeover: None, .. }));
+    assert!(matches!(
+        d.outcome,
+        ReserveOutcome::New { takeover: None, .. }
+    ));
     // A released key may be reserved for a different request.
     let d = reserve(Some(&rel), &args(1_200, 9, 3));
     assert_eq!(new_fence(&d).generation, 2);
@@ -140,7 +148,10 @@ fn complete_is_idempotent_within_lease() {
     let done = complete(Some(&rec), rec.fence(), resp("a"), 1_100, 1, true)
         .unwrap()
         .unwrap();
-    assert_eq!(complete(Some(&done), rec.fence(), resp("a"), 1_200, 1, true), Ok(None));
+    assert_eq!(
+        complete(Some(&done), rec.fence(), resp("a"), 1_200, 1, true),
+        Ok(None)
+    );
     assert_eq!(
         release(Some(&done), rec.fence(), 1_300),
         Err(ReleaseError::AlreadyCompleted)
@@ -188,7 +199,10 @@ fn too_old_first_attempt_is_never_new_but_may_replay() {
     assert!(matches!(d.outcome, ReserveOutcome::TooOld { .. }));
     assert!(d.write.is_none());
     a.first_attempt_ms = 40 * DAY - 29 * DAY + 3_600_000;
-    assert!(matches!(reserve(None, &a).outcome, ReserveOutcome::New { .. }));
+    assert!(matches!(
+        reserve(None, &a).outcome,
+        ReserveOutcome::New { .. }
+    ));
 }
 
 #[test]

@@ -40,17 +40,45 @@ fn apply_sees_earlier_writes_of_the_same_batch_and_persists() {
         let a = reserve("a", 1_000, 3_600_000, 1);
         let b = reserve("a", 1_001, 3_600_000, 2);
         let out = se
-            .apply(0, &[ApplyItem::Command(&a), ApplyItem::Other, ApplyItem::Command(&b)], b"applied-3")
+            .apply(
+                0,
+                &[
+                    ApplyItem::Command(&a),
+                    ApplyItem::Other,
+                    ApplyItem::Command(&b),
+                ],
+                b"applied-3",
+            )
             .unwrap();
-        assert!(matches!(out[0], Some(CommandResult::Reserve { outcome: ReserveOutcome::New { .. }, .. })));
+        assert!(matches!(
+            out[0],
+            Some(CommandResult::Reserve {
+                outcome: ReserveOutcome::New { .. },
+                ..
+            })
+        ));
         assert!(out[1].is_none());
-        assert!(matches!(out[2], Some(CommandResult::Reserve { outcome: ReserveOutcome::InFlight { .. }, attempt: 2, .. })));
+        assert!(matches!(
+            out[2],
+            Some(CommandResult::Reserve {
+                outcome: ReserveOutcome::InFlight { .. },
+                attempt: 2,
+                ..
+            })
+        ));
     }
     let se = StateEngine::open(dir.path()).unwrap();
-    assert_eq!(se.applied_state(0).unwrap().as_deref(), Some(&b"applied-3"[..]));
+    assert_eq!(
+        se.applied_state(0).unwrap().as_deref(),
+        Some(&b"applied-3"[..])
+    );
     let r = se.get_record(0, &key("a")).unwrap().unwrap();
     assert_eq!(r.attempts, 2);
-    assert_eq!(se.get_record(1, &key("a")).unwrap(), None, "shards are separate");
+    assert_eq!(
+        se.get_record(1, &key("a")).unwrap(),
+        None,
+        "shards are separate"
+    );
 }
 
 #[test]
@@ -61,7 +89,12 @@ fn compaction_removes_expired_records_only() {
     // Stamped long ago with a short retention: already expired by the wall clock.
     let old = reserve("old", now - 10_000, 5_000, 1);
     let live = reserve("live", now, 3_600_000, 2);
-    se.apply(0, &[ApplyItem::Command(&old), ApplyItem::Command(&live)], b"x").unwrap();
+    se.apply(
+        0,
+        &[ApplyItem::Command(&old), ApplyItem::Command(&live)],
+        b"x",
+    )
+    .unwrap();
     assert_eq!(se.raw_record_count(0).unwrap(), 2);
     se.compact();
     assert_eq!(se.raw_record_count(0).unwrap(), 1);
@@ -75,7 +108,9 @@ fn snapshot_round_trip_replaces_the_group_state() {
     let src = StateEngine::open(src_dir.path()).unwrap();
     let dst = StateEngine::open(dst_dir.path()).unwrap();
     let now = wall_ms();
-    let cmds: Vec<Command> = (0..500).map(|i| reserve(&format!("k{i}"), now, 3_600_000, i)).collect();
+    let cmds: Vec<Command> = (0..500)
+        .map(|i| reserve(&format!("k{i}"), now, 3_600_000, i))
+        .collect();
     let items: Vec<ApplyItem> = cmds.iter().map(ApplyItem::Command).collect();
     src.apply(3, &items, b"applied-500").unwrap();
     // Complete one so a response travels too.
@@ -83,11 +118,16 @@ fn snapshot_round_trip_replaces_the_group_state() {
     let done = Command {
         op: Op::Complete {
             fence: rec.fence(),
-            response: StoredResponse { status: 201, headers: vec![], body: b"done".to_vec() },
+            response: StoredResponse {
+                status: 201,
+                headers: vec![],
+                body: b"done".to_vec(),
+            },
         },
         ..reserve("k7", now + 1, 3_600_000, 9)
     };
-    src.apply(3, &[ApplyItem::Command(&done)], b"applied-501").unwrap();
+    src.apply(3, &[ApplyItem::Command(&done)], b"applied-501")
+        .unwrap();
     // The destination has stale data in the group that the snapshot must erase.
     let stale = reserve("stale", now, 3_600_000, 1);
     dst.apply(3, &[ApplyItem::Command(&stale)], b"old").unwrap();
@@ -107,8 +147,14 @@ fn snapshot_round_trip_replaces_the_group_state() {
 
     assert_eq!(dst.raw_record_count(3).unwrap(), 500);
     assert_eq!(dst.get_record(3, &key("stale")).unwrap(), None);
-    assert_eq!(dst.get_record(3, &key("k7")).unwrap(), src.get_record(3, &key("k7")).unwrap());
-    assert_eq!(dst.applied_state(3).unwrap().as_deref(), Some(&b"applied-501"[..]));
+    assert_eq!(
+        dst.get_record(3, &key("k7")).unwrap(),
+        src.get_record(3, &key("k7")).unwrap()
+    );
+    assert_eq!(
+        dst.applied_state(3).unwrap().as_deref(),
+        Some(&b"applied-501"[..])
+    );
     assert!(dst.current_snapshot(3).unwrap().is_some());
 }
 
