@@ -19,17 +19,19 @@ deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from rustup.rs"; exit 1; }
 
 build: deps
-	$(CARGO) build --workspace
+	$(CARGO) build --workspace --all-targets
 
 # The test suite: unit, property and storage tests, and integration tests that start
 # real `idem server` processes on loopback.
+# Every target builds with the same workspace-wide feature set (`--workspace` with test
+# targets), so RocksDB's C++ is compiled once, not once per cargo invocation.
 test: deps
-	$(CARGO) build --bin idem
 	$(CARGO) test --workspace -- --test-threads=2
 
 # A 3-node local cluster with a short example; serves until Ctrl-C.
 demo: deps
-	$(CARGO) run --bin idem -- demo
+	$(CARGO) build --workspace --all-targets
+	$(CARGO_TARGET_DIR)/debug/idem demo
 
 lint: deps
 	$(CARGO) fmt --all -- --check
