@@ -106,18 +106,7 @@ pub fn response(
     limits: &Limits,
 ) -> Result<StoredResponse, ValidationError> {
     let r = r.ok_or_else(|| ValidationError::new("response", "is required"))?;
-    let out = StoredResponse {
-        status: r.status,
-        headers: r
-            .headers
-            .iter()
-            .map(|h| Header {
-                name: h.name.clone(),
-                value: h.value.clone(),
-            })
-            .collect(),
-        body: r.body.clone(),
-    };
+    let out = from_wire_response(r);
     limits.validate_response(&out)?;
     Ok(out)
 }

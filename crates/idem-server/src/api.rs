@@ -52,6 +52,24 @@ pub fn group_error(e: GroupError) -> Status {
     }
 }
 
+fn not_found() -> Status {
+    status(
+        ErrorReason::NotFound,
+        "no record for this key (never reserved, or expired)",
+        &[],
+        None,
+    )
+}
+
+fn unexpected(method: &str) -> Status {
+    status(
+        ErrorReason::Internal,
+        format!("unexpected result for {method}"),
+        &[],
+        None,
+    )
+}
+
 fn fence_meta(f: Option<idem_core::Fence>) -> Vec<(&'static str, String)> {
     f.map(|f| vec![("current_fence", f.to_string())])
         .unwrap_or_default()
@@ -75,6 +93,24 @@ impl IdemService {
 
     fn key(&self, tenant: String, scope: String, key: Vec<u8>) -> Key {
         Key { tenant, scope, key }
+    }
+
+    /// Resolve the tenant, route the key to its group and run `op` there.
+    async fn run(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        scope: String,
+        key: Vec<u8>,
+        op: Op,
+    ) -> Result<CommandResult, Status> {
+        let key = self.key(self.auth.tenant(md)?, scope, key);
+        let group = self.group_for(&key)?;
+        group.submit(key, op).await.map_err(group_error)
+    }
+
+    fn lease_lost(&self, message: &str, current: Option<idem_core::Fence>) -> Status {
+        self.metrics.lease_lost_total.inc();
+        status(ErrorReason::LeaseLost, message, &fence_meta(current), None)
     }
 
     /// Count one finished call.
@@ -254,22 +290,16 @@ impl Idem for IdemService {
     ) -> Result<Response<v1::CompleteResponse>, Status> {
         let started = Instant::now();
         let r = async {
-            let tenant = self.auth.tenant(req.metadata())?;
             let c = convert::complete(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
-            let key = self.key(tenant, c.scope, c.key);
-            let group = self.group_for(&key)?;
-            let result = group
-                .submit(key, Op::Complete { fence: c.fence, response: c.response })
-                .await
-                .map_err(group_error)?;
-            match result {
+            let op = Op::Complete { fence: c.fence, response: c.response };
+            match self.run(req.metadata(), c.scope, c.key, op).await? {
                 CommandResult::Complete(Ok(())) => Ok(Response::new(v1::CompleteResponse {})),
-                CommandResult::Complete(Err(CompleteError::LeaseLost { current })) => {
-                    self.metrics.lease_lost_total.inc();
-                    Err(status(ErrorReason::LeaseLost, "the lease is over or the key was granted to another attempt; the completion was not stored", &fence_meta(current), None))
-                }
-                CommandResult::Complete(Err(CompleteError::NotFound)) => Err(status(ErrorReason::NotFound, "no record for this key (never reserved, or expired)", &[], None)),
-                _ => Err(status(ErrorReason::Internal, "unexpected result for Complete", &[], None)),
+                CommandResult::Complete(Err(CompleteError::LeaseLost { current })) => Err(self.lease_lost(
+                    "the lease is over or the key was granted to another attempt; the completion was not stored",
+                    current,
+                )),
+                CommandResult::Complete(Err(CompleteError::NotFound)) => Err(not_found()),
+                _ => Err(unexpected("Complete")),
             }
         }
         .await;
@@ -283,24 +313,12 @@ impl Idem for IdemService {
     ) -> Result<Response<v1::ReleaseResponse>, Status> {
         let started = Instant::now();
         let r = async {
-            let tenant = self.auth.tenant(req.metadata())?;
             let c = convert::release(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
-            let key = self.key(tenant, c.scope, c.key);
-            let group = self.group_for(&key)?;
-            match group
-                .submit(key, Op::Release { fence: c.fence })
-                .await
-                .map_err(group_error)?
-            {
+            let op = Op::Release { fence: c.fence };
+            match self.run(req.metadata(), c.scope, c.key, op).await? {
                 CommandResult::Release(Ok(())) => Ok(Response::new(v1::ReleaseResponse {})),
                 CommandResult::Release(Err(ReleaseError::LeaseLost { current })) => {
-                    self.metrics.lease_lost_total.inc();
-                    Err(status(
-                        ErrorReason::LeaseLost,
-                        "the key was granted to another attempt",
-                        &fence_meta(current),
-                        None,
-                    ))
+                    Err(self.lease_lost("the key was granted to another attempt", current))
                 }
                 CommandResult::Release(Err(ReleaseError::AlreadyCompleted)) => Err(status(
                     ErrorReason::AlreadyCompleted,
@@ -308,18 +326,8 @@ impl Idem for IdemService {
                     &[],
                     None,
                 )),
-                CommandResult::Release(Err(ReleaseError::NotFound)) => Err(status(
-                    ErrorReason::NotFound,
-                    "no record for this key (never reserved, or expired)",
-                    &[],
-                    None,
-                )),
-                _ => Err(status(
-                    ErrorReason::Internal,
-                    "unexpected result for Release",
-                    &[],
-                    None,
-                )),
+                CommandResult::Release(Err(ReleaseError::NotFound)) => Err(not_found()),
+                _ => Err(unexpected("Release")),
             }
         }
         .await;
@@ -333,45 +341,22 @@ impl Idem for IdemService {
     ) -> Result<Response<v1::ExtendResponse>, Status> {
         let started = Instant::now();
         let r = async {
-            let tenant = self.auth.tenant(req.metadata())?;
             let c = convert::extend(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
-            let key = self.key(tenant, c.scope, c.key);
-            let group = self.group_for(&key)?;
-            match group
-                .submit(
-                    key,
-                    Op::Extend {
-                        fence: c.fence,
-                        lease_ms: c.lease_ms,
-                    },
-                )
-                .await
-                .map_err(group_error)?
-            {
+            let op = Op::Extend {
+                fence: c.fence,
+                lease_ms: c.lease_ms,
+            };
+            match self.run(req.metadata(), c.scope, c.key, op).await? {
                 CommandResult::Extend(Ok(lease_expires_ms)) => {
                     Ok(Response::new(v1::ExtendResponse { lease_expires_ms }))
                 }
-                CommandResult::Extend(Err(ExtendError::LeaseLost { current })) => {
-                    self.metrics.lease_lost_total.inc();
-                    Err(status(
-                        ErrorReason::LeaseLost,
+                CommandResult::Extend(Err(ExtendError::LeaseLost { current })) => Err(self
+                    .lease_lost(
                         "the lease is over or the key was granted to another attempt",
-                        &fence_meta(current),
-                        None,
-                    ))
-                }
-                CommandResult::Extend(Err(ExtendError::NotFound)) => Err(status(
-                    ErrorReason::NotFound,
-                    "no record for this key (never reserved, or expired)",
-                    &[],
-                    None,
-                )),
-                _ => Err(status(
-                    ErrorReason::Internal,
-                    "unexpected result for Extend",
-                    &[],
-                    None,
-                )),
+                        current,
+                    )),
+                CommandResult::Extend(Err(ExtendError::NotFound)) => Err(not_found()),
+                _ => Err(unexpected("Extend")),
             }
         }
         .await;
