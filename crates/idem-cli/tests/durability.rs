@@ -117,7 +117,13 @@ async fn leader_killed_mid_load_loses_nothing_and_grants_once() {
     let mut victim = cluster.nodes[leader].child.take().expect("leader running");
     let watched = history.clone();
     let (_, before_kill) = tokio::join!(load(clients, 400, history.clone(), "kill"), async move {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Kill once the load is under way (or after 10 s, which the asserts then catch).
+        for _ in 0..200 {
+            if watched.lock().unwrap().completed.len() >= 20 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let before = watched.lock().unwrap().completed.len();
         victim.kill().expect("SIGKILL the leader");
         let _ = victim.wait();
