@@ -103,6 +103,24 @@ async fn metrics_follow_a_scripted_sequence_exactly() {
     assert_eq!(value(&m, "http_request_outcome{class=\"2xx\"}"), 3.0);
     assert_eq!(value(&m, "http_request_outcome{class=\"4xx\"}"), 4.0);
     assert!(!m.contains("http_request_outcome{class=\"5xx\"}"));
+    // A client's own attempt number, from metadata, is visible beside the server's.
+    let mut req = tonic::Request::new(v1::ReserveRequest {
+        key: b"another-key".to_vec(),
+        ..reserve(3)
+    });
+    req.metadata_mut()
+        .insert("idem-attempt", "2".parse().unwrap());
+    assert!(matches!(
+        c.reserve(req).await.unwrap().into_inner().outcome,
+        Some(Outcome::New(_))
+    ));
+    let m = cluster.metrics(0);
+    assert_eq!(value(&m, "client_retry_attempt_total{attempt=\"2\"}"), 1.0);
+    assert_eq!(value(&m, "retry_attempt_total{attempt=\"1\"}"), 2.0);
     // Raft health is exported too.
     assert_eq!(value(&m, "idem_raft_has_leader{group=\"r0/s0\"}"), 1.0);
+    assert!(
+        value(&m, "idem_raft_commit_index{group=\"r0/s0\"}") >= 7.0,
+        "at least the 7 writes above"
+    );
 }

@@ -156,6 +156,7 @@ pub struct GroupHealth {
     pub leader: Option<u64>,
     pub last_log_index: u64,
     pub applied_index: u64,
+    pub committed_index: u64,
     pub voters: Vec<u64>,
 }
 
@@ -398,6 +399,7 @@ impl Group {
             leader: m.current_leader,
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+            committed_index: m.committed.as_ref().map_or(0, |l| l.index),
             voters: m.membership_config.voter_ids().collect(),
         }
     }

@@ -143,10 +143,21 @@ impl IdemService {
     ) -> Result<(Response<v1::ReserveResponse>, &'static str), Status> {
         let tenant = self.auth.tenant(req.metadata())?;
         let r = convert::reserve(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
-        if r.client_attempt > 0 {
+        // The client's own attempt number: the request field, or `idem-attempt` metadata
+        // (for middleware that cannot change the message).
+        let client_attempt = match r.client_attempt {
+            0 => req
+                .metadata()
+                .get("idem-attempt")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0),
+            n => n,
+        };
+        if client_attempt > 0 {
             self.metrics
                 .client_retry_attempt_total
-                .with(&[attempt_label(r.client_attempt)])
+                .with(&[attempt_label(client_attempt)])
                 .inc();
         }
         let key = self.key(tenant, r.scope, r.key);

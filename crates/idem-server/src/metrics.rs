@@ -193,6 +193,7 @@ pub struct Metrics {
     pub raft_term: Family<Gauge>,
     pub raft_last_log_index: Family<Gauge>,
     pub raft_applied_index: Family<Gauge>,
+    pub raft_commit_index: Family<Gauge>,
     pub raft_leader_changes_total: Family<Counter>,
     pub keys_stored: Gauge,
     pub state_disk_bytes: Gauge,
@@ -222,6 +223,7 @@ impl Default for Metrics {
             raft_term: Family::new(&["group"], Gauge::default),
             raft_last_log_index: Family::new(&["group"], Gauge::default),
             raft_applied_index: Family::new(&["group"], Gauge::default),
+            raft_commit_index: Family::new(&["group"], Gauge::default),
             raft_leader_changes_total: Family::new(&["group"], Counter::default),
             keys_stored: Gauge::default(),
             state_disk_bytes: Gauge::default(),
@@ -383,6 +385,11 @@ impl Metrics {
             "idem_raft_applied_index",
             "Last applied index of the group on this node.",
             &self.raft_applied_index,
+        );
+        w.gauges(
+            "idem_raft_commit_index",
+            "Last committed index of the group on this node.",
+            &self.raft_commit_index,
         );
         w.counters(
             "idem_raft_leader_changes_total",

@@ -81,6 +81,7 @@ impl NodeInfo {
             m.raft_term.with(&l).set(h.term as f64);
             m.raft_last_log_index.with(&l).set(h.last_log_index as f64);
             m.raft_applied_index.with(&l).set(h.applied_index as f64);
+            m.raft_commit_index.with(&l).set(h.committed_index as f64);
             let prev = last.insert(g.id(), h.leader);
             if let (Some(Some(a)), Some(b)) = (prev, h.leader) {
                 if a != b {
