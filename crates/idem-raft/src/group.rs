@@ -399,7 +399,7 @@ impl Group {
             leader: m.current_leader,
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
-            committed_index: m.committed.as_ref().map_or(0, |l| l.index),
+            committed_index: m.local_committed.as_ref().map_or(0, |l| l.index),
             voters: m.membership_config.voter_ids().collect(),
         }
     }
