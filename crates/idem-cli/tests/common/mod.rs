@@ -24,12 +24,26 @@ pub struct Cluster {
     pub nodes: Vec<NodeProc>,
 }
 
-/// A free loopback port (bound, then released for the node to take).
+/// A free loopback port for a node. Ports come from a per-process block below the
+/// kernel's ephemeral range (32768+), so they never collide with ports the kernel hands
+/// out for outgoing connections, nor with each other inside one test binary; a port found
+/// busy is skipped.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        10_000 + (std::process::id() % 400) as u16 * 50,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let p = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(p < 32_000, "no free test port below the ephemeral range");
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 pub struct Options {
