@@ -219,3 +219,41 @@ async fn expired_records_read_as_absent_and_are_compacted_away() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_loss_is_unavailable_with_pushback_then_recovers() {
+    let mut cluster = Cluster::start(Options::default());
+    cluster.kill(1);
+    cluster.kill(2);
+    let mut raw = cluster.raw_client(0).await;
+    let req = idem_proto::v1::ReserveRequest {
+        scope: "q".into(),
+        key: b"quorum".to_vec(),
+        fingerprint: vec![1; 32],
+        ..Default::default()
+    };
+    let st = raw.reserve(req.clone()).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+    let pushback = idem_proto::errors::pushback_of(&st).expect("a retry pushback");
+    assert!(
+        (100..=400).contains(&(pushback.as_millis() as u64)),
+        "jittered pushback: {pushback:?}"
+    );
+    // The SDK retries within its policy, then reports UNAVAILABLE (not a wrong answer).
+    let mut cfg = idem_client::ClientConfig::new(cluster.nodes[0].grpc.clone());
+    cfg.retry.max_attempts = 2;
+    let sdk = Client::connect(cfg).await.unwrap();
+    let r = ReserveRequest::new("q", "quorum-sdk", fp("q"));
+    assert!(matches!(
+        sdk.reserve(&r).await,
+        Err(Error::Unavailable { attempts: 2, .. })
+    ));
+    // A majority again: the same call succeeds through the same node.
+    cluster.spawn(1);
+    cluster.wait_ready(Duration::from_secs(30));
+    let c = cluster.client(0).await;
+    assert!(matches!(
+        c.reserve(&r).await.unwrap(),
+        Reservation::New(_) | Reservation::InFlight { .. }
+    ));
+}
