@@ -243,14 +243,17 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, idem_client::Error> {
                 };
                 let client = clients[n as usize % clients.len()].clone();
                 let (cfg, shared, run_id) = (cfg.clone(), shared.clone(), run_id.clone());
-                tasks.push(tokio::spawn(async move {
+                // Not kept: the semaphore bounds and tracks what is in flight.
+                tokio::spawn(async move {
                     let outcome = one(&client, &cfg, n, &run_id).await;
                     // Measured from the scheduled start: coordinated omission corrected.
                     shared.record(scheduled, outcome);
                     drop(permit);
-                }));
+                });
                 n += 1;
             }
+            // Wait for the requests still in flight.
+            let _ = in_flight.acquire_many(MAX_OPEN_LOOP_IN_FLIGHT as u32).await;
         }
     }
     for t in tasks {

@@ -8,30 +8,11 @@ use common::{Cluster, Options};
 use idem_bench::{BenchConfig, Scenario};
 use std::time::Duration;
 
-/// Sum of one series over every node's `/metrics`.
-fn scrape(cluster: &Cluster, series: &str) -> f64 {
-    (0..cluster.nodes.len())
-        .map(|i| {
-            cluster
-                .metrics(i)
-                .lines()
-                .filter(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>()
-        })
-        .sum()
-}
-
 fn reserves(cluster: &Cluster) -> (f64, f64) {
-    let mismatch = scrape(cluster, "idempotency_key_total{outcome=\"mismatch\"}");
+    let mismatch = cluster.metric_sum("idempotency_key_total{outcome=\"mismatch\"}");
     let total: f64 = ["new", "replay", "in_flight", "mismatch"]
         .iter()
-        .map(|o| {
-            scrape(
-                cluster,
-                &format!("idempotency_key_total{{outcome=\"{o}\"}}"),
-            )
-        })
+        .map(|o| cluster.metric_sum(&format!("idempotency_key_total{{outcome=\"{o}\"}}")))
         .sum();
     (mismatch, total)
 }
@@ -66,4 +47,32 @@ async fn sdk_key_reuse_fires_the_mismatch_alert() {
         report.outcomes.get("mismatch").copied().unwrap_or(0) as f64,
         m1 - m0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_holds_its_rate() {
+    let cluster = Cluster::start(Options {
+        nodes: 1,
+        ..Options::default()
+    });
+    let report = idem_bench::run(BenchConfig {
+        endpoints: vec![cluster.nodes[0].grpc.clone()],
+        scenario: Scenario::NewKeys,
+        concurrency: 1,
+        duration: Duration::from_secs(2),
+        rate: Some(40.0),
+        keys: 1000,
+        progress: false,
+    })
+    .await
+    .unwrap();
+    // 40/s for 2 s is 80 scheduled requests, each waited for and counted.
+    assert!(
+        (78..=82).contains(&report.ops),
+        "{} ops: {:?}",
+        report.ops,
+        report.outcomes
+    );
+    assert_eq!(report.outcomes.get("new").copied().unwrap_or(0), report.ops);
+    assert_eq!(report.mode, "open-loop");
 }

@@ -8,11 +8,7 @@ use idem_proto::v1::{self, reserve_response::Outcome};
 use std::time::Duration;
 
 fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+    common::series_value(text, series).unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
 }
 
 fn reserve(fp: u8) -> v1::ReserveRequest {

@@ -138,21 +138,7 @@ async fn lease_expiry_takeover_and_late_complete_is_lease_lost() {
     assert_eq!(reason_of(&st), Some(ErrorReason::LeaseLost));
     // The new holder is unaffected.
     a.complete(&new, &late).await.unwrap();
-    assert!(metric(&cluster, "idem_lease_takeover_total") >= 1.0);
-}
-
-fn metric(cluster: &Cluster, name: &str) -> f64 {
-    (0..cluster.nodes.len())
-        .map(|i| {
-            cluster
-                .metrics(i)
-                .lines()
-                .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b' '))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        })
-        .sum()
+    assert!(cluster.metric_sum("idem_lease_takeover_total") >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -136,7 +136,7 @@ pub enum GroupError {
 }
 
 /// A command or read sent to the leader by a follower.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Forwarded {
     Write { key: Key, op: Op },
     Read { key: Key },
@@ -253,8 +253,9 @@ impl Group {
     }
 
     fn leader_addr(&self, leader: u64) -> Option<String> {
-        let metrics = self.raft.metrics().borrow_watched().clone();
-        let addr = metrics
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let addr = m
             .membership_config
             .nodes()
             .find(|(id, _)| **id == leader)
@@ -297,18 +298,17 @@ impl Group {
     }
 
     async fn route(&self, req: Forwarded) -> Result<ForwardedReply, GroupError> {
-        let payload = encode(&req);
         let mut last = GroupError::NoLeader(self.id.to_string());
         for attempt in 0..MAX_FORWARD_TRIES {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
             }
             let leader = self.current_leader_or_wait().await?;
+            // Encoded only when it leaves the node; served here as it is.
             let result = if leader == self.node_id {
-                self.handle_local(decode(&payload).map_err(|e| GroupError::Fatal(e.to_string()))?)
-                    .await
+                self.handle_local(req.clone()).await
             } else {
-                self.forward(leader, payload.clone()).await
+                self.forward(leader, encode(&req)).await
             };
             match result {
                 Err(e @ GroupError::NotLeader { .. }) | Err(e @ GroupError::NoLeader(_)) => {

@@ -228,6 +228,14 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// One series (exact name and labels) summed over every node's `/metrics`; 0 where
+    /// a node does not export it.
+    pub fn metric_sum(&self, series: &str) -> f64 {
+        (0..self.nodes.len())
+            .filter_map(|i| series_value(&self.metrics(i), series))
+            .sum()
+    }
+
     pub fn data_dir(&self, i: usize) -> &Path {
         &self.nodes[i].data
     }
@@ -239,6 +247,14 @@ impl Drop for Cluster {
             self.kill(i);
         }
     }
+}
+
+/// The value of one series (exact name and labels) in Prometheus text.
+pub fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// A minimal HTTP/1.1 GET (no client library needed for the node's plain endpoints).
