@@ -12,13 +12,20 @@ use std::time::Duration;
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Nodes in the region.
+    /// Regions (each a failure domain with its own Raft groups).
+    #[arg(long, default_value_t = 3)]
+    pub regions: u16,
+    /// Nodes per region.
     #[arg(long, default_value_t = 3)]
     pub nodes: u16,
-    /// gRPC port of the first node; the others follow.
+    /// Emulated round trip between regions, in ms (added in-process; this is a demo on
+    /// one machine).
+    #[arg(long, default_value_t = 70)]
+    pub rtt_ms: u64,
+    /// gRPC port of the first node; region r's node i listens on this + 10 r + i.
     #[arg(long, default_value_t = 7101)]
     pub grpc_port: u16,
-    /// HTTP port of the first node; the others follow.
+    /// HTTP port of the first node; numbered like the gRPC ports.
     #[arg(long, default_value_t = 7201)]
     pub http_port: u16,
     /// Keep the data here instead of a temporary directory.
@@ -32,42 +39,55 @@ pub struct DemoArgs {
     pub exit_after_example: bool,
 }
 
+pub const DEMO_REGIONS: [&str; 5] = ["us-east", "eu-west", "ap-south", "sa-east", "af-south"];
+
+/// The configs of a demo cluster: `regions` regions of `nodes` nodes on loopback.
 pub fn demo_configs(
+    regions: u16,
     nodes: u16,
+    rtt_ms: u64,
     grpc_port: u16,
     http_port: u16,
     data: &std::path::Path,
 ) -> Vec<Config> {
-    let region = RegionConfig {
-        id: 0,
-        name: "local".into(),
-        nodes: (0..nodes)
-            .map(|i| PeerConfig {
-                id: u64::from(i) + 1,
-                addr: format!("127.0.0.1:{}", grpc_port + i),
-            })
-            .collect(),
-    };
-    (0..nodes)
-        .map(|i| {
-            let mut c = Config::default();
-            c.node.id = u64::from(i) + 1;
-            c.node.region = "local".into();
-            c.node.data_dir = data.join(format!("node-{}", i + 1));
-            c.node.grpc_addr = format!("127.0.0.1:{}", grpc_port + i)
-                .parse()
-                .expect("loopback address");
-            c.node.http_addr = format!("127.0.0.1:{}", http_port + i)
-                .parse()
-                .expect("loopback address");
-            c.regions = vec![region.clone()];
-            c
+    let port = |base: u16, r: u16, i: u16| base + 10 * r + i;
+    let all: Vec<RegionConfig> = (0..regions)
+        .map(|r| RegionConfig {
+            id: r,
+            name: DEMO_REGIONS[r as usize % DEMO_REGIONS.len()].to_string(),
+            nodes: (0..nodes)
+                .map(|i| PeerConfig {
+                    id: u64::from(r * nodes + i) + 1,
+                    addr: format!("127.0.0.1:{}", port(grpc_port, r, i)),
+                })
+                .collect(),
         })
-        .collect()
+        .collect();
+    let mut out = Vec::new();
+    for region in &all {
+        for (i, peer) in region.nodes.iter().enumerate() {
+            let i = i as u16;
+            let mut c = Config::default();
+            c.node.id = peer.id;
+            c.node.region = region.name.clone();
+            c.node.data_dir = data.join(format!("{}-node-{}", region.name, peer.id));
+            c.node.grpc_addr = peer.addr.parse().expect("loopback address");
+            c.node.http_addr = format!("127.0.0.1:{}", port(http_port, region.id, i))
+                .parse()
+                .expect("loopback address");
+            c.regions = all.clone();
+            c.geo.emulated_rtt_ms = rtt_ms;
+            out.push(c);
+        }
+    }
+    out
 }
 
 pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     crate::init_tracing("warn,openraft=off", false);
+    if a.regions == 0 || a.regions as usize > DEMO_REGIONS.len() || a.nodes == 0 || a.nodes > 9 {
+        anyhow::bail!("--regions must be 1 to 5 and --nodes 1 to 9");
+    }
     let tmp;
     let data = match &a.data_dir {
         Some(d) => d.clone(),
@@ -77,27 +97,44 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         }
     };
     println!(
-        "Idem demo: {} nodes in region \"local\", data in {}",
+        "Idem demo: {} region(s) x {} nodes, {} ms emulated round trip between regions, data in {}",
+        a.regions,
         a.nodes,
+        a.rtt_ms,
         data.display()
     );
     let mut nodes = Vec::new();
-    for cfg in demo_configs(a.nodes, a.grpc_port, a.http_port, &data) {
+    for cfg in demo_configs(
+        a.regions,
+        a.nodes,
+        a.rtt_ms,
+        a.grpc_port,
+        a.http_port,
+        &data,
+    ) {
         let (id, region) = (cfg.node.id, cfg.node.region.clone());
         let node = Node::start(cfg).await?;
         println!(
-            "  node {id}  region {region}  grpc {}  http http://{}",
+            "  node {id}  region {region:<9} grpc {}  http http://{}",
             node.grpc_addr(),
             node.http_addr()
         );
         nodes.push(node);
     }
     for n in &nodes {
-        n.wait_ready(Duration::from_secs(15)).await?;
+        n.wait_ready(Duration::from_secs(30)).await?;
     }
     println!("cluster ready.");
     if !a.no_example {
-        example(&format!("127.0.0.1:{}", a.grpc_port)).await?;
+        let endpoints: Vec<(String, String)> = (0..a.regions)
+            .map(|r| {
+                (
+                    DEMO_REGIONS[r as usize].to_string(),
+                    format!("127.0.0.1:{}", a.grpc_port + 10 * r),
+                )
+            })
+            .collect();
+        example(&endpoints).await?;
     }
     if !a.exit_after_example {
         println!("\nserving; try: idem reserve --key order-1 --body hello   (Ctrl-C to stop)");
@@ -109,8 +146,29 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn example(endpoint: &str) -> anyhow::Result<()> {
-    let client = Client::connect(ClientConfig::new(endpoint)).await?;
+/// The client's region "by anycast": the one whose node answers fastest.
+async fn nearest(endpoints: &[(String, String)]) -> anyhow::Result<(usize, Client)> {
+    let mut best: Option<(Duration, usize, Client)> = None;
+    for (i, (_, ep)) in endpoints.iter().enumerate() {
+        let c = Client::connect(ClientConfig::new(ep.clone())).await?;
+        let t = std::time::Instant::now();
+        // A read of a key that does not exist: one local round trip.
+        let _ = c.get("probe", b"probe").await;
+        let rtt = t.elapsed();
+        if best.as_ref().is_none_or(|(b, _, _)| rtt < *b) {
+            best = Some((rtt, i, c));
+        }
+    }
+    best.map(|(_, i, c)| (i, c))
+        .ok_or_else(|| anyhow::anyhow!("no region answered"))
+}
+
+async fn example(endpoints: &[(String, String)]) -> anyhow::Result<()> {
+    let (home, client) = nearest(endpoints).await?;
+    println!(
+        "\nthe client's nearest region (anycast): {}",
+        endpoints[home].0
+    );
     let key = format!("order-{}", idem_client::now_ms() % 100_000);
     let charge = Fingerprint::of_request("POST", "/charge", b"{\"amount\": 42}");
     let other = Fingerprint::of_request("POST", "/charge", b"{\"amount\": 99}");
@@ -147,5 +205,28 @@ async fn example(endpoint: &str) -> anyhow::Result<()> {
         .reserve(&ReserveRequest::new("payments", key.clone(), charge))
         .await?;
     show("5. Reserve again (a client retry)", &after);
+    if endpoints.len() > 1 {
+        let other = (home + 1) % endpoints.len();
+        let flipped = Client::connect(ClientConfig::new(endpoints[other].1.clone())).await?;
+        let t = std::time::Instant::now();
+        let r = flipped
+            .reserve(&ReserveRequest::new("payments", key.clone(), charge))
+            .await?;
+        show(
+            &format!("6. The retry lands in {} instead", endpoints[other].0),
+            &r,
+        );
+        let fresh = format!("{key}-b");
+        let t2 = std::time::Instant::now();
+        let n = client
+            .reserve(&ReserveRequest::new("payments", fresh, charge))
+            .await?;
+        println!(
+            "\n  a REPLAY from a final local copy took {:?}; a NEW (a majority of regions) took {:?} ({})",
+            t.elapsed(),
+            t2.elapsed(),
+            describe(&n).1
+        );
+    }
     Ok(())
 }

@@ -26,6 +26,9 @@ pub struct ReserveArgs {
     /// `None`: the local decision is final and the next generation is taken.
     pub generation: Option<u32>,
     pub lease_ms: u64,
+    /// GLOBAL mode: the lease end the proposer chose, the same in every region.
+    /// `None`: `now + lease_ms`.
+    pub lease_until_ms: Option<u64>,
     pub retention_ms: u64,
     /// The caller's first attempt at this request (0 = this is it / unknown).
     pub first_attempt_ms: u64,
@@ -114,8 +117,16 @@ pub fn reserve(stored: Option<&Record>, a: &ReserveArgs) -> Decision {
         since_previous_ms,
     };
 
+    // Rule 6: no record. A proposal keeps its own generation (every region of one
+    // proposal must store the same fence).
     let Some(r) = cur else {
-        return grant(None, a, 1, attempt, since_previous_ms);
+        return grant(
+            None,
+            a,
+            a.generation.unwrap_or(1).max(1),
+            attempt,
+            since_previous_ms,
+        );
     };
     let held =
         r.phase == Phase::Reserved && now < r.lease_expires_ms.saturating_add(a.skew_margin_ms);
@@ -238,7 +249,7 @@ fn grant(
         generation,
         phase: Phase::Reserved,
         claim: a.claim,
-        lease_expires_ms: now.saturating_add(a.lease_ms),
+        lease_expires_ms: a.lease_until_ms.unwrap_or(now.saturating_add(a.lease_ms)),
         attempts: attempt,
         last_attempt_ms: now,
         first_attempt_ms,
@@ -266,16 +277,21 @@ pub enum CompleteError {
     NotFound,
 }
 
-/// Store a completion. `Ok(None)`: already completed by this fence, acknowledge again.
-/// `local_is_final`: this region's store alone makes the completion final (single
-/// region or REGIONAL mode).
+/// Store a completion. `Ok(None)`: already completed by this fence and nothing new to
+/// record, acknowledge again.
+///
+/// The region's bit joins the witness set only while the lease is live here; the
+/// completion is final once `quorum` regions witnessed it (1 in a single region or in
+/// REGIONAL mode, a majority of regions in GLOBAL mode). Once the lease has ended a
+/// Complete is refused even if a merge already brought the same completion: an
+/// acknowledgement must never arrive after the holder's lease.
 pub fn complete(
     stored: Option<&Record>,
     fence: Fence,
     response: StoredResponse,
     now_ms: u64,
     region_bit: u32,
-    local_is_final: bool,
+    quorum: u32,
 ) -> Result<Option<Record>, CompleteError> {
     let r = stored
         .filter(|r| !r.is_expired(now_ms))
@@ -286,18 +302,49 @@ pub fn complete(
     if r.fence() != fence || now_ms >= r.lease_expires_ms {
         return Err(lost());
     }
+    let witnessed = |w: &mut Record| {
+        w.witnesses |= region_bit;
+        w.is_final |= w.witnesses.count_ones() >= quorum.max(1);
+    };
     match r.phase {
-        Phase::Completed => Ok(None),
+        Phase::Completed => {
+            let mut w = r.clone();
+            witnessed(&mut w);
+            Ok((w != *r).then_some(w))
+        }
         Phase::Released => Err(lost()),
         Phase::Reserved => {
             let mut w = r.clone();
             w.phase = Phase::Completed;
             w.response = Some(response);
-            w.witnesses |= region_bit;
-            w.is_final = local_is_final;
+            witnessed(&mut w);
             Ok(Some(w))
         }
     }
+}
+
+/// The proposer's notice that a completion reached a majority: mark it final here
+/// without waiting for anti-entropy. Anything else is left alone.
+pub fn finalize(stored: Option<&Record>, fence: Fence, now_ms: u64) -> Option<Record> {
+    let r = stored.filter(|r| !r.is_expired(now_ms))?;
+    if r.phase == Phase::Completed && r.fence() == fence && !r.is_final {
+        let mut w = r.clone();
+        w.is_final = true;
+        return Some(w);
+    }
+    None
+}
+
+/// A failed proposal takes its accept back: a `Reserved` record of that claim becomes
+/// `Released`, so a later proposal with a higher generation may take the key at once.
+pub fn withdraw(stored: Option<&Record>, claim: crate::ClaimId, now_ms: u64) -> Option<Record> {
+    let r = stored.filter(|r| !r.is_expired(now_ms))?;
+    if r.phase == Phase::Reserved && r.claim == claim {
+        let mut w = r.clone();
+        w.phase = Phase::Released;
+        return Some(w);
+    }
+    None
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -343,11 +390,13 @@ pub enum ExtendError {
     NotFound,
 }
 
-/// Extend a live lease to `now + lease_ms`. A lease is never shortened.
+/// Extend a live lease to `until_ms` (GLOBAL mode: chosen by the proposer, the same in
+/// every region) or else `now + lease_ms`. A lease is never shortened.
 pub fn extend(
     stored: Option<&Record>,
     fence: Fence,
     lease_ms: u64,
+    until_ms: Option<u64>,
     now_ms: u64,
 ) -> Result<Record, ExtendError> {
     let r = stored
@@ -359,7 +408,9 @@ pub fn extend(
         });
     }
     let mut w = r.clone();
-    w.lease_expires_ms = r.lease_expires_ms.max(now_ms.saturating_add(lease_ms));
+    w.lease_expires_ms = r
+        .lease_expires_ms
+        .max(until_ms.unwrap_or(now_ms.saturating_add(lease_ms)));
     Ok(w)
 }
 

@@ -11,7 +11,7 @@
 //! drop expired records by reading nine bytes. A new format gets a new version byte and
 //! the decoder keeps reading every older one.
 
-use crate::{ClaimId, Fingerprint, Header, Phase, Record, StoredResponse};
+use crate::{ClaimId, Fingerprint, Header, Key, Phase, Record, StoredResponse};
 use thiserror::Error;
 
 pub const RECORD_VERSION: u8 = 1;
@@ -133,12 +133,72 @@ impl<'a> Reader<'a> {
             nonce: self.u32()?,
         })
     }
+    /// Everything not read yet.
+    pub fn rest(&mut self) -> &'a [u8] {
+        let s = &self.buf[self.at..];
+        self.at = self.buf.len();
+        s
+    }
     pub fn finish(self) -> Result<(), CodecError> {
         match self.buf.len() - self.at {
             0 => Ok(()),
             n => Err(CodecError::Trailing(n)),
         }
     }
+}
+
+pub const SHIPPED_VERSION: u8 = 1;
+
+/// One record change on its way to another region (an outbox entry, and the unit the
+/// relay and anti-entropy ship): `version u8 | enqueued_ms u64 | tenant_len u16 tenant
+/// | scope_len u16 scope | key_len u32 key | record bytes (versioned themselves)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shipped {
+    pub enqueued_ms: u64,
+    pub key: Key,
+    pub record: Record,
+}
+
+pub fn encode_shipped(s: &Shipped) -> Vec<u8> {
+    let rec = encode_record(&s.record);
+    let k = &s.key;
+    let mut out = Vec::with_capacity(24 + k.tenant.len() + k.scope.len() + k.key.len() + rec.len());
+    out.push(SHIPPED_VERSION);
+    out.extend_from_slice(&s.enqueued_ms.to_be_bytes());
+    // Tenant and scope are bounded far below u16::MAX, keys below u32::MAX, by Limits.
+    out.extend_from_slice(&(k.tenant.len() as u16).to_be_bytes());
+    out.extend_from_slice(k.tenant.as_bytes());
+    out.extend_from_slice(&(k.scope.len() as u16).to_be_bytes());
+    out.extend_from_slice(k.scope.as_bytes());
+    out.extend_from_slice(&(k.key.len() as u32).to_be_bytes());
+    out.extend_from_slice(&k.key);
+    out.extend_from_slice(&rec);
+    out
+}
+
+pub fn decode_shipped(bytes: &[u8]) -> Result<Shipped, CodecError> {
+    let mut r = Reader::new(bytes);
+    match r.u8().map_err(|_| CodecError::Empty)? {
+        SHIPPED_VERSION => {}
+        v => return Err(CodecError::UnknownVersion(v)),
+    }
+    let enqueued_ms = r.u64()?;
+    let tl = r.u16()? as usize;
+    let tenant = std::str::from_utf8(r.take(tl)?)
+        .map_err(|_| CodecError::Invalid("tenant"))?
+        .to_owned();
+    let sl = r.u16()? as usize;
+    let scope = std::str::from_utf8(r.take(sl)?)
+        .map_err(|_| CodecError::Invalid("scope"))?
+        .to_owned();
+    let kl = r.u32()? as usize;
+    let key = r.take(kl)?.to_vec();
+    let rest = r.rest();
+    Ok(Shipped {
+        enqueued_ms,
+        key: Key { tenant, scope, key },
+        record: decode_record(rest)?,
+    })
 }
 
 pub fn decode_record(bytes: &[u8]) -> Result<Record, CodecError> {
@@ -277,6 +337,15 @@ pub(crate) mod tests {
             let cut = cut.min(bytes.len().saturating_sub(1));
             prop_assert!(decode_record(&bytes[..cut]).is_err());
             let _ = decode_record(&junk);
+            let _ = decode_shipped(&junk);
+        }
+
+        #[test]
+        fn shipped_round_trip(r in arb_record(), key in proptest::collection::vec(any::<u8>(), 0..40), t in "[a-z]{0,8}", at in any::<u64>()) {
+            let s = Shipped { enqueued_ms: at, key: Key { tenant: t.clone(), scope: "s".into(), key }, record: r };
+            let bytes = encode_shipped(&s);
+            prop_assert_eq!(decode_shipped(&bytes), Ok(s));
+            prop_assert!(decode_shipped(&bytes[..bytes.len() - 1]).is_err());
         }
     }
 

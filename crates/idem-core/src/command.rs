@@ -6,6 +6,7 @@
 use crate::acceptor::{
     self, CompleteError, ExtendError, ReleaseError, ReserveArgs, ReserveOutcome,
 };
+use crate::merge::{self, Conflict, MergeOutcome};
 use crate::{ClaimId, Fence, Fingerprint, Key, Record, StoredResponse};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -19,9 +20,24 @@ pub enum Op {
         retention_ms: u64,
         first_attempt_ms: u64,
     },
+    /// GLOBAL mode: one region's part of a cross-region proposal, with the claim,
+    /// generation and lease end the proposer chose.
+    Propose {
+        fingerprint: Fingerprint,
+        claim: ClaimId,
+        generation: u32,
+        lease_ms: u64,
+        lease_until_ms: u64,
+        retention_ms: u64,
+        first_attempt_ms: u64,
+    },
     Complete {
         fence: Fence,
         response: StoredResponse,
+        /// Witnesses that make the completion final: a majority of regions in GLOBAL
+        /// mode; 0 or 1 (this region alone) in a single region or REGIONAL mode.
+        #[serde(default)]
+        quorum: u32,
     },
     Release {
         fence: Fence,
@@ -29,6 +45,31 @@ pub enum Op {
     Extend {
         fence: Fence,
         lease_ms: u64,
+        /// GLOBAL mode: the lease end chosen by the proposer.
+        #[serde(default)]
+        until_ms: Option<u64>,
+    },
+    /// A failed proposal takes its accept back.
+    Withdraw {
+        claim: ClaimId,
+    },
+    /// The completion reached a majority: mark it final.
+    Final {
+        fence: Fence,
+    },
+    /// Another region's copy of the record (outbox relay or anti-entropy).
+    Merge {
+        record: Record,
+        /// GLOBAL mode: never do what the acceptor rules forbid.
+        guarded: bool,
+    },
+    /// The relay shipped this group's outbox entries for `dest` below sequence `upto`;
+    /// `dead` were refused as invalid too often and move to the dead-letter queue.
+    /// Not about a key: the command's key is empty.
+    OutboxAck {
+        dest: u16,
+        upto: u64,
+        dead: Vec<u64>,
     },
 }
 
@@ -36,9 +77,14 @@ impl Op {
     pub fn name(&self) -> &'static str {
         match self {
             Op::Reserve { .. } => "reserve",
+            Op::Propose { .. } => "propose",
             Op::Complete { .. } => "complete",
             Op::Release { .. } => "release",
             Op::Extend { .. } => "extend",
+            Op::Withdraw { .. } => "withdraw",
+            Op::Final { .. } => "final",
+            Op::Merge { .. } => "merge",
+            Op::OutboxAck { .. } => "outbox_ack",
         }
     }
 }
@@ -74,6 +120,12 @@ pub enum CommandResult {
     Release(Result<(), ReleaseError>),
     /// The new lease end.
     Extend(Result<u64, ExtendError>),
+    Merge {
+        outcome: MergeOutcome,
+        conflict: Option<Conflict>,
+    },
+    /// Withdraw, Final and OutboxAck: applied (they answer nothing else).
+    Done,
 }
 
 /// Apply one command to the stored record: the result and the record to write, if any.
@@ -85,43 +137,96 @@ pub fn apply(stored: Option<&Record>, cmd: &Command) -> (CommandResult, Option<R
             lease_ms,
             retention_ms,
             first_attempt_ms,
-        } => {
-            let d = acceptor::reserve(
-                stored,
-                &ReserveArgs {
-                    now_ms: now,
-                    skew_margin_ms: cmd.skew_margin_ms,
-                    fingerprint: *fingerprint,
-                    claim: cmd.claim,
-                    generation: None,
-                    lease_ms: *lease_ms,
-                    retention_ms: *retention_ms,
-                    first_attempt_ms: *first_attempt_ms,
-                    region_bit: cmd.region_bit,
-                },
-            );
-            (
-                CommandResult::Reserve {
-                    outcome: d.outcome,
-                    attempt: d.attempt,
-                    since_previous_ms: d.since_previous_ms,
-                },
-                d.write,
-            )
-        }
-        Op::Complete { fence, response } => {
-            match acceptor::complete(stored, *fence, response.clone(), now, cmd.region_bit, true) {
-                Ok(w) => (CommandResult::Complete(Ok(())), w),
-                Err(e) => (CommandResult::Complete(Err(e)), None),
-            }
-        }
+        } => reserve(
+            stored,
+            &ReserveArgs {
+                now_ms: now,
+                skew_margin_ms: cmd.skew_margin_ms,
+                fingerprint: *fingerprint,
+                claim: cmd.claim,
+                generation: None,
+                lease_ms: *lease_ms,
+                lease_until_ms: None,
+                retention_ms: *retention_ms,
+                first_attempt_ms: *first_attempt_ms,
+                region_bit: cmd.region_bit,
+            },
+        ),
+        Op::Propose {
+            fingerprint,
+            claim,
+            generation,
+            lease_ms,
+            lease_until_ms,
+            retention_ms,
+            first_attempt_ms,
+        } => reserve(
+            stored,
+            &ReserveArgs {
+                now_ms: now,
+                skew_margin_ms: cmd.skew_margin_ms,
+                fingerprint: *fingerprint,
+                claim: *claim,
+                generation: Some(*generation),
+                lease_ms: *lease_ms,
+                lease_until_ms: Some(*lease_until_ms),
+                retention_ms: *retention_ms,
+                first_attempt_ms: *first_attempt_ms,
+                region_bit: cmd.region_bit,
+            },
+        ),
+        Op::Complete {
+            fence,
+            response,
+            quorum,
+        } => match acceptor::complete(
+            stored,
+            *fence,
+            response.clone(),
+            now,
+            cmd.region_bit,
+            *quorum,
+        ) {
+            Ok(w) => (CommandResult::Complete(Ok(())), w),
+            Err(e) => (CommandResult::Complete(Err(e)), None),
+        },
         Op::Release { fence } => match acceptor::release(stored, *fence, now) {
             Ok(w) => (CommandResult::Release(Ok(())), w),
             Err(e) => (CommandResult::Release(Err(e)), None),
         },
-        Op::Extend { fence, lease_ms } => match acceptor::extend(stored, *fence, *lease_ms, now) {
+        Op::Extend {
+            fence,
+            lease_ms,
+            until_ms,
+        } => match acceptor::extend(stored, *fence, *lease_ms, *until_ms, now) {
             Ok(w) => (CommandResult::Extend(Ok(w.lease_expires_ms)), Some(w)),
             Err(e) => (CommandResult::Extend(Err(e)), None),
         },
+        Op::Withdraw { claim } => (CommandResult::Done, acceptor::withdraw(stored, *claim, now)),
+        Op::Final { fence } => (CommandResult::Done, acceptor::finalize(stored, *fence, now)),
+        Op::Merge { record, guarded } => {
+            let m = merge::merge(stored, record, now, cmd.skew_margin_ms, *guarded);
+            (
+                CommandResult::Merge {
+                    outcome: m.outcome,
+                    conflict: m.conflict,
+                },
+                m.write,
+            )
+        }
+        // Applied by the state engine itself (it is about the outbox, not a record).
+        Op::OutboxAck { .. } => (CommandResult::Done, None),
     }
+}
+
+fn reserve(stored: Option<&Record>, args: &ReserveArgs) -> (CommandResult, Option<Record>) {
+    let d = acceptor::reserve(stored, args);
+    (
+        CommandResult::Reserve {
+            outcome: d.outcome,
+            attempt: d.attempt,
+            since_previous_ms: d.since_previous_ms,
+        },
+        d.write,
+    )
 }

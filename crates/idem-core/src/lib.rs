@@ -11,6 +11,8 @@ pub mod command;
 pub mod fingerprint;
 pub mod hlc;
 pub mod limits;
+pub mod merge;
+pub mod proposer;
 pub mod record;
 pub mod shard;
 pub mod types;

@@ -97,14 +97,14 @@ impl std::str::FromStr for Fence {
 }
 
 /// One response header (gRPC metadata or HTTP header) stored with a completion.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Header {
     pub name: String,
     pub value: Vec<u8>,
 }
 
 /// The response of the completed attempt, replayed byte for byte to every retry.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct StoredResponse {
     pub status: u32,
     pub headers: Vec<Header>,

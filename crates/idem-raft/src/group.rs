@@ -99,21 +99,40 @@ impl Stamper {
         (wall + off).max(0) as u64
     }
 
-    pub fn stamp(&self, key: Key, op: Op) -> Command {
+    /// A fresh claim id and the time it was minted (physical ms of the HLC).
+    pub fn mint(&self) -> (u64, ClaimId) {
         let ts = self
             .hlc
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .now(self.wall_ms());
-        Command {
-            now_ms: Hlc::physical_ms(ts),
-            skew_margin_ms: self.skew_margin_ms,
-            claim: ClaimId {
+        (
+            Hlc::physical_ms(ts),
+            ClaimId {
                 hlc: ts,
                 region: self.identity.region,
                 node: self.identity.node_id as u16,
                 nonce: rand::random(),
             },
+        )
+    }
+
+    /// Advance the clock past a timestamp seen from another node (refused, not adopted,
+    /// when it is further ahead than the configured bound).
+    pub fn observe(&self, remote_hlc: u64) -> Result<(), idem_core::HlcError> {
+        let wall = self.wall_ms();
+        self.hlc
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(remote_hlc, wall)
+    }
+
+    pub fn stamp(&self, key: Key, op: Op) -> Command {
+        let (now_ms, claim) = self.mint();
+        Command {
+            now_ms,
+            skew_margin_ms: self.skew_margin_ms,
+            claim,
             region_bit: 1u32 << (self.identity.region % 32),
             key,
             op,
@@ -250,6 +269,26 @@ impl Group {
 
     pub(crate) fn engine(&self) -> &StateEngine {
         &self.engine
+    }
+
+    /// The node's state engine (outbox, digests) for the replication layer.
+    pub fn state(&self) -> &StateEngine {
+        &self.engine
+    }
+
+    /// This node's copy of a key's record, without asking the leader (it may be a
+    /// little behind). Expired records read as absent.
+    pub fn read_local(&self, key: &Key) -> Result<Option<Record>, GroupError> {
+        let now = self.stamper.wall_ms();
+        self.engine
+            .get_record(self.id.shard, key)
+            .map(|r| r.filter(|r| !r.is_expired(now)))
+            .map_err(|e| GroupError::Fatal(e.to_string()))
+    }
+
+    /// Whether this node leads the group right now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow_watched().current_leader == Some(self.node_id)
     }
 
     fn leader_addr(&self, leader: u64) -> Option<String> {

@@ -5,7 +5,7 @@
 //! command, read a record linearizably, watch health), `Router` (find a group) and the
 //! internal gRPC service that peers call.
 
-mod codec;
+pub mod codec;
 mod group;
 mod log_store;
 mod network;

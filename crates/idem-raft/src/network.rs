@@ -31,9 +31,20 @@ const MAX_CHANNELS: usize = 1024;
 #[derive(Clone, Default)]
 pub struct Channels {
     inner: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Source address of outgoing connections (`None`: the kernel chooses).
+    local: Option<std::net::IpAddr>,
 }
 
 impl Channels {
+    /// Channels whose connections leave from `addr` (so that per-node firewall rules,
+    /// as the fault suite sets them, see each node's own address).
+    pub fn with_local_address(addr: Option<std::net::IpAddr>) -> Channels {
+        Channels {
+            inner: Arc::default(),
+            local: addr,
+        }
+    }
+
     /// A lazily connected channel to `addr` (host:port).
     pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -45,6 +56,7 @@ impl Channels {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
+            .local_address(self.local)
             .connect_lazy();
         if map.len() >= MAX_CHANNELS {
             map.clear();

@@ -45,7 +45,7 @@ impl StateMachine {
         for (entry, _) in &batch {
             applied = Some(entry.log_id);
             items.push(match &entry.payload {
-                EntryPayload::Normal(cmd) => ApplyItem::Command(cmd),
+                EntryPayload::Normal(cmd) => ApplyItem::Command(cmd, entry.log_id.index),
                 EntryPayload::Membership(m) => {
                     membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     ApplyItem::Other

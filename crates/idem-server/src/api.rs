@@ -27,6 +27,16 @@ pub struct IdemService {
     pub auth: Auth,
     pub metrics: Arc<Metrics>,
     pub skew_margin_ms: u64,
+    pub geo: idem_geo::Geo,
+}
+
+pub fn geo_error(e: idem_geo::GeoError) -> Status {
+    match e {
+        idem_geo::GeoError::Unavailable(m) => {
+            status(ErrorReason::Unavailable, m, &[], Some(jittered_pushback()))
+        }
+        idem_geo::GeoError::Internal(m) => status(ErrorReason::Internal, m, &[], None),
+    }
 }
 
 fn jittered_pushback() -> Duration {
@@ -95,7 +105,13 @@ impl IdemService {
         Key { tenant, scope, key }
     }
 
-    /// Resolve the tenant, route the key to its group and run `op` there.
+    /// GLOBAL mode with more than one region: the call goes to every region.
+    fn global(&self, key: &Key) -> bool {
+        self.geo.mode_of(key) == idem_geo::Mode::Global
+    }
+
+    /// Resolve the tenant, route the key to its group (GLOBAL mode: every region's) and
+    /// run `op` there.
     async fn run(
         &self,
         md: &tonic::metadata::MetadataMap,
@@ -104,6 +120,26 @@ impl IdemService {
         op: Op,
     ) -> Result<CommandResult, Status> {
         let key = self.key(self.auth.tenant(md)?, scope, key);
+        if self.global(&key) {
+            let geo = &self.geo;
+            return match op {
+                Op::Complete {
+                    fence, response, ..
+                } => geo
+                    .complete(key, fence, response)
+                    .await
+                    .map(CommandResult::Complete),
+                Op::Release { fence } => geo.release(key, fence).await.map(CommandResult::Release),
+                Op::Extend {
+                    fence, lease_ms, ..
+                } => geo
+                    .extend(key, fence, lease_ms)
+                    .await
+                    .map(CommandResult::Extend),
+                _ => Err(idem_geo::GeoError::Internal("not a holder call".into())),
+            }
+            .map_err(geo_error);
+        }
         let group = self.group_for(&key)?;
         group.submit(key, op).await.map_err(group_error)
     }
@@ -161,26 +197,44 @@ impl IdemService {
                 .inc();
         }
         let key = self.key(tenant, r.scope, r.key);
-        let group = self.group_for(&key)?;
-        let op = Op::Reserve {
-            fingerprint: r.fingerprint,
-            lease_ms: r.lease_ms,
-            retention_ms: r.retention_ms,
-            first_attempt_ms: r.first_attempt_ms,
-        };
-        let result = group.submit(key, op).await.map_err(group_error)?;
-        let CommandResult::Reserve {
-            outcome,
-            attempt,
-            since_previous_ms,
-        } = result
-        else {
-            return Err(status(
-                ErrorReason::Internal,
-                "unexpected result for Reserve",
-                &[],
-                None,
-            ));
+        let (outcome, attempt, since_previous_ms) = if self.global(&key) {
+            let a = self
+                .geo
+                .reserve(
+                    key,
+                    idem_geo::ReserveRequest {
+                        fingerprint: r.fingerprint,
+                        lease_ms: r.lease_ms,
+                        retention_ms: r.retention_ms,
+                        first_attempt_ms: r.first_attempt_ms,
+                    },
+                )
+                .await
+                .map_err(geo_error)?;
+            (a.outcome, a.attempt.max(1), a.since_previous_ms)
+        } else {
+            let group = self.group_for(&key)?;
+            let op = Op::Reserve {
+                fingerprint: r.fingerprint,
+                lease_ms: r.lease_ms,
+                retention_ms: r.retention_ms,
+                first_attempt_ms: r.first_attempt_ms,
+            };
+            let result = group.submit(key, op).await.map_err(group_error)?;
+            let CommandResult::Reserve {
+                outcome,
+                attempt,
+                since_previous_ms,
+            } = result
+            else {
+                return Err(status(
+                    ErrorReason::Internal,
+                    "unexpected result for Reserve",
+                    &[],
+                    None,
+                ));
+            };
+            (outcome, attempt, since_previous_ms)
         };
         let label = outcome.label();
         if !matches!(
@@ -302,7 +356,7 @@ impl Idem for IdemService {
         let started = Instant::now();
         let r = async {
             let c = convert::complete(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
-            let op = Op::Complete { fence: c.fence, response: c.response };
+            let op = Op::Complete { fence: c.fence, response: c.response, quorum: 1 };
             match self.run(req.metadata(), c.scope, c.key, op).await? {
                 CommandResult::Complete(Ok(())) => Ok(Response::new(v1::CompleteResponse {})),
                 CommandResult::Complete(Err(CompleteError::LeaseLost { current })) => Err(self.lease_lost(
@@ -356,6 +410,7 @@ impl Idem for IdemService {
             let op = Op::Extend {
                 fence: c.fence,
                 lease_ms: c.lease_ms,
+                until_ms: None,
             };
             match self.run(req.metadata(), c.scope, c.key, op).await? {
                 CommandResult::Extend(Ok(lease_expires_ms)) => {

@@ -16,6 +16,10 @@ pub struct Config {
     /// Every region of the cluster and its nodes. Empty: a one-node cluster of this node.
     pub regions: Vec<RegionConfig>,
     pub raft: RaftConfig,
+    /// Cross-region behaviour (only used with more than one region).
+    pub geo: GeoSection,
+    /// Namespaces that use another mode than GLOBAL. The first match wins.
+    pub namespaces: Vec<NamespaceConfig>,
     pub limits: Limits,
     pub auth: AuthConfig,
     pub log: LogConfig,
@@ -33,6 +37,8 @@ pub struct NodeConfig {
     pub grpc_addr: SocketAddr,
     /// HTTP listen address: /metrics, /healthz, /status.
     pub http_addr: SocketAddr,
+    /// Source address of connections to other nodes (absent: the kernel chooses).
+    pub outgoing_addr: Option<std::net::IpAddr>,
 }
 
 impl Default for NodeConfig {
@@ -43,6 +49,7 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from("./idem-data"),
             grpc_addr: "127.0.0.1:7101".parse().expect("literal"),
             http_addr: "127.0.0.1:7201".parse().expect("literal"),
+            outgoing_addr: None,
         }
     }
 }
@@ -123,6 +130,66 @@ impl RaftConfig {
             request_timeout: std::time::Duration::from_millis(self.request_timeout_ms),
         }
     }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GeoSection {
+    /// How long one cross-region round (a proposal, a completion) waits for answers.
+    pub round_timeout_ms: u64,
+    /// StaleGen retries of one Reserve.
+    pub max_retries: u32,
+    /// Calls in flight to one other region before new ones are refused.
+    pub max_in_flight_per_region: usize,
+    /// Emulated round trip to the other regions, added in-process. For `idem demo`
+    /// on one machine only; real deployments leave it at 0.
+    pub emulated_rtt_ms: u64,
+    /// Outbox entries per shipped batch.
+    pub relay_batch: usize,
+    /// Entries per second one group ships to one region (caps catch-up after an outage).
+    pub relay_max_rate: f64,
+    /// Entries queued per group and destination before changes are skipped (and
+    /// anti-entropy repairs them).
+    pub relay_max_outbox: u64,
+    /// An entry the destination refuses as invalid this many times moves to the
+    /// dead-letter queue.
+    pub relay_dead_after_tries: u32,
+    /// Time between two anti-entropy passes of one group.
+    pub anti_entropy_interval_ms: u64,
+    /// Digest buckets per shard.
+    pub anti_entropy_buckets: u32,
+}
+
+impl Default for GeoSection {
+    fn default() -> Self {
+        let relay = idem_geo::relay::RelayConfig::default();
+        let ae = idem_geo::anti_entropy::AntiEntropyConfig::default();
+        GeoSection {
+            round_timeout_ms: 1_500,
+            max_retries: 2,
+            max_in_flight_per_region: 4_096,
+            emulated_rtt_ms: 0,
+            relay_batch: relay.batch,
+            relay_max_rate: relay.max_rate,
+            relay_max_outbox: relay.max_outbox,
+            relay_dead_after_tries: relay.dead_after_tries,
+            anti_entropy_interval_ms: ae.interval.as_millis() as u64,
+            anti_entropy_buckets: ae.buckets,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// The tenant; absent: every tenant.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Scopes starting with this prefix ("" = every scope).
+    #[serde(default)]
+    pub scope_prefix: String,
+    /// "global" or "regional".
+    pub mode: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -381,6 +448,48 @@ impl Config {
                 ));
             }
         }
+        let g = &self.geo;
+        if g.round_timeout_ms == 0 {
+            return Err(invalid("geo.round_timeout_ms", "must be greater than 0"));
+        }
+        if g.max_in_flight_per_region == 0 {
+            return Err(invalid(
+                "geo.max_in_flight_per_region",
+                "must be greater than 0",
+            ));
+        }
+        if g.relay_batch == 0 || g.relay_batch > 4096 {
+            return Err(invalid("geo.relay_batch", "must be between 1 and 4096"));
+        }
+        if g.relay_max_rate.is_nan() || g.relay_max_rate < 1.0 {
+            return Err(invalid("geo.relay_max_rate", "must be at least 1"));
+        }
+        if g.relay_dead_after_tries == 0 {
+            return Err(invalid(
+                "geo.relay_dead_after_tries",
+                "must be greater than 0",
+            ));
+        }
+        if g.anti_entropy_interval_ms < 100 {
+            return Err(invalid(
+                "geo.anti_entropy_interval_ms",
+                "must be at least 100",
+            ));
+        }
+        if g.anti_entropy_buckets == 0 || g.anti_entropy_buckets > 4096 {
+            return Err(invalid(
+                "geo.anti_entropy_buckets",
+                "must be between 1 and 4096",
+            ));
+        }
+        for (i, n) in self.namespaces.iter().enumerate() {
+            if !matches!(n.mode.as_str(), "global" | "regional") {
+                return Err(invalid(
+                    &format!("namespaces[{i}].mode"),
+                    "must be \"global\" or \"regional\"",
+                ));
+            }
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be \"text\" or \"json\""));
         }
@@ -438,5 +547,54 @@ mod tests {
         let regions = "[[regions]]\nid = 0\nname = \"eu\"\n[[regions.nodes]]\nid = 1\naddr = \"127.0.0.1:7101\"\n";
         assert!(err(&format!("[node]\nregion = \"mars\"\n{regions}")).contains("`node.region`"));
         assert!(err(&format!("[node]\nregion = \"eu\"\nid = 2\n{regions}")).contains("`node.id`"));
+    }
+}
+
+impl Config {
+    /// The cross-region settings for `idem-geo`.
+    pub fn geo_config(&self, my_region: u16) -> idem_geo::GeoConfig {
+        let g = &self.geo;
+        idem_geo::GeoConfig {
+            my_region,
+            regions: self
+                .effective_regions()
+                .into_iter()
+                .map(|r| idem_geo::RegionInfo {
+                    id: r.id,
+                    name: r.name,
+                    addrs: r.nodes.into_iter().map(|n| n.addr).collect(),
+                })
+                .collect(),
+            shards: self.cluster.shards,
+            namespaces: self
+                .namespaces
+                .iter()
+                .map(|n| idem_geo::NamespaceRule {
+                    tenant: n.tenant.clone(),
+                    scope_prefix: n.scope_prefix.clone(),
+                    mode: if n.mode == "regional" {
+                        idem_geo::Mode::Regional
+                    } else {
+                        idem_geo::Mode::Global
+                    },
+                })
+                .collect(),
+            round_timeout: std::time::Duration::from_millis(g.round_timeout_ms),
+            max_retries: g.max_retries,
+            max_in_flight_per_region: g.max_in_flight_per_region,
+            emulated_rtt: std::time::Duration::from_millis(g.emulated_rtt_ms),
+            relay: idem_geo::relay::RelayConfig {
+                batch: g.relay_batch,
+                max_rate: g.relay_max_rate,
+                max_outbox: g.relay_max_outbox,
+                dead_after_tries: g.relay_dead_after_tries,
+                ..Default::default()
+            },
+            anti_entropy: idem_geo::anti_entropy::AntiEntropyConfig {
+                interval: std::time::Duration::from_millis(g.anti_entropy_interval_ms),
+                buckets: g.anti_entropy_buckets,
+                ..Default::default()
+            },
+        }
     }
 }

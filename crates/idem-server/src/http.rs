@@ -21,6 +21,7 @@ pub fn router(info: NodeInfo) -> Router {
         )
         .route("/dashboard", get(dashboard))
         .route("/api/history", get(history))
+        .route("/api/digest", get(digest))
         .with_state(info)
 }
 
@@ -111,4 +112,47 @@ async fn status(State(info): State<NodeInfo>) -> impl IntoResponse {
         "version": s.version,
         "groups": groups,
     }))
+}
+
+/// This node's anti-entropy digest of every shard it holds: equal across the nodes of
+/// all regions once they have converged (expired records and the region-local retry
+/// counts are left out).
+async fn digest(State(info): State<NodeInfo>) -> impl IntoResponse {
+    use sha2::Digest as _;
+    let now = info.stamper.wall_ms();
+    let state = info.state.clone();
+    let shards: Vec<u32> = info.router.all().iter().map(|g| g.id().shard).collect();
+    let res = tokio::task::spawn_blocking(move || {
+        let mut total = 0u64;
+        let mut h = sha2::Sha256::new();
+        let mut per = Vec::new();
+        for shard in shards {
+            let (d, n) = state.bucket_digests(shard, 64, now)?;
+            total += n;
+            let mut hs = sha2::Sha256::new();
+            for b in &d {
+                hs.update(b);
+            }
+            let hs = hs.finalize();
+            h.update(shard.to_be_bytes());
+            h.update(hs);
+            per.push(serde_json::json!({"shard": shard, "records": n, "digest": hex::encode(hs)}));
+        }
+        Ok::<_, idem_storage::StorageError>((total, hex::encode(h.finalize()), per))
+    })
+    .await;
+    match res {
+        Ok(Ok((records, digest, shards))) => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"records": records, "digest": digest, "shards": shards})),
+        ),
+        Ok(Err(e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(serde_json::json!({"error": e.to_string()})),
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(serde_json::json!({"error": e.to_string()})),
+        ),
+    }
 }

@@ -187,6 +187,9 @@ pub struct Metrics {
     pub key_too_old_total: Counter,
     pub lease_lost_total: Counter,
     pub cross_region_conflict_total: Family<Counter>,
+    pub anti_entropy_repaired_total: Family<Counter>,
+    pub outbox_queued: Family<Gauge>,
+    pub outbox_skipped: Family<Gauge>,
     // Sampled gauges, refreshed before each scrape.
     pub raft_is_leader: Family<Gauge>,
     pub raft_has_leader: Family<Gauge>,
@@ -218,6 +221,9 @@ impl Default for Metrics {
             key_too_old_total: Counter::default(),
             lease_lost_total: Counter::default(),
             cross_region_conflict_total: Family::new(&["mode"], Counter::default),
+            anti_entropy_repaired_total: Family::new(&["from_region"], Counter::default),
+            outbox_queued: Family::new(&["dest_region"], Gauge::default),
+            outbox_skipped: Family::new(&["dest_region"], Gauge::default),
             raft_is_leader: Family::new(&["group"], Gauge::default),
             raft_has_leader: Family::new(&["group"], Gauge::default),
             raft_term: Family::new(&["group"], Gauge::default),
@@ -360,6 +366,21 @@ impl Metrics {
             "cross_region_conflict_total",
             "Keys granted in two regions at once, resolved by the merge.",
             &self.cross_region_conflict_total,
+        );
+        w.counters(
+            "idem_anti_entropy_repaired_total",
+            "Records merged by anti-entropy, by the region they came from.",
+            &self.anti_entropy_repaired_total,
+        );
+        w.gauges(
+            "idem_outbox_queued",
+            "Changes queued for each destination region on this node.",
+            &self.outbox_queued,
+        );
+        w.gauges(
+            "idem_outbox_skipped",
+            "Changes not queued because the outbox was full (anti-entropy repairs them).",
+            &self.outbox_skipped,
         );
         w.gauges(
             "idem_raft_is_leader",

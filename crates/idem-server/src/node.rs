@@ -6,6 +6,7 @@ use crate::auth::Auth;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use idem_proto::internal::admin_server::AdminServer;
+use idem_proto::internal::geo_server::GeoServer;
 use idem_proto::internal::raft_server::RaftServer;
 use idem_proto::v1::idem_server::IdemServer;
 use idem_raft::{Group, GroupId, NodeIdentity, Peer, RaftService, Router, Stamper};
@@ -60,6 +61,7 @@ pub struct NodeInfo {
     /// Groups this node runs once started (one per shard).
     pub expected_groups: usize,
     pub history: Arc<crate::history::History>,
+    pub geo: idem_geo::Geo,
     last_leaders: Arc<Mutex<BTreeMap<GroupId, Option<u64>>>>,
 }
 
@@ -89,6 +91,28 @@ impl NodeInfo {
                 }
             }
         }
+        let names: BTreeMap<u16, String> = self
+            .geo
+            .config()
+            .regions
+            .iter()
+            .map(|r| (r.id, r.name.clone()))
+            .collect();
+        for (dest, b) in self.geo.replication_backlog() {
+            let name = names
+                .get(&dest)
+                .cloned()
+                .unwrap_or_else(|| dest.to_string());
+            let l = [name.as_str()];
+            m.outbox_lag_seconds
+                .with(&l)
+                .set(b.oldest_age.as_secs_f64());
+            m.dead_letter_queue_depth
+                .with(&l)
+                .set(b.dead_letters as f64);
+            m.outbox_queued.with(&l).set(b.queued as f64);
+            m.outbox_skipped.with(&l).set(b.skipped as f64);
+        }
         let s = self.state.stats();
         m.keys_stored.set(s.estimated_records as f64);
         m.state_disk_bytes.set(s.disk_bytes as f64);
@@ -97,6 +121,33 @@ impl NodeInfo {
             .set(s.pending_compaction_bytes as f64);
         m.rocksdb_write_stalled
             .set(f64::from(u8::from(s.write_stalled)));
+    }
+}
+
+/// Counts what the cross-region layer reports.
+struct GeoObserver {
+    metrics: Arc<Metrics>,
+    names: BTreeMap<u16, String>,
+}
+
+impl idem_geo::Observer for GeoObserver {
+    fn conflict(&self, mode: idem_geo::Mode, _conflict: &idem_core::merge::Conflict) {
+        self.metrics
+            .cross_region_conflict_total
+            .with(&[mode.as_str()])
+            .inc();
+    }
+
+    fn repaired(&self, from_region: u16, records: u64) {
+        let name = self
+            .names
+            .get(&from_region)
+            .cloned()
+            .unwrap_or_else(|| from_region.to_string());
+        self.metrics
+            .anti_entropy_repaired_total
+            .with(&[name.as_str()])
+            .add(records);
     }
 }
 
@@ -157,6 +208,36 @@ impl Node {
         ));
         let router = Router::default();
         let metrics = Arc::new(Metrics::default());
+        let channels = idem_raft::Channels::with_local_address(cfg.node.outgoing_addr);
+        let geo_cfg = cfg.geo_config(region.id);
+        state.set_outbox(idem_storage::OutboxConfig {
+            destinations: if geo_cfg.regions.len() > 1 {
+                geo_cfg
+                    .regions
+                    .iter()
+                    .map(|r| r.id)
+                    .filter(|id| *id != region.id)
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            max_entries: geo_cfg.relay.max_outbox,
+        });
+        let region_names: BTreeMap<u16, String> = geo_cfg
+            .regions
+            .iter()
+            .map(|r| (r.id, r.name.clone()))
+            .collect();
+        let geo = idem_geo::Geo::new(
+            geo_cfg,
+            router.clone(),
+            stamper.clone(),
+            channels.clone(),
+            Arc::new(GeoObserver {
+                metrics: metrics.clone(),
+                names: region_names,
+            }),
+        );
         let info = NodeInfo {
             node_id: cfg.node.id,
             region: region.id,
@@ -170,6 +251,7 @@ impl Node {
             stamper: stamper.clone(),
             expected_groups: cfg.cluster.shards as usize,
             history: Arc::default(),
+            geo: geo.clone(),
             last_leaders: Arc::default(),
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -184,6 +266,7 @@ impl Node {
             auth: Auth::new(&cfg.auth),
             metrics: metrics.clone(),
             skew_margin_ms: cfg.cluster.skew_margin_ms,
+            geo: geo.clone(),
         };
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
@@ -202,6 +285,11 @@ impl Node {
             )
             .add_service(
                 RaftServer::new(RaftService::new(router.clone()))
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20),
+            )
+            .add_service(
+                GeoServer::new(idem_geo::service::GeoService::new(geo.clone()))
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20),
             )
@@ -240,7 +328,6 @@ impl Node {
                 addr: n.addr.clone(),
             })
             .collect();
-        let channels = idem_raft::Channels::default();
         let group_cfg = cfg.raft.group_config();
         for shard in 0..cfg.cluster.shards {
             let id = GroupId {
@@ -260,6 +347,7 @@ impl Node {
             router.insert(Arc::new(g));
         }
 
+        tasks.extend(geo.start_background(shutdown_rx.clone()));
         let sampler = info.clone();
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {

@@ -6,17 +6,21 @@
 //! changed records together with the group's applied state in one write batch, so a
 //! crash never leaves records and `last_applied` disagreeing.
 
-use crate::keys::{meta_key, record_key, shard_end, shard_prefix};
+use crate::keys::{
+    decode_record_key, meta_key, outbox_dest_seq, outbox_key, record_key, shard_end, shard_prefix,
+};
 use crate::snapshot::{self, SnapshotFile};
 use crate::{Shard, StorageError};
-use idem_core::codec::{decode_record, encode_record, peek_expires_ms};
-use idem_core::command::{self, Command, CommandResult};
+use idem_core::codec::{decode_record, encode_record, encode_shipped, peek_expires_ms, Shipped};
+use idem_core::command::{self, Command, CommandResult, Op};
+use idem_core::merge::{digest_bytes, replicated_change};
 use idem_core::{Key, Record};
 use rocksdb::compaction_filter::Decision as FilterDecision;
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const CF_RECORDS: &str = "records";
@@ -46,11 +50,30 @@ fn expired_filter(_level: u32, _key: &[u8], value: &[u8]) -> FilterDecision {
     }
 }
 
-/// One log entry handed to `apply`: a command, or an entry with no command (blank or
-/// membership) that only advances `last_applied`.
+/// One log entry handed to `apply`: a command with its log index, or an entry with no
+/// command (blank or membership) that only advances `last_applied`.
 pub enum ApplyItem<'a> {
-    Command(&'a Command),
+    Command(&'a Command, u64),
     Other,
+}
+
+/// Where this node's groups replicate to, and how much they may queue for each.
+#[derive(Clone, Debug, Default)]
+pub struct OutboxConfig {
+    /// The other regions.
+    pub destinations: Vec<u16>,
+    /// Most entries queued per group and destination; beyond it new changes are not
+    /// queued (and counted): anti-entropy repairs what was skipped.
+    pub max_entries: u64,
+}
+
+/// One queued change: its sequence number (the log index that made it) and its bytes
+/// (an encoded [`Shipped`], versioned).
+#[derive(Clone, Debug)]
+pub struct OutboxEntry {
+    pub seq: u64,
+    pub enqueued_ms: u64,
+    pub bytes: Vec<u8>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -65,6 +88,22 @@ pub struct EngineStats {
 pub struct StateEngine {
     db: Arc<DB>,
     dir: PathBuf,
+    outbox: Arc<RwLock<OutboxConfig>>,
+}
+
+const OUTBOX_LEN: &str = "outbox_len/";
+const OUTBOX_SKIPPED: &str = "outbox_skipped/";
+
+fn dest_meta(shard: Shard, name: &str, dest: u16) -> Vec<u8> {
+    let mut k = meta_key(shard, name);
+    k.extend_from_slice(&dest.to_be_bytes());
+    k
+}
+
+fn u64_of(v: Option<Vec<u8>>) -> u64 {
+    v.and_then(|b| b.as_slice().try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
 }
 
 impl StateEngine {
@@ -88,6 +127,7 @@ impl StateEngine {
         let engine = StateEngine {
             db: Arc::new(db),
             dir: path.to_path_buf(),
+            outbox: Arc::default(),
         };
         engine.check_format()?;
         std::fs::create_dir_all(engine.snapshot_dir())?;
@@ -135,23 +175,55 @@ impl StateEngine {
         }
     }
 
+    /// Set the regions this node's groups replicate to. Every node of a region must be
+    /// given the same destinations (apply must be deterministic).
+    pub fn set_outbox(&self, cfg: OutboxConfig) {
+        *self.outbox.write().unwrap_or_else(|p| p.into_inner()) = cfg;
+    }
+
+    fn meta_u64(&self, key: &[u8]) -> Result<u64, StorageError> {
+        Ok(u64_of(self.db.get_cf(self.cf(CF_META), key)?))
+    }
+
     /// Apply a batch of entries: one result per command, and one atomic write of every
-    /// changed record plus `applied` (the group's versioned applied-state bytes).
+    /// changed record, the outbox entries for the other regions and `applied` (the
+    /// group's versioned applied-state bytes).
     pub fn apply(
         &self,
         shard: Shard,
         items: &[ApplyItem<'_>],
         applied: &[u8],
     ) -> Result<Vec<Option<CommandResult>>, StorageError> {
+        let outbox = self
+            .outbox
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut results = Vec::with_capacity(items.len());
+        let mut batch = WriteBatch::default();
         // Records written earlier in this batch, so later commands on the same key see
         // them. Bounded by the batch size.
         let mut pending: BTreeMap<Vec<u8>, Record> = BTreeMap::new();
+        // Per destination: (queued entries, entries skipped because the queue was full).
+        let mut lens: BTreeMap<u16, (u64, u64)> = BTreeMap::new();
+        for d in &outbox.destinations {
+            let len = self.meta_u64(&dest_meta(shard, OUTBOX_LEN, *d))?;
+            let skipped = self.meta_u64(&dest_meta(shard, OUTBOX_SKIPPED, *d))?;
+            lens.insert(*d, (len, skipped));
+        }
         for item in items {
-            let ApplyItem::Command(cmd) = item else {
+            let ApplyItem::Command(cmd, index) = item else {
                 results.push(None);
                 continue;
             };
+            if let Op::OutboxAck { dest, upto, dead } = &cmd.op {
+                let removed = self.ack_outbox(&mut batch, shard, *dest, *upto, dead)?;
+                if let Some(l) = lens.get_mut(dest) {
+                    l.0 = l.0.saturating_sub(removed);
+                }
+                results.push(Some(CommandResult::Done));
+                continue;
+            }
             let rk = record_key(shard, &cmd.key);
             let stored = match pending.get(&rk) {
                 Some(r) => Some(r.clone()),
@@ -159,19 +231,235 @@ impl StateEngine {
             };
             let (result, write) = command::apply(stored.as_ref(), cmd);
             if let Some(w) = write {
+                // Changes that came from another region are not sent on: every region
+                // ships its own changes to every other, and anti-entropy covers the rest.
+                let ship =
+                    !matches!(cmd.op, Op::Merge { .. }) && replicated_change(stored.as_ref(), &w);
+                if ship && !outbox.destinations.is_empty() {
+                    let bytes = encode_shipped(&Shipped {
+                        enqueued_ms: cmd.now_ms,
+                        key: cmd.key.clone(),
+                        record: w.clone(),
+                    });
+                    for (dest, (len, skipped)) in lens.iter_mut() {
+                        if outbox.max_entries > 0 && *len >= outbox.max_entries {
+                            *skipped += 1;
+                            continue;
+                        }
+                        let mut v = Vec::with_capacity(bytes.len() + 8);
+                        v.extend_from_slice(&cmd.now_ms.to_be_bytes());
+                        v.extend_from_slice(&bytes);
+                        batch.put_cf(self.cf(CF_OUTBOX), outbox_key(shard, *dest, *index), v);
+                        *len += 1;
+                    }
+                }
                 pending.insert(rk, w);
             }
             results.push(Some(result));
         }
-        let mut batch = WriteBatch::default();
         let cf = self.cf(CF_RECORDS);
         for (k, r) in &pending {
             batch.put_cf(cf, k, encode_record(r));
+        }
+        for (dest, (len, skipped)) in &lens {
+            batch.put_cf(
+                self.cf(CF_META),
+                dest_meta(shard, OUTBOX_LEN, *dest),
+                len.to_be_bytes(),
+            );
+            batch.put_cf(
+                self.cf(CF_META),
+                dest_meta(shard, OUTBOX_SKIPPED, *dest),
+                skipped.to_be_bytes(),
+            );
         }
         batch.put_cf(self.cf(CF_META), meta_key(shard, APPLIED), applied);
         // Not synced: the Raft log is durable, and a lost tail is re-applied from it.
         self.db.write(batch)?;
         Ok(results)
+    }
+
+    /// Remove the shipped entries below `upto`; move `dead` ones to the dead-letter
+    /// queue. Returns how many left the outbox.
+    fn ack_outbox(
+        &self,
+        batch: &mut WriteBatch,
+        shard: Shard,
+        dest: u16,
+        upto: u64,
+        dead: &[u64],
+    ) -> Result<u64, StorageError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(outbox_key(shard, dest, upto).to_vec());
+        let start = outbox_key(shard, dest, 0);
+        let it = self.db.iterator_cf_opt(
+            self.cf(CF_OUTBOX),
+            ro,
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        let mut removed = 0;
+        for item in it {
+            let (k, v) = item?;
+            let Some((_, seq)) = outbox_dest_seq(&k) else {
+                continue;
+            };
+            if dead.contains(&seq) {
+                batch.put_cf(self.cf(CF_DLQ), &k, &v);
+            }
+            batch.delete_cf(self.cf(CF_OUTBOX), &k);
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Up to `limit` queued entries for `dest`, oldest first.
+    pub fn outbox_read(
+        &self,
+        shard: Shard,
+        dest: u16,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, StorageError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(outbox_key(shard, dest, u64::MAX).to_vec());
+        let start = outbox_key(shard, dest, 0);
+        let it = self.db.iterator_cf_opt(
+            self.cf(CF_OUTBOX),
+            ro,
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in it.take(limit) {
+            let (k, v) = item?;
+            let Some((_, seq)) = outbox_dest_seq(&k) else {
+                continue;
+            };
+            let enqueued_ms = v
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            out.push(OutboxEntry {
+                seq,
+                enqueued_ms,
+                bytes: v.get(8..).unwrap_or_default().to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Entries queued for `dest`, and changes not queued because the queue was full.
+    pub fn outbox_len(&self, shard: Shard, dest: u16) -> Result<(u64, u64), StorageError> {
+        Ok((
+            self.meta_u64(&dest_meta(shard, OUTBOX_LEN, dest))?,
+            self.meta_u64(&dest_meta(shard, OUTBOX_SKIPPED, dest))?,
+        ))
+    }
+
+    /// Dead-letter entries per destination region (every group of this node).
+    pub fn dlq_depth(&self) -> Result<BTreeMap<u16, u64>, StorageError> {
+        let mut out = BTreeMap::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_DLQ), rocksdb::IteratorMode::Start)
+        {
+            let (k, _) = item?;
+            if let Some((dest, _)) = outbox_dest_seq(&k) {
+                *out.entry(dest).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    fn shard_records(
+        &self,
+        shard: Shard,
+        from: &[u8],
+    ) -> rocksdb::DBIteratorWithThreadMode<'_, DB> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(shard_end(shard));
+        self.db.iterator_cf_opt(
+            self.cf(CF_RECORDS),
+            ro,
+            rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward),
+        )
+    }
+
+    /// Anti-entropy digests of a group's live records: `buckets` digests, each the XOR of
+    /// a hash of every record (key and replicated fields) whose key falls in it, and the
+    /// count of live records. Equal digests: equal records (expired ones read as absent).
+    pub fn bucket_digests(
+        &self,
+        shard: Shard,
+        buckets: u32,
+        now_ms: u64,
+    ) -> Result<(Vec<[u8; 16]>, u64), StorageError> {
+        let buckets = buckets.max(1);
+        let mut out = vec![[0u8; 16]; buckets as usize];
+        let mut n = 0;
+        for item in self.shard_records(shard, &shard_prefix(shard)) {
+            let (k, v) = item?;
+            let rec = decode_record(&v).map_err(|e| StorageError::Corrupt {
+                what: "record",
+                detail: e.to_string(),
+            })?;
+            if rec.is_expired(now_ms) {
+                continue;
+            }
+            let b = bucket_of(&k[4..], buckets);
+            let mut h = Sha256::new();
+            h.update(&k[4..]);
+            h.update(digest_bytes(&rec));
+            let h = h.finalize();
+            for (d, x) in out[b as usize].iter_mut().zip(h.iter()) {
+                *d ^= x;
+            }
+            n += 1;
+        }
+        Ok((out, n))
+    }
+
+    /// Live records of one digest bucket, in key order, after the record key `after`
+    /// (exclusive), at most `limit`; with the record key to continue from.
+    pub fn bucket_records(
+        &self,
+        shard: Shard,
+        bucket: u32,
+        buckets: u32,
+        after: Option<&[u8]>,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<(Vec<(Key, Record)>, Option<Vec<u8>>), StorageError> {
+        let buckets = buckets.max(1);
+        let mut from = shard_prefix(shard).to_vec();
+        if let Some(a) = after {
+            from.extend_from_slice(a);
+            from.push(0);
+        }
+        let mut out = Vec::new();
+        for item in self.shard_records(shard, &from) {
+            let (k, v) = item?;
+            if bucket_of(&k[4..], buckets) != bucket {
+                continue;
+            }
+            let rec = decode_record(&v).map_err(|e| StorageError::Corrupt {
+                what: "record",
+                detail: e.to_string(),
+            })?;
+            if rec.is_expired(now_ms) {
+                continue;
+            }
+            let Some(key) = decode_record_key(&k[4..]) else {
+                return Err(StorageError::Corrupt {
+                    what: "record key",
+                    detail: format!("{} bytes", k.len()),
+                });
+            };
+            out.push((key, rec));
+            if out.len() >= limit {
+                return Ok((out, Some(k[4..].to_vec())));
+            }
+        }
+        Ok((out, None))
     }
 
     pub fn applied_state(&self, shard: Shard) -> Result<Option<Vec<u8>>, StorageError> {
@@ -324,6 +612,12 @@ impl StateEngine {
                 || prop("rocksdb.is-write-stopped") > 0,
         }
     }
+}
+
+/// The anti-entropy bucket of a record key (without the shard).
+pub fn bucket_of(record_key: &[u8], buckets: u32) -> u32 {
+    let h = Sha256::digest(record_key);
+    u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % buckets.max(1)
 }
 
 #[cfg(test)]

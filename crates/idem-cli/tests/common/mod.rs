@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod geo;
+
 use idem_client::{Client, ClientConfig, RetryPolicy};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -28,7 +30,7 @@ pub struct Cluster {
 /// kernel's ephemeral range (32768+), so they never collide with ports the kernel hands
 /// out for outgoing connections, nor with each other inside one test binary; a port found
 /// busy is skipped.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let _ = NEXT.compare_exchange(

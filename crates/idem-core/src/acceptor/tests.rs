@@ -25,6 +25,7 @@ fn args(now: u64, f: u8, c: u32) -> ReserveArgs {
         claim: claim(c),
         generation: None,
         lease_ms: 1_000,
+        lease_until_ms: None,
         retention_ms: 30 * DAY,
         first_attempt_ms: 0,
         region_bit: 1,
@@ -62,7 +63,7 @@ fn first_reserve_is_new_then_in_flight_then_replay() {
     assert_eq!(d2.since_previous_ms, Some(200));
     let rec = d2.write.unwrap();
 
-    let done = complete(Some(&rec), fence, resp("charged"), 1_500, 1, true)
+    let done = complete(Some(&rec), fence, resp("charged"), 1_500, 1, 1)
         .unwrap()
         .unwrap();
     let d3 = reserve(Some(&done), &args(1_700, 1, 3));
@@ -85,7 +86,7 @@ fn mismatch_wins_over_in_flight_and_replay() {
         d.write.is_none(),
         "a mismatching request must not touch the record"
     );
-    let done = complete(Some(&rec), rec.fence(), resp("x"), 1_200, 1, true)
+    let done = complete(Some(&rec), rec.fence(), resp("x"), 1_200, 1, 1)
         .unwrap()
         .unwrap();
     assert!(matches!(
@@ -132,12 +133,12 @@ fn lease_expiry_gives_takeover_and_old_fence_is_lost() {
     }
     let new = d.write.unwrap();
     assert!(matches!(
-        complete(Some(&new), old, resp("late"), 2_600, 1, true),
+        complete(Some(&new), old, resp("late"), 2_600, 1, 1),
         Err(CompleteError::LeaseLost { current: Some(f) }) if f == new.fence()
     ));
     // A Complete after its own lease ended is refused even with no takeover.
     assert!(matches!(
-        complete(Some(&rec), old, resp("late"), 2_000, 1, true),
+        complete(Some(&rec), old, resp("late"), 2_000, 1, 1),
         Err(CompleteError::LeaseLost { .. })
     ));
 }
@@ -145,11 +146,11 @@ fn lease_expiry_gives_takeover_and_old_fence_is_lost() {
 #[test]
 fn complete_is_idempotent_within_lease() {
     let rec = reserve(None, &args(1_000, 1, 1)).write.unwrap();
-    let done = complete(Some(&rec), rec.fence(), resp("a"), 1_100, 1, true)
+    let done = complete(Some(&rec), rec.fence(), resp("a"), 1_100, 1, 1)
         .unwrap()
         .unwrap();
     assert_eq!(
-        complete(Some(&done), rec.fence(), resp("a"), 1_200, 1, true),
+        complete(Some(&done), rec.fence(), resp("a"), 1_200, 1, 1),
         Ok(None)
     );
     assert_eq!(
@@ -161,16 +162,16 @@ fn complete_is_idempotent_within_lease() {
 #[test]
 fn extend_only_live_lease_and_never_shortens() {
     let rec = reserve(None, &args(1_000, 1, 1)).write.unwrap();
-    let ext = extend(Some(&rec), rec.fence(), 5_000, 1_500).unwrap();
+    let ext = extend(Some(&rec), rec.fence(), 5_000, None, 1_500).unwrap();
     assert_eq!(ext.lease_expires_ms, 6_500);
-    let same = extend(Some(&ext), rec.fence(), 100, 1_600).unwrap();
+    let same = extend(Some(&ext), rec.fence(), 100, None, 1_600).unwrap();
     assert_eq!(same.lease_expires_ms, 6_500);
-    assert!(extend(Some(&ext), rec.fence(), 100, 6_500).is_err());
+    assert!(extend(Some(&ext), rec.fence(), 100, None, 6_500).is_err());
     let other = Fence {
         generation: 1,
         claim: claim(77),
     };
-    assert!(extend(Some(&ext), other, 100, 1_600).is_err());
+    assert!(extend(Some(&ext), other, 100, None, 1_600).is_err());
 }
 
 #[test]
@@ -178,7 +179,7 @@ fn expired_by_retention_reads_as_absent() {
     let mut a = args(1_000, 1, 1);
     a.retention_ms = 10_000;
     let rec = reserve(None, &a).write.unwrap();
-    let done = complete(Some(&rec), rec.fence(), resp("a"), 1_100, 1, true)
+    let done = complete(Some(&rec), rec.fence(), resp("a"), 1_100, 1, 1)
         .unwrap()
         .unwrap();
     let mut later = args(11_000, 2, 2);
@@ -186,7 +187,7 @@ fn expired_by_retention_reads_as_absent() {
     let d = reserve(Some(&done), &later);
     assert_eq!(new_fence(&d).generation, 1);
     assert_eq!(
-        complete(Some(&done), rec.fence(), resp("a"), 11_000, 1, true),
+        complete(Some(&done), rec.fence(), resp("a"), 11_000, 1, 1),
         Err(CompleteError::NotFound)
     );
 }
@@ -283,7 +284,7 @@ proptest! {
                 Op::Complete { which } => {
                     if let Some(&(fence, f)) = grants.get(which % grants.len().max(1)) {
                         let body = format!("resp-{}", fence.generation);
-                        if let Ok(w) = complete(rec.as_ref(), fence, resp(&body), now, 1, true) {
+                        if let Ok(w) = complete(rec.as_ref(), fence, resp(&body), now, 1, 1) {
                             prop_assert!(completed.is_none() || completed.as_ref().unwrap().0 == fence);
                             if let Some(w) = w {
                                 completed = Some((fence, f, resp(&body)));
@@ -301,7 +302,7 @@ proptest! {
                 }
                 Op::Extend { which } => {
                     if let Some(&(fence, _)) = grants.get(which % grants.len().max(1)) {
-                        if let Ok(w) = extend(rec.as_ref(), fence, 1_500, now) {
+                        if let Ok(w) = extend(rec.as_ref(), fence, 1_500, None, now) {
                             rec = Some(w);
                         }
                     }
@@ -309,4 +310,18 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_proposal_on_an_empty_region_keeps_its_generation() {
+    let mut a = args(1_000, 1, 7);
+    a.generation = Some(3);
+    a.lease_until_ms = Some(4_000);
+    let d = reserve(None, &a);
+    let fence = new_fence(&d);
+    assert_eq!(fence.generation, 3);
+    let rec = d.write.unwrap();
+    assert_eq!(rec.lease_expires_ms, 4_000);
+    // So the holder's Complete, with that fence, is accepted there too.
+    assert!(complete(Some(&rec), fence, resp("ok"), 2_000, 1, 2).is_ok());
 }

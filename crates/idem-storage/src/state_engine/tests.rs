@@ -43,9 +43,9 @@ fn apply_sees_earlier_writes_of_the_same_batch_and_persists() {
             .apply(
                 0,
                 &[
-                    ApplyItem::Command(&a),
+                    ApplyItem::Command(&a, 1),
                     ApplyItem::Other,
-                    ApplyItem::Command(&b),
+                    ApplyItem::Command(&b, 1),
                 ],
                 b"applied-3",
             )
@@ -91,7 +91,7 @@ fn compaction_removes_expired_records_only() {
     let live = reserve("live", now, 3_600_000, 2);
     se.apply(
         0,
-        &[ApplyItem::Command(&old), ApplyItem::Command(&live)],
+        &[ApplyItem::Command(&old, 1), ApplyItem::Command(&live, 1)],
         b"x",
     )
     .unwrap();
@@ -111,7 +111,11 @@ fn snapshot_round_trip_replaces_the_group_state() {
     let cmds: Vec<Command> = (0..500)
         .map(|i| reserve(&format!("k{i}"), now, 3_600_000, i))
         .collect();
-    let items: Vec<ApplyItem> = cmds.iter().map(ApplyItem::Command).collect();
+    let items: Vec<ApplyItem> = cmds
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ApplyItem::Command(c, i as u64 + 1))
+        .collect();
     src.apply(3, &items, b"applied-500").unwrap();
     // Complete one so a response travels too.
     let rec = src.get_record(3, &key("k7")).unwrap().unwrap();
@@ -123,14 +127,16 @@ fn snapshot_round_trip_replaces_the_group_state() {
                 headers: vec![],
                 body: b"done".to_vec(),
             },
+            quorum: 1,
         },
         ..reserve("k7", now + 1, 3_600_000, 9)
     };
-    src.apply(3, &[ApplyItem::Command(&done)], b"applied-501")
+    src.apply(3, &[ApplyItem::Command(&done, 1)], b"applied-501")
         .unwrap();
     // The destination has stale data in the group that the snapshot must erase.
     let stale = reserve("stale", now, 3_600_000, 1);
-    dst.apply(3, &[ApplyItem::Command(&stale)], b"old").unwrap();
+    dst.apply(3, &[ApplyItem::Command(&stale, 1)], b"old")
+        .unwrap();
 
     let (snap, meta) = src
         .build_snapshot(3, |applied| {
@@ -163,10 +169,140 @@ fn truncated_snapshot_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let se = StateEngine::open(dir.path()).unwrap();
     let c = reserve("a", wall_ms(), 3_600_000, 1);
-    se.apply(0, &[ApplyItem::Command(&c)], b"x").unwrap();
+    se.apply(0, &[ApplyItem::Command(&c, 1)], b"x").unwrap();
     let (snap, _) = se.build_snapshot(0, |_| Ok(b"m".to_vec())).unwrap();
     let bytes = std::fs::read(&snap.path).unwrap();
     let cut = SnapshotFile::incoming(&se.snapshot_dir(), 0);
     std::fs::write(&cut.path, &bytes[..bytes.len() - 3]).unwrap();
     assert!(cut.read_records(|_, _| Ok(())).is_err());
+}
+
+fn with_op(mut c: Command, op: Op) -> Command {
+    c.op = op;
+    c
+}
+
+#[test]
+fn changes_are_queued_per_destination_and_acks_trim_or_dead_letter_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let se = StateEngine::open(dir.path()).unwrap();
+    se.set_outbox(OutboxConfig {
+        destinations: vec![1, 2],
+        max_entries: 3,
+    });
+    let now = wall_ms();
+    let cmds: Vec<Command> = (0..4)
+        .map(|i| reserve(&format!("k{i}"), now, 3_600_000, i))
+        .collect();
+    let items: Vec<ApplyItem> = cmds
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ApplyItem::Command(c, 10 + i as u64))
+        .collect();
+    se.apply(0, &items, b"a").unwrap();
+    // Three fit per destination, the fourth change is skipped (anti-entropy repairs it).
+    assert_eq!(se.outbox_len(0, 1).unwrap(), (3, 1));
+    let q = se.outbox_read(0, 2, 10).unwrap();
+    assert_eq!(
+        q.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![10, 11, 12]
+    );
+    let shipped = idem_core::codec::decode_shipped(&q[0].bytes).unwrap();
+    assert_eq!(shipped.key, key("k0"));
+    assert_eq!(shipped.enqueued_ms, now);
+
+    // A re-applied Reserve that only counts an attempt ships nothing new; a merged copy
+    // from another region is not sent on.
+    let again = reserve("k0", now + 1, 3_600_000, 99);
+    let rec = se.get_record(0, &key("k1")).unwrap().unwrap();
+    let mut other = rec.clone();
+    other.lease_expires_ms += 5_000;
+    let merge = with_op(
+        reserve("k1", now + 1, 3_600_000, 98),
+        Op::Merge {
+            record: other,
+            guarded: true,
+        },
+    );
+    let out = se
+        .apply(
+            0,
+            &[
+                ApplyItem::Command(&again, 20),
+                ApplyItem::Command(&merge, 21),
+            ],
+            b"b",
+        )
+        .unwrap();
+    assert!(matches!(
+        out[1],
+        Some(CommandResult::Merge {
+            outcome: idem_core::merge::MergeOutcome::Applied,
+            ..
+        })
+    ));
+    assert_eq!(se.outbox_len(0, 1).unwrap(), (3, 1));
+
+    let ack = with_op(
+        reserve("", now, 1, 0),
+        Op::OutboxAck {
+            dest: 2,
+            upto: 12,
+            dead: vec![11],
+        },
+    );
+    se.apply(0, &[ApplyItem::Command(&ack, 22)], b"c").unwrap();
+    assert_eq!(se.outbox_len(0, 2).unwrap().0, 1);
+    assert_eq!(se.outbox_read(0, 2, 10).unwrap()[0].seq, 12);
+    assert_eq!(se.outbox_len(0, 1).unwrap().0, 3);
+    assert_eq!(se.dlq_depth().unwrap().get(&2), Some(&1));
+}
+
+#[test]
+fn digests_match_exactly_when_the_replicated_records_do() {
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let a = StateEngine::open(a_dir.path()).unwrap();
+    let b = StateEngine::open(b_dir.path()).unwrap();
+    let now = wall_ms();
+    let cmds: Vec<Command> = (0..50)
+        .map(|i| reserve(&format!("k{i}"), now, 3_600_000, i))
+        .collect();
+    let items: Vec<ApplyItem> = cmds.iter().map(|c| ApplyItem::Command(c, 1)).collect();
+    a.apply(0, &items, b"x").unwrap();
+    b.apply(0, &items[..49], b"x").unwrap();
+    let (da, na) = a.bucket_digests(0, 16, now).unwrap();
+    let (db, nb) = b.bucket_digests(0, 16, now).unwrap();
+    assert_eq!((na, nb), (50, 49));
+    let differ: Vec<usize> = (0..16).filter(|i| da[*i] != db[*i]).collect();
+    assert_eq!(differ.len(), 1);
+    let bucket = differ[0] as u32;
+    // Page through the differing bucket of the fuller side: it holds the missing key.
+    let mut after = None;
+    let mut keys = Vec::new();
+    loop {
+        let (page, next) = a
+            .bucket_records(0, bucket, 16, after.as_deref(), 2, now)
+            .unwrap();
+        keys.extend(page.into_iter().map(|(k, _)| k));
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert!(keys.contains(&key("k49")));
+    // Attempt counts are region-local: they do not change the digest.
+    let again = reserve("k3", now + 5, 3_600_000, 77);
+    b.apply(
+        0,
+        &[
+            ApplyItem::Command(&again, 2),
+            ApplyItem::Command(&cmds[49], 3),
+        ],
+        b"y",
+    )
+    .unwrap();
+    assert_eq!(b.bucket_digests(0, 16, now).unwrap().0, da);
+    // Past their retention the records read as absent to anti-entropy too.
+    assert_eq!(a.bucket_digests(0, 16, now + 3_600_000).unwrap().1, 0);
 }

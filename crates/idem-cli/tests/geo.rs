@@ -1,0 +1,270 @@
+//! Three regions of three `idem server` processes each, over real gRPC, with the links
+//! between regions cut and healed by the test: GLOBAL mode grants a key once whatever
+//! region the retries land in, an isolated region neither grants nor forgets, a region
+//! rebuilt from nothing is restored by anti-entropy, and REGIONAL mode's double grants
+//! under a partition are resolved identically everywhere and counted.
+
+mod common;
+
+use common::geo::{GeoCluster, GeoOptions};
+use idem_client::{Client, Error, Fingerprint, Reservation, ReserveRequest, StoredResponse};
+use std::time::Duration;
+
+fn fp(k: &str) -> Fingerprint {
+    Fingerprint::of_request("POST", "/pay", k.as_bytes())
+}
+
+fn body(k: &str) -> StoredResponse {
+    StoredResponse {
+        status: 200,
+        headers: vec![],
+        body: format!("paid {k}").into_bytes(),
+    }
+}
+
+fn req(scope: &str, k: &str) -> ReserveRequest {
+    let mut r = ReserveRequest::new(scope, k.as_bytes().to_vec(), fp(k));
+    r.lease_ms = 10_000;
+    r
+}
+
+/// One client per region, on the region's first node.
+async fn clients(c: &GeoCluster) -> Vec<Client> {
+    let mut out = Vec::new();
+    for r in 0..c.regions {
+        out.push(c.client(c.region_nodes(r)[0]).await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_reserved_through_all_regions_at_once_is_new_exactly_once() {
+    let c = GeoCluster::start(GeoOptions::default());
+    let cl = clients(&c).await;
+    const ROUNDS: usize = 1_000;
+    const PARALLEL: usize = 8;
+    let mut news_total = 0;
+    let mut unavailable = 0;
+    for chunk in 0..ROUNDS / PARALLEL {
+        let mut rounds = Vec::new();
+        for j in 0..PARALLEL {
+            let k = format!("race-{}", chunk * PARALLEL + j);
+            let cl = cl.clone();
+            rounds.push(tokio::spawn(async move {
+                // All three regions at once; again while nobody won (every proposal
+                // withdrew after contention), as clients would retry.
+                let mut all = Vec::new();
+                for _ in 0..10 {
+                    let calls = cl.iter().map(|c| {
+                        let (c, r) = (c.clone(), req("race", &k));
+                        async move { c.reserve(&r).await }
+                    });
+                    let answers = futures::future::join_all(calls).await;
+                    let won = answers.iter().any(|a| matches!(a, Ok(Reservation::New(_))));
+                    all.extend(answers);
+                    if won {
+                        break;
+                    }
+                }
+                all
+            }));
+        }
+        for r in rounds {
+            let answers = r.await.unwrap();
+            let news = answers
+                .iter()
+                .filter(|a| matches!(a, Ok(Reservation::New(_))))
+                .count();
+            assert!(news <= 1, "two NEW for one key: {answers:?}");
+            for a in &answers {
+                match a {
+                    Ok(Reservation::New(_)) | Ok(Reservation::InFlight { .. }) => {}
+                    Err(Error::Unavailable { .. }) => unavailable += 1,
+                    other => panic!("unexpected answer {other:?}"),
+                }
+            }
+            news_total += news;
+        }
+    }
+    assert_eq!(
+        news_total, ROUNDS,
+        "every round grants its key exactly once"
+    );
+    assert!(
+        unavailable < ROUNDS / 10,
+        "{unavailable} UNAVAILABLE answers"
+    );
+    assert_eq!(
+        c.metric_sum("cross_region_conflict_total{mode=\"global\"}"),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_region_neither_grants_nor_forgets_and_converges_after_healing() {
+    let c = GeoCluster::start(GeoOptions::default());
+    let cl = clients(&c).await;
+    // Completed before the partition, through region 0: region 2 holds a final copy.
+    for i in 0..20 {
+        let k = format!("before-{i}");
+        let Reservation::New(lease) = cl[0].reserve(&req("p", &k)).await.unwrap() else {
+            panic!("fresh key not NEW");
+        };
+        cl[0].complete(&lease, &body(&k)).await.unwrap();
+    }
+    c.wait_converged(Duration::from_secs(20));
+
+    c.isolate(2);
+    // The majority side keeps granting and completing.
+    for i in 0..20 {
+        let k = format!("during-{i}");
+        let r = if i % 2 == 0 { &cl[0] } else { &cl[1] };
+        let Reservation::New(lease) = r.reserve(&req("p", &k)).await.unwrap() else {
+            panic!("majority side did not grant {k}");
+        };
+        r.complete(&lease, &body(&k)).await.unwrap();
+    }
+    // The isolated region: no NEW for a new key, REPLAY for what it holds.
+    for i in 0..5 {
+        match cl[2].reserve(&req("p", &format!("new-{i}"))).await {
+            Err(Error::Unavailable { .. }) | Ok(Reservation::InFlight { .. }) => {}
+            other => panic!("isolated region answered {other:?} for a new key"),
+        }
+    }
+    for i in 0..20 {
+        let k = format!("before-{i}");
+        match cl[2].reserve(&req("p", &k)).await.unwrap() {
+            Reservation::Replay(resp) => assert_eq!(resp, body(&k)),
+            other => panic!("isolated region answered {other:?} for completed {k}"),
+        }
+    }
+    // Keys completed during the partition are unknown there: never NEW.
+    for i in 0..4 {
+        match cl[2].reserve(&req("p", &format!("during-{i}"))).await {
+            Err(Error::Unavailable { .. }) | Ok(Reservation::InFlight { .. }) => {}
+            other => panic!("isolated region answered {other:?} for a key completed elsewhere"),
+        }
+    }
+
+    c.heal();
+    let (records, _) = c.wait_converged(Duration::from_secs(60));
+    assert!(records >= 40, "converged on {records} records");
+    // After healing the once-isolated region replays what was completed without it.
+    for i in 0..20 {
+        let k = format!("during-{i}");
+        match cl[2].reserve(&req("p", &k)).await.unwrap() {
+            Reservation::Replay(resp) => assert_eq!(resp, body(&k)),
+            other => panic!("healed region answered {other:?} for {k}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_rebuilt_from_nothing_is_restored_by_anti_entropy() {
+    let c = GeoCluster::start(GeoOptions::default());
+    let mut c = c;
+    let cl = clients(&c).await;
+    for i in 0..60 {
+        let k = format!("k-{i}");
+        let Reservation::New(lease) = cl[i % 2].reserve(&req("p", &k)).await.unwrap() else {
+            panic!("fresh key not NEW");
+        };
+        cl[i % 2].complete(&lease, &body(&k)).await.unwrap();
+    }
+    let (before, digest) = c.wait_converged(Duration::from_secs(30));
+    assert_eq!(before, 60);
+    // Destroy region 2: every node killed and its data deleted, then started empty.
+    for i in c.region_nodes(2) {
+        c.kill(i);
+        std::fs::remove_dir_all(&c.nodes[i].data).unwrap();
+    }
+    for i in c.region_nodes(2) {
+        c.spawn(i);
+    }
+    c.wait_ready(Duration::from_secs(60));
+    let (after, digest2) = c.wait_converged(Duration::from_secs(90));
+    assert_eq!((after, digest2), (before, digest));
+    assert!(
+        c.metric_sum("idem_anti_entropy_repaired_total{from_region=\"us-east\"}")
+            + c.metric_sum("idem_anti_entropy_repaired_total{from_region=\"eu-west\"}")
+            >= 60.0
+    );
+    // And the rebuilt region replays from its own copy.
+    let n2 = c.client(c.region_nodes(2)[1]).await;
+    for i in 0..60 {
+        let k = format!("k-{i}");
+        match n2.reserve(&req("p", &k)).await.unwrap() {
+            Reservation::Replay(resp) => assert_eq!(resp, body(&k)),
+            other => panic!("rebuilt region answered {other:?} for {k}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_survives_the_loss_of_the_region_that_took_it() {
+    let mut c = GeoCluster::start(GeoOptions::default());
+    let cl = clients(&c).await;
+    let mut done = Vec::new();
+    for i in 0..10 {
+        let k = format!("k-{i}");
+        let Reservation::New(lease) = cl[0].reserve(&req("p", &k)).await.unwrap() else {
+            panic!("fresh key not NEW");
+        };
+        cl[0].complete(&lease, &body(&k)).await.unwrap();
+        done.push(k);
+    }
+    // Region A (0) is lost at once: no time for its outbox.
+    for i in c.region_nodes(0) {
+        c.kill(i);
+    }
+    for k in &done {
+        match cl[1].reserve(&req("p", k)).await.unwrap() {
+            Reservation::Replay(resp) => assert_eq!(resp, body(k), "replay of {k} changed"),
+            other => panic!("region B answered {other:?} for {k} completed through A"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regional_mode_double_grants_under_a_partition_are_resolved_and_counted() {
+    let c = GeoCluster::start(GeoOptions {
+        extra: "[[namespaces]]\nscope_prefix = \"fast\"\nmode = \"regional\"\n".into(),
+        ..GeoOptions::default()
+    });
+    let cl = clients(&c).await;
+    c.isolate(0);
+    // Both sides of the partition grant and complete the same keys.
+    for i in 0..10 {
+        let k = format!("k-{i}");
+        for r in [0, 1] {
+            let Reservation::New(lease) = cl[r].reserve(&req("fast", &k)).await.unwrap() else {
+                panic!("REGIONAL mode did not grant {k} in region {r}");
+            };
+            cl[r]
+                .complete(&lease, &body(&format!("{k}-{r}")))
+                .await
+                .unwrap();
+        }
+    }
+    c.heal();
+    let (records, _) = c.wait_converged(Duration::from_secs(60));
+    assert_eq!(records, 10);
+    // Every region now answers the same winner.
+    for i in 0..10 {
+        let k = format!("k-{i}");
+        let mut seen = Vec::new();
+        for r in 0..3 {
+            match cl[r].reserve(&req("fast", &k)).await.unwrap() {
+                Reservation::Replay(resp) => seen.push(resp),
+                other => panic!("region {r} answered {other:?} for {k}"),
+            }
+        }
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "{k}: {seen:?}");
+    }
+    let conflicts = c.metric_sum("cross_region_conflict_total{mode=\"regional\"}");
+    assert!(conflicts >= 10.0, "{conflicts} conflicts counted");
+    assert_eq!(
+        c.metric_sum("cross_region_conflict_total{mode=\"global\"}"),
+        0.0
+    );
+}

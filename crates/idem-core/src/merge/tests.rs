@@ -1,0 +1,182 @@
+use super::*;
+use crate::{ClaimId, Fingerprint, StoredResponse};
+use proptest::prelude::*;
+
+fn claim(n: u8) -> ClaimId {
+    ClaimId {
+        hlc: u64::from(n),
+        region: u16::from(n % 3),
+        node: 1,
+        nonce: u32::from(n),
+    }
+}
+
+fn rec(c: u8, gen: u32, phase: Phase, lease: u64) -> Record {
+    Record {
+        expires_ms: 1_000_000,
+        created_ms: 10,
+        fingerprint: Fingerprint([1; 32]),
+        generation: gen,
+        phase,
+        claim: claim(c),
+        lease_expires_ms: lease,
+        attempts: 1,
+        last_attempt_ms: 10,
+        first_attempt_ms: 0,
+        witnesses: 0,
+        is_final: false,
+        response: (phase == Phase::Completed).then(|| StoredResponse {
+            status: 200,
+            headers: vec![],
+            body: vec![c],
+        }),
+    }
+}
+
+fn arb_record() -> impl Strategy<Value = Record> {
+    (
+        (0u8..3, 1u32..4, 0u8..3, 0u64..6),
+        (0u64..5, 0u64..5, 0u8..2, 0u32..8),
+        (any::<bool>(), 0u32..4, 0u64..4, 0u64..3),
+    )
+        .prop_map(
+            |((c, gen, ph, lease), (exp, created, fpb, wit), (fin, att, last, first))| {
+                let phase = [Phase::Reserved, Phase::Released, Phase::Completed][ph as usize];
+                let mut r = rec(c, gen, phase, lease * 10);
+                r.expires_ms = 20 + exp * 10;
+                r.created_ms = created;
+                r.fingerprint = Fingerprint([fpb; 32]);
+                r.witnesses = wit;
+                r.is_final = fin;
+                r.attempts = att;
+                r.last_attempt_ms = last;
+                r.first_attempt_ms = first;
+                r
+            },
+        )
+}
+
+fn arb_opt() -> impl Strategy<Value = Option<Record>> {
+    proptest::option::of(arb_record())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    #[test]
+    fn join_is_commutative(a in arb_opt(), b in arb_opt(), now in 0u64..80) {
+        prop_assert_eq!(join_at(now, a.as_ref(), b.as_ref()), join_at(now, b.as_ref(), a.as_ref()));
+    }
+
+    #[test]
+    fn join_is_associative(a in arb_opt(), b in arb_opt(), c in arb_opt(), now in 0u64..80) {
+        let ab = join_at(now, a.as_ref(), b.as_ref());
+        let bc = join_at(now, b.as_ref(), c.as_ref());
+        prop_assert_eq!(
+            join_at(now, ab.as_ref(), c.as_ref()),
+            join_at(now, a.as_ref(), bc.as_ref())
+        );
+    }
+
+    #[test]
+    fn join_is_idempotent(a in arb_opt(), now in 0u64..80) {
+        let live = a.clone().filter(|r| !r.is_expired(now));
+        prop_assert_eq!(join_at(now, a.as_ref(), a.as_ref()), live);
+    }
+
+    #[test]
+    fn completed_is_never_hidden_and_expired_is_absent(a in arb_record(), b in arb_record(), now in 0u64..80) {
+        match join_at(now, Some(&a), Some(&b)) {
+            None => prop_assert!(a.is_expired(now) && b.is_expired(now)),
+            Some(j) => {
+                prop_assert!(!j.is_expired(now));
+                let completed = [&a, &b].iter().any(|r| !r.is_expired(now) && r.phase == Phase::Completed);
+                prop_assert_eq!(j.phase == Phase::Completed, completed);
+            }
+        }
+    }
+
+    /// Merges in any order, repeated, reach one record in every region (convergence),
+    /// once no lease is live (the guard only defers, it never decides differently).
+    #[test]
+    fn guarded_merges_converge_after_leases(rs in proptest::collection::vec(arb_record(), 1..5), order in proptest::collection::vec((0usize..5, 0usize..5), 0..30)) {
+        let now = 60; // every lease generated is below 60
+        let mut regions: Vec<Option<Record>> = rs.iter().cloned().map(Some).collect();
+        let n = regions.len();
+        let apply = |dst: usize, src: usize, regions: &mut Vec<Option<Record>>| {
+            if let Some(r) = regions[src].clone() {
+                let m = merge(regions[dst].as_ref(), &r, now, 0, true);
+                let deferred = matches!(m.outcome, MergeOutcome::Deferred { .. });
+                prop_assert!(!deferred, "deferred after every lease");
+                if let Some(w) = m.write { regions[dst] = Some(w); }
+            }
+            Ok(())
+        };
+        for (d, s) in order { apply(d % n, s % n, &mut regions)?; }
+        for _ in 0..2 { for d in 0..n { for s in 0..n { apply(d, s, &mut regions)?; } } }
+        let want = rs.iter().fold(None, |acc: Option<Record>, r| join_at(now, acc.as_ref(), Some(r)));
+        for r in &regions {
+            let visible = r.as_ref().filter(|r| !r.is_expired(now));
+            prop_assert_eq!(visible.map(digest_bytes), want.as_ref().map(digest_bytes));
+        }
+    }
+}
+
+#[test]
+fn the_larger_lease_of_one_claim_survives() {
+    let a = rec(1, 1, Phase::Reserved, 100);
+    let mut b = a.clone();
+    b.lease_expires_ms = 300;
+    assert_eq!(join(&a, &b).lease_expires_ms, 300);
+    assert_eq!(join(&b, &a).lease_expires_ms, 300);
+}
+
+#[test]
+fn guard_never_replaces_a_live_reservation_of_another_claim() {
+    let local = rec(2, 1, Phase::Reserved, 500);
+    let remote = rec(1, 1, Phase::Reserved, 500);
+    let m = merge(Some(&local), &remote, 100, 50, true);
+    assert_eq!(
+        m.outcome,
+        MergeOutcome::Deferred {
+            retry_after_ms: 450
+        }
+    );
+    // After both leases (and the margin) the earliest claim wins everywhere.
+    let m = merge(Some(&local), &remote, 600, 50, true);
+    assert_eq!(m.outcome, MergeOutcome::Applied);
+    assert_eq!(m.write.unwrap().claim, claim(1));
+    // REGIONAL mode merges at once and reports the overturned decision.
+    let m = merge(Some(&local), &remote, 100, 50, false);
+    assert_eq!(m.conflict, Some(Conflict::Overturned));
+    assert_eq!(m.write.unwrap().claim, claim(1));
+}
+
+#[test]
+fn two_completions_of_one_generation_are_reported() {
+    let a = rec(1, 1, Phase::Completed, 0);
+    let b = rec(2, 1, Phase::Completed, 0);
+    let m = merge(Some(&b), &a, 100, 0, true);
+    assert_eq!(m.conflict, Some(Conflict::DualCompletion));
+    assert_eq!(m.write.unwrap().claim, claim(1));
+}
+
+#[test]
+fn a_late_copy_of_an_expired_record_is_dropped() {
+    let mut r = rec(1, 1, Phase::Completed, 0);
+    r.expires_ms = 50;
+    assert_eq!(merge(None, &r, 50, 0, true).outcome, MergeOutcome::Expired);
+}
+
+#[test]
+fn bookkeeping_alone_is_not_a_replicated_change() {
+    let a = rec(1, 1, Phase::Reserved, 100);
+    let mut b = a.clone();
+    b.attempts = 9;
+    b.last_attempt_ms = 99;
+    assert!(!replicated_change(Some(&a), &b));
+    b.lease_expires_ms = 200;
+    assert!(replicated_change(Some(&a), &b));
+}
+
+mod regressions;

@@ -1,0 +1,129 @@
+//! Anti-entropy: on the leader of each group, now and then, compare the group's bucket
+//! digests with the same shard's in every other region and pull the records of every
+//! bucket that differs, merging each one that differs from the local copy through the
+//! group's Raft log. Pull only: every region pulls from every other, so all converge.
+//! It repairs what the outbox could not deliver: an overflowed outbox, a dead-lettered
+//! entry, a deferred merge given up on, or a region rebuilt from nothing.
+
+use crate::link::Kind;
+use crate::wire::{DigestRequest, DigestResponse, EntryResult, FetchRequest, FetchResponse};
+use crate::Geo;
+use idem_core::codec::decode_shipped;
+use idem_core::merge::digest_bytes;
+use idem_raft::codec::{decode, encode};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Clone, Debug)]
+pub struct AntiEntropyConfig {
+    /// Time between two passes of one group (jittered).
+    pub interval: Duration,
+    /// Digest buckets per shard.
+    pub buckets: u32,
+    /// Records per fetched page.
+    pub page: u32,
+    pub timeout: Duration,
+}
+
+impl Default for AntiEntropyConfig {
+    fn default() -> Self {
+        AntiEntropyConfig {
+            interval: Duration::from_secs(30),
+            buckets: 64,
+            page: 256,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+pub(crate) fn start(geo: &Geo, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    (0..geo.config().shards)
+        .map(|shard| {
+            let (geo, mut stop) = (geo.clone(), stop.clone());
+            tokio::spawn(async move {
+                let interval = geo.config().anti_entropy.interval;
+                loop {
+                    let wait = interval.mul_f64(0.75 + rand::random::<f64>() * 0.5);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                    if geo.local_group(shard).is_some_and(|g| g.is_leader()) {
+                        for region in geo.other_regions() {
+                            match pass(&geo, shard, region).await {
+                                Ok(0) => {}
+                                Ok(n) => {
+                                    tracing::info!(shard, region, records = n, "anti-entropy repaired records");
+                                    geo.observer().repaired(region, n);
+                                }
+                                Err(e) => tracing::debug!(shard, region, error = %e, "anti-entropy pass failed"),
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// One comparison with `region`: the number of records merged here.
+pub async fn pass(geo: &Geo, shard: u32, region: u16) -> Result<u64, String> {
+    let cfg = geo.config().anti_entropy.clone();
+    let link = geo.link(region).ok_or("no link to the region")?;
+    let group = geo.local_group(shard).ok_or("shard not running here")?;
+    let req = DigestRequest {
+        shard,
+        buckets: cfg.buckets,
+    };
+    let bytes = link
+        .call(Kind::Digest, encode(&req), cfg.timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let theirs: DigestResponse = decode(&bytes).map_err(|e| e.to_string())?;
+    let engine = group.state().clone();
+    let now = geo.stamper().wall_ms();
+    let buckets = cfg.buckets;
+    let (ours, _) = tokio::task::spawn_blocking(move || engine.bucket_digests(shard, buckets, now))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut repaired = 0;
+    for (bucket, (a, b)) in ours.iter().zip(theirs.digests.iter()).enumerate() {
+        if a == b {
+            continue;
+        }
+        let mut after = None;
+        loop {
+            let req = FetchRequest {
+                shard,
+                bucket: bucket as u32,
+                buckets,
+                after: after.take(),
+                limit: cfg.page,
+            };
+            let bytes = link
+                .call(Kind::Fetch, encode(&req), cfg.timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            let page: FetchResponse = decode(&bytes).map_err(|e| e.to_string())?;
+            for raw in &page.records {
+                let Ok(s) = decode_shipped(raw) else {
+                    continue;
+                };
+                let local = group.read_local(&s.key).map_err(|e| e.to_string())?;
+                if local.as_ref().map(digest_bytes) == Some(digest_bytes(&s.record)) {
+                    continue;
+                }
+                if geo.merge_record(shard, s.key, s.record).await == EntryResult::Merged {
+                    repaired += 1;
+                }
+            }
+            match page.next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+    }
+    Ok(repaired)
+}

@@ -1,0 +1,682 @@
+//! Idem's cross-region layer (DESIGN §3).
+//!
+//! - [`Geo::reserve`], [`Geo::complete`], [`Geo::release`], [`Geo::extend`]: the GLOBAL
+//!   mode proposer. It sends each call to the key's group in every region at once (the
+//!   local group directly, the others over [`link::RegionLink`]) and decides on the
+//!   replies with `idem_core::proposer`. Each region's acceptance is committed through
+//!   that region's Raft group before it counts.
+//! - [`service::GeoService`]: what other regions call on this node.
+//! - [`relay`]: ships every group's outbox to the other regions, where it is merged.
+//! - [`anti_entropy`]: compares bucket digests with the other regions and pulls what
+//!   differs, repairing a region whose outbox overflowed or that was rebuilt.
+//!
+//! This crate never touches RocksDB itself: records, outbox and digests come through
+//! `idem-storage`'s engine API and every change goes through a group's Raft log.
+
+pub mod anti_entropy;
+pub mod link;
+pub mod relay;
+pub mod service;
+pub mod wire;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use idem_core::acceptor::{CompleteError, ExtendError, ReleaseError, ReserveOutcome};
+use idem_core::merge::Conflict;
+use idem_core::proposer::{Reply, Tally, Verdict};
+use idem_core::shard::shard_of;
+use idem_core::{CommandResult, Fence, Fingerprint, Key, Op, Phase};
+use idem_raft::codec::{decode, encode};
+use idem_raft::{Channels, Group, GroupError, GroupId, Router, Stamper};
+use link::{Kind, LinkError, RegionLink};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use wire::{ApplyRequest, ApplyResponse, Call};
+
+/// How a namespace decides NEW.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// A majority of regions (the default).
+    Global,
+    /// The local region alone; replicated asynchronously; conflicts are counted.
+    Regional,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Global => "global",
+            Mode::Regional => "regional",
+        }
+    }
+}
+
+/// A namespace rule: keys of `tenant` (any when `None`) whose scope starts with
+/// `scope_prefix` use `mode`. The first matching rule wins; no match is GLOBAL.
+#[derive(Clone, Debug)]
+pub struct NamespaceRule {
+    pub tenant: Option<String>,
+    pub scope_prefix: String,
+    pub mode: Mode,
+}
+
+#[derive(Clone, Debug)]
+pub struct RegionInfo {
+    pub id: u16,
+    pub name: String,
+    /// gRPC addresses of the region's nodes, as this node reaches them.
+    pub addrs: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct GeoConfig {
+    pub my_region: u16,
+    /// Every region, this one included.
+    pub regions: Vec<RegionInfo>,
+    pub shards: u32,
+    pub namespaces: Vec<NamespaceRule>,
+    /// How long one proposal round waits for the regions.
+    pub round_timeout: Duration,
+    /// StaleGen retries of one Reserve.
+    pub max_retries: u32,
+    pub max_in_flight_per_region: usize,
+    /// Emulated round trip to every other region (`idem demo` only).
+    pub emulated_rtt: Duration,
+    pub relay: relay::RelayConfig,
+    pub anti_entropy: anti_entropy::AntiEntropyConfig,
+}
+
+/// What the server counts about the cross-region layer.
+pub trait Observer: Send + Sync + 'static {
+    /// A merge met another region's different decision for a key.
+    fn conflict(&self, mode: Mode, conflict: &Conflict);
+    /// Anti-entropy repaired this many records from `from_region`.
+    fn repaired(&self, from_region: u16, records: u64);
+}
+
+#[derive(Debug, Error, Clone)]
+pub enum GeoError {
+    /// Too few regions answered: the outcome of a write may be unknown.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The answer to a GLOBAL Reserve, as the server reports it.
+#[derive(Clone, Debug)]
+pub struct ReserveAnswer {
+    pub outcome: ReserveOutcome,
+    /// Which attempt this is, from the local region's record (0 when unknown).
+    pub attempt: u32,
+    pub since_previous_ms: Option<u64>,
+}
+
+pub struct ReserveRequest {
+    pub fingerprint: Fingerprint,
+    pub lease_ms: u64,
+    pub retention_ms: u64,
+    pub first_attempt_ms: u64,
+}
+
+struct Inner {
+    cfg: GeoConfig,
+    /// Index of each region in `cfg.regions` (its slot in a tally).
+    index: BTreeMap<u16, usize>,
+    links: BTreeMap<u16, RegionLink>,
+    router: Router,
+    stamper: Arc<Stamper>,
+    observer: Arc<dyn Observer>,
+    deferred: Arc<tokio::sync::Semaphore>,
+}
+
+#[derive(Clone)]
+pub struct Geo {
+    inner: Arc<Inner>,
+}
+
+/// Most merges waiting to be offered again on one node; beyond, anti-entropy repairs.
+const MAX_DEFERRED: usize = 10_000;
+
+impl Geo {
+    pub fn new(
+        cfg: GeoConfig,
+        router: Router,
+        stamper: Arc<Stamper>,
+        channels: Channels,
+        observer: Arc<dyn Observer>,
+    ) -> Geo {
+        let mut regions = cfg.regions.clone();
+        regions.sort_by_key(|r| r.id);
+        let index = regions.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
+        let links = regions
+            .iter()
+            .filter(|r| r.id != cfg.my_region)
+            .map(|r| {
+                (
+                    r.id,
+                    RegionLink::new(
+                        cfg.my_region,
+                        r.id,
+                        r.name.clone(),
+                        r.addrs.clone(),
+                        channels.clone(),
+                        cfg.max_in_flight_per_region,
+                        cfg.emulated_rtt,
+                    ),
+                )
+            })
+            .collect();
+        let cfg = GeoConfig { regions, ..cfg };
+        Geo {
+            inner: Arc::new(Inner {
+                cfg,
+                index,
+                links,
+                router,
+                stamper,
+                observer,
+                deferred: Arc::new(tokio::sync::Semaphore::new(MAX_DEFERRED)),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &GeoConfig {
+        &self.inner.cfg
+    }
+
+    /// More than one region: calls in GLOBAL mode go to every region.
+    pub fn is_multi_region(&self) -> bool {
+        self.inner.cfg.regions.len() > 1
+    }
+
+    pub fn other_regions(&self) -> Vec<u16> {
+        self.inner.links.keys().copied().collect()
+    }
+
+    pub(crate) fn link(&self, region: u16) -> Option<&RegionLink> {
+        self.inner.links.get(&region)
+    }
+
+    pub(crate) fn stamper(&self) -> &Arc<Stamper> {
+        &self.inner.stamper
+    }
+
+    pub(crate) fn observer(&self) -> &Arc<dyn Observer> {
+        &self.inner.observer
+    }
+
+    pub fn my_region(&self) -> u16 {
+        self.inner.cfg.my_region
+    }
+
+    /// The mode of the namespace a key belongs to. One region: every decision is local.
+    pub fn mode_of(&self, key: &Key) -> Mode {
+        if !self.is_multi_region() {
+            return Mode::Regional;
+        }
+        self.inner
+            .cfg
+            .namespaces
+            .iter()
+            .find(|r| {
+                r.tenant.as_ref().is_none_or(|t| *t == key.tenant)
+                    && key.scope.starts_with(&r.scope_prefix)
+            })
+            .map_or(Mode::Global, |r| r.mode)
+    }
+
+    fn majority(&self) -> usize {
+        self.inner.cfg.regions.len() / 2 + 1
+    }
+
+    pub(crate) fn local_group(&self, shard: u32) -> Option<Arc<Group>> {
+        self.inner.router.get(GroupId {
+            region: self.inner.cfg.my_region,
+            shard,
+        })
+    }
+
+    /// Run `op` on the key's group in region `region`.
+    async fn call_region(
+        &self,
+        region: u16,
+        shard: u32,
+        key: Key,
+        op: Op,
+    ) -> Result<CommandResult, String> {
+        if region == self.inner.cfg.my_region {
+            let g = self
+                .local_group(shard)
+                .ok_or_else(|| format!("group of shard {shard} is not running here"))?;
+            return g.submit(key, op).await.map_err(|e| e.to_string());
+        }
+        let link = self
+            .inner
+            .links
+            .get(&region)
+            .ok_or_else(|| format!("unknown region {region}"))?;
+        let (hlc_now, _) = self.inner.stamper.mint();
+        let req = ApplyRequest {
+            hlc: idem_core::Hlc::compose(hlc_now, 0),
+            calls: vec![Call { shard, key, op }],
+        };
+        let bytes = link
+            .call(Kind::Apply, encode(&req), self.inner.cfg.round_timeout)
+            .await
+            .map_err(|e: LinkError| e.to_string())?;
+        let resp: ApplyResponse = decode(&bytes).map_err(|e| e.to_string())?;
+        let _ = self.inner.stamper.observe(resp.hlc);
+        match resp.results.into_iter().next() {
+            Some(Ok(r)) => Ok(r),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("empty answer".into()),
+        }
+    }
+
+    /// Send `op` to every region at once; the replies arrive as a stream of
+    /// `(region index, result)`.
+    fn fan_out(
+        &self,
+        shard: u32,
+        key: &Key,
+        op: &Op,
+    ) -> FuturesUnordered<impl std::future::Future<Output = (usize, Result<CommandResult, String>)>>
+    {
+        let futs = FuturesUnordered::new();
+        for (i, r) in self.inner.cfg.regions.iter().enumerate() {
+            let me = self.clone();
+            let (region, key, op) = (r.id, key.clone(), op.clone());
+            futs.push(async move { (i, me.call_region(region, shard, key, op).await) });
+        }
+        futs
+    }
+
+    /// Send `op` to every region and forget the answers (withdraws, final notices).
+    fn broadcast(&self, shard: u32, key: Key, op: Op) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut replies = me.fan_out(shard, &key, &op);
+            let deadline = tokio::time::sleep(me.inner.cfg.round_timeout * 2);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    next = replies.next() => if next.is_none() { break },
+                    _ = &mut deadline => break,
+                }
+            }
+        });
+    }
+
+    /// A GLOBAL Reserve (DESIGN §3, the proposer). Proposals that fail only because
+    /// they competed with each other (no majority either way, nobody holds the key) are
+    /// withdrawn and tried again, as a fresh proposal with a new claim, after a short
+    /// random pause: at most `max_retries` times.
+    pub async fn reserve(&self, key: Key, req: ReserveRequest) -> Result<ReserveAnswer, GeoError> {
+        let mut left = self.inner.cfg.max_retries;
+        loop {
+            let (answer, contended) = self.propose(&key, &req).await?;
+            if !contended || left == 0 {
+                return Ok(answer);
+            }
+            left -= 1;
+            let pause = 5 + rand::random::<u64>() % 45;
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+    }
+
+    /// One proposal (with its StaleGen rounds): the answer, and whether it failed only
+    /// for contention.
+    async fn propose(
+        &self,
+        key: &Key,
+        req: &ReserveRequest,
+    ) -> Result<(ReserveAnswer, bool), GeoError> {
+        let key = key.clone();
+        let shard = shard_of(&key, self.inner.cfg.shards);
+        let local = self
+            .local_group(shard)
+            .ok_or_else(|| GeoError::Unavailable(format!("shard {shard} is not running here")))?;
+        let now = self.inner.stamper.wall_ms();
+        let rec = local
+            .read_local(&key)
+            .map_err(|e| GeoError::Unavailable(e.to_string()))?;
+        // Fast path: a final completion never changes, so this node's copy answers.
+        if let Some(r) = rec
+            .as_ref()
+            .filter(|r| r.phase == Phase::Completed && r.is_final)
+        {
+            let outcome = if r.fingerprint != req.fingerprint {
+                ReserveOutcome::Mismatch {
+                    stored: r.fingerprint,
+                }
+            } else {
+                match &r.response {
+                    Some(resp) => ReserveOutcome::Replay {
+                        fence: r.fence(),
+                        response: resp.clone(),
+                    },
+                    None => {
+                        return Err(GeoError::Internal(
+                            "completed record without response".into(),
+                        ))
+                    }
+                }
+            };
+            let same = r.fingerprint == req.fingerprint;
+            return Ok((
+                ReserveAnswer {
+                    outcome,
+                    attempt: if same {
+                        r.attempts.saturating_add(1)
+                    } else {
+                        1
+                    },
+                    since_previous_ms: (same && r.last_attempt_ms > 0)
+                        .then(|| now.saturating_sub(r.last_attempt_ms)),
+                },
+                false,
+            ));
+        }
+        // The generation to propose: the local record's, or the next one when it is
+        // not held by a live lease (a stale guess costs one StaleGen round).
+        let mut generation = match &rec {
+            None => 1,
+            Some(r) if r.phase == Phase::Reserved && now < r.lease_expires_ms => r.generation,
+            Some(r) => r.generation.saturating_add(1),
+        };
+        let (_, claim) = self.inner.stamper.mint();
+        let lease_until_ms = now.saturating_add(req.lease_ms);
+        let mut retries_left = self.inner.cfg.max_retries;
+        let local_idx = self.inner.index.get(&self.inner.cfg.my_region).copied();
+        loop {
+            let op = Op::Propose {
+                fingerprint: req.fingerprint,
+                claim,
+                generation,
+                lease_ms: req.lease_ms,
+                lease_until_ms,
+                retention_ms: req.retention_ms,
+                first_attempt_ms: req.first_attempt_ms,
+            };
+            let mut tally = Tally::new(self.inner.cfg.regions.len());
+            let mut replies = self.fan_out(shard, &key, &op);
+            let mut facts: Option<(u32, Option<u64>)> = None;
+            let mut takeover = None;
+            let round = tokio::time::sleep(self.inner.cfg.round_timeout);
+            tokio::pin!(round);
+            let mut concluded = false;
+            let verdict = loop {
+                tokio::select! {
+                    next = replies.next() => {
+                        let Some((i, res)) = next else {
+                            concluded = true;
+                            break tally.conclude(generation, retries_left);
+                        };
+                        let Ok(CommandResult::Reserve { outcome, attempt, since_previous_ms }) = res else {
+                            if let Err(e) = res {
+                                tracing::debug!(region = i, error = %e, "no answer to a proposal");
+                            }
+                            continue;
+                        };
+                        if Some(i) == local_idx || facts.is_none() {
+                            facts = Some((attempt, since_previous_ms));
+                        }
+                        if let ReserveOutcome::New { takeover: Some(t), .. } = &outcome {
+                            takeover = Some(*t);
+                        }
+                        let reply = Reply::from_outcome(&outcome);
+                        let live = self.inner.stamper.wall_ms() < lease_until_ms;
+                        // Deliberately broken build for the fault suite: NEW on the local
+                        // accept alone (the rule the model check rejects).
+                        if cfg!(feature = "broken-local-accept")
+                            && Some(i) == local_idx
+                            && reply == Reply::Accepted
+                            && live
+                        {
+                            tally.record(i, reply);
+                            break Verdict::New;
+                        }
+                        tally.record(i, reply);
+                        if let Some(v) = tally.decide(live) {
+                            break v;
+                        }
+                    }
+                    _ = &mut round => {
+                        concluded = true;
+                        break tally.conclude(generation, retries_left);
+                    }
+                }
+            };
+            drop(replies);
+            let contended = concluded && matches!(verdict, Verdict::InFlight { .. });
+            if verdict.withdraws() {
+                self.broadcast(shard, key.clone(), Op::Withdraw { claim });
+            }
+            let (attempt, since_previous_ms) = facts.unwrap_or((0, None));
+            let fence = Fence { generation, claim };
+            let outcome = match verdict {
+                Verdict::Retry { generation: g } => {
+                    retries_left = retries_left.saturating_sub(1);
+                    generation = g;
+                    continue;
+                }
+                Verdict::New => ReserveOutcome::New {
+                    fence,
+                    lease_expires_ms: lease_until_ms,
+                    takeover,
+                },
+                Verdict::Replay { fence, response } => ReserveOutcome::Replay { fence, response },
+                Verdict::Mismatch { stored } => ReserveOutcome::Mismatch { stored },
+                Verdict::TooOld {
+                    first_attempt_ms,
+                    limit_ms,
+                } => ReserveOutcome::TooOld {
+                    first_attempt_ms,
+                    limit_ms,
+                },
+                Verdict::InFlight { retry_after_ms } => ReserveOutcome::InFlight {
+                    holder: fence,
+                    // Contention (no lease to wait for): a jittered pause, so that
+                    // competing retries spread out instead of colliding again.
+                    retry_after_ms: if retry_after_ms <= 1 {
+                        50 + rand::random::<u64>() % 200
+                    } else {
+                        retry_after_ms
+                    },
+                },
+                Verdict::Unavailable => {
+                    return Err(GeoError::Unavailable(format!(
+                        "only {} of {} regions answered within {:?}; a majority is needed",
+                        tally.answered(),
+                        self.inner.cfg.regions.len(),
+                        self.inner.cfg.round_timeout
+                    )))
+                }
+            };
+            return Ok((
+                ReserveAnswer {
+                    outcome,
+                    attempt,
+                    since_previous_ms,
+                },
+                contended,
+            ));
+        }
+    }
+
+    /// Send a holder's call to every region; return the results once a majority
+    /// succeeded (`ok`), or all answered, or the round timed out.
+    async fn majority_call<T>(
+        &self,
+        key: &Key,
+        op: Op,
+        needed: usize,
+        ok: impl Fn(&CommandResult) -> Option<T>,
+    ) -> (Option<T>, Vec<CommandResult>, usize) {
+        let shard = shard_of(key, self.inner.cfg.shards);
+        let mut replies = self.fan_out(shard, key, &op);
+        let mut oks = 0;
+        let mut answered = 0;
+        let mut others = Vec::new();
+        let round = tokio::time::sleep(self.inner.cfg.round_timeout);
+        tokio::pin!(round);
+        loop {
+            tokio::select! {
+                next = replies.next() => {
+                    let Some((_, res)) = next else { break };
+                    let Ok(r) = res else { continue };
+                    answered += 1;
+                    if let Some(v) = ok(&r) {
+                        oks += 1;
+                        if oks >= needed {
+                            return (Some(v), others, answered);
+                        }
+                    } else {
+                        others.push(r);
+                    }
+                }
+                _ = &mut round => break,
+            }
+        }
+        (None, others, answered)
+    }
+
+    fn unknown(&self, what: &str, answered: usize) -> GeoError {
+        GeoError::Unavailable(format!(
+            "{what} reached a majority of regions not yet ({answered} of {} answered); the outcome is unknown, retry with the same fence while the lease lasts",
+            self.inner.cfg.regions.len()
+        ))
+    }
+
+    /// A GLOBAL Complete: acknowledged only once final (a majority stored it within the
+    /// lease); then every region is told it is final.
+    pub async fn complete(
+        &self,
+        key: Key,
+        fence: Fence,
+        response: idem_core::StoredResponse,
+    ) -> Result<Result<(), CompleteError>, GeoError> {
+        let op = Op::Complete {
+            fence,
+            response,
+            quorum: self.majority() as u32,
+        };
+        // Deliberately broken build for the fault suite: acknowledge on the first store.
+        let needed = if cfg!(feature = "broken-early-ack") {
+            1
+        } else {
+            self.majority()
+        };
+        let (ok, others, answered) = self
+            .majority_call(&key, op, needed, |r| {
+                matches!(r, CommandResult::Complete(Ok(()))).then_some(())
+            })
+            .await;
+        if ok.is_some() {
+            let shard = shard_of(&key, self.inner.cfg.shards);
+            self.broadcast(shard, key, Op::Final { fence });
+            return Ok(Ok(()));
+        }
+        for r in &others {
+            if let CommandResult::Complete(Err(e @ CompleteError::LeaseLost { .. })) = r {
+                return Ok(Err(e.clone()));
+            }
+        }
+        if others.len() >= self.majority()
+            && others
+                .iter()
+                .all(|r| matches!(r, CommandResult::Complete(Err(CompleteError::NotFound))))
+        {
+            return Ok(Err(CompleteError::NotFound));
+        }
+        Err(self.unknown("the completion", answered))
+    }
+
+    /// A GLOBAL Release: acknowledged after a majority stored it.
+    pub async fn release(
+        &self,
+        key: Key,
+        fence: Fence,
+    ) -> Result<Result<(), ReleaseError>, GeoError> {
+        let (ok, others, answered) = self
+            .majority_call(&key, Op::Release { fence }, self.majority(), |r| {
+                matches!(r, CommandResult::Release(Ok(()))).then_some(())
+            })
+            .await;
+        if ok.is_some() {
+            return Ok(Ok(()));
+        }
+        for r in &others {
+            if let CommandResult::Release(Err(e)) = r {
+                if !matches!(e, ReleaseError::NotFound) || others.len() >= self.majority() {
+                    return Ok(Err(e.clone()));
+                }
+            }
+        }
+        Err(self.unknown("the release", answered))
+    }
+
+    /// A GLOBAL Extend: the proposer picks the new lease end, the same in every
+    /// region; acknowledged after a majority stored it.
+    pub async fn extend(
+        &self,
+        key: Key,
+        fence: Fence,
+        lease_ms: u64,
+    ) -> Result<Result<u64, ExtendError>, GeoError> {
+        let until = self.inner.stamper.wall_ms().saturating_add(lease_ms);
+        let op = Op::Extend {
+            fence,
+            lease_ms,
+            until_ms: Some(until),
+        };
+        let (ok, others, answered) = self
+            .majority_call(&key, op, self.majority(), |r| match r {
+                CommandResult::Extend(Ok(v)) => Some(*v),
+                _ => None,
+            })
+            .await;
+        if let Some(v) = ok {
+            return Ok(Ok(v));
+        }
+        for r in &others {
+            if let CommandResult::Extend(Err(e)) = r {
+                if !matches!(e, ExtendError::NotFound) || others.len() >= self.majority() {
+                    return Ok(Err(e.clone()));
+                }
+            }
+        }
+        Err(self.unknown("the extension", answered))
+    }
+
+    /// Age of the oldest unshipped change per destination region, over this node's
+    /// groups, and the dead-letter depth per destination.
+    pub fn replication_backlog(&self) -> BTreeMap<u16, relay::Backlog> {
+        relay::backlog(self)
+    }
+
+    /// Start the relay and anti-entropy tasks; they stop when `stop` turns true.
+    pub fn start_background(
+        &self,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        if !self.is_multi_region() {
+            return Vec::new();
+        }
+        let mut tasks = relay::start(self, stop.clone());
+        tasks.extend(anti_entropy::start(self, stop));
+        tasks
+    }
+
+    /// Permit for one deferred merge (none left: drop it, anti-entropy repairs).
+    pub(crate) fn deferred_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.inner.deferred.clone().try_acquire_owned().ok()
+    }
+}
+
+/// Errors from a local group, as a region's reply.
+pub fn group_unavailable(e: &GroupError) -> bool {
+    !matches!(e, GroupError::Fatal(_))
+}

@@ -1,0 +1,174 @@
+//! The connection to one other region: its nodes' addresses, the one that answered
+//! last, a bound on calls in flight, and (for `idem demo` only) an emulated round trip.
+//!
+//! Every call has a deadline. A node that does not answer is skipped for the next one
+//! of the same region; a call never waits longer than its deadline in total.
+
+use idem_proto::internal::geo_client::GeoClient;
+use idem_proto::internal::GeoMessage;
+use idem_raft::Channels;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Error, Clone)]
+pub enum LinkError {
+    #[error("region {region} did not answer within {timeout:?}")]
+    Timeout { region: u16, timeout: Duration },
+    #[error("region {region} is unreachable: {detail}")]
+    Unreachable { region: u16, detail: String },
+    #[error("region {region} refused the call: {detail}")]
+    Refused { region: u16, detail: String },
+    #[error("too many calls in flight to region {0}")]
+    Busy(u16),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    Apply,
+    Merge,
+    Digest,
+    Fetch,
+}
+
+pub struct RegionLink {
+    pub region: u16,
+    pub name: String,
+    addrs: Vec<String>,
+    preferred: AtomicUsize,
+    channels: Channels,
+    in_flight: Arc<Semaphore>,
+    /// Emulated round trip (demo only): half before the call, half after.
+    emulated_rtt: Duration,
+    my_region: u16,
+}
+
+impl RegionLink {
+    pub fn new(
+        my_region: u16,
+        region: u16,
+        name: String,
+        addrs: Vec<String>,
+        channels: Channels,
+        max_in_flight: usize,
+        emulated_rtt: Duration,
+    ) -> RegionLink {
+        RegionLink {
+            region,
+            name,
+            addrs,
+            preferred: AtomicUsize::new(0),
+            channels,
+            in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            emulated_rtt,
+            my_region,
+        }
+    }
+
+    /// Send one message and wait for the answer, trying the region's nodes in turn.
+    pub async fn call(
+        &self,
+        kind: Kind,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, LinkError> {
+        let _permit = self
+            .in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| LinkError::Busy(self.region))?;
+        let deadline = Instant::now() + timeout;
+        let half = self.emulated_rtt / 2;
+        if !half.is_zero() {
+            tokio::time::sleep(half).await;
+        }
+        let n = self.addrs.len().max(1);
+        let start = self.preferred.load(Ordering::Relaxed);
+        let mut last = LinkError::Unreachable {
+            region: self.region,
+            detail: "no node address configured".into(),
+        };
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let Some(addr) = self.addrs.get(idx) else {
+                break;
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(LinkError::Timeout {
+                    region: self.region,
+                    timeout,
+                });
+            }
+            // Give the first node most of the time, but leave some for another.
+            let budget = if i + 1 < n { left.mul_f64(0.6) } else { left };
+            match self.call_node(addr, kind, payload.clone(), budget).await {
+                Ok(bytes) => {
+                    self.preferred.store(idx, Ordering::Relaxed);
+                    if !half.is_zero() {
+                        tokio::time::sleep(half).await;
+                    }
+                    return Ok(bytes);
+                }
+                Err(e @ LinkError::Refused { .. }) => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn call_node(
+        &self,
+        addr: &str,
+        kind: Kind,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, LinkError> {
+        let ch = self
+            .channels
+            .get(addr)
+            .map_err(|e| LinkError::Unreachable {
+                region: self.region,
+                detail: e.to_string(),
+            })?;
+        let mut client = GeoClient::new(ch)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let mut req = tonic::Request::new(GeoMessage {
+            from_region: self.my_region.into(),
+            payload,
+        });
+        req.set_timeout(timeout);
+        let fut = async {
+            match kind {
+                Kind::Apply => client.apply(req).await,
+                Kind::Merge => client.merge(req).await,
+                Kind::Digest => client.digest(req).await,
+                Kind::Fetch => client.fetch(req).await,
+            }
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Err(_) => Err(LinkError::Timeout {
+                region: self.region,
+                timeout,
+            }),
+            Ok(Ok(resp)) => Ok(resp.into_inner().payload),
+            Ok(Err(st)) => Err(match st.code() {
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => LinkError::Timeout {
+                    region: self.region,
+                    timeout,
+                },
+                tonic::Code::InvalidArgument | tonic::Code::Unimplemented => LinkError::Refused {
+                    region: self.region,
+                    detail: st.message().to_owned(),
+                },
+                _ => LinkError::Unreachable {
+                    region: self.region,
+                    detail: format!("{addr}: {}", st.message()),
+                },
+            }),
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The outbox relay: on the leader of each group, ship the group's queued changes to
+//! every other region, in bounded batches, one batch in flight per destination, at a
+//! bounded rate (so a region coming back after an outage is not flooded by the
+//! backlog: the GitHub 2018 lesson), retrying with backoff and jitter. The receiver
+//! merges them through its own Raft log. What was shipped is removed from the outbox
+//! by an `OutboxAck` command through this group's log, so every replica trims alike;
+//! entries the receiver refuses as invalid `dead_after_tries` times move to the
+//! dead-letter queue instead.
+
+use crate::link::Kind;
+use crate::wire::{EntryResult, MergeRequest, MergeResponse};
+use crate::Geo;
+use idem_core::{Key, Op};
+use idem_raft::codec::{decode, encode};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// Entries per shipped batch.
+    pub batch: usize,
+    /// Entries per second shipped to one destination by one group (catch-up rate).
+    pub max_rate: f64,
+    /// Entries queued per group and destination before changes are skipped.
+    pub max_outbox: u64,
+    /// A refused entry moves to the dead-letter queue after this many tries.
+    pub dead_after_tries: u32,
+    /// How often an idle relay looks for new entries.
+    pub idle_poll: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            batch: 256,
+            max_rate: 5_000.0,
+            max_outbox: 1_000_000,
+            dead_after_tries: 5,
+            idle_poll: Duration::from_millis(20),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What is waiting for one destination region on this node.
+#[derive(Clone, Debug, Default)]
+pub struct Backlog {
+    pub queued: u64,
+    /// Age of the oldest queued change.
+    pub oldest_age: Duration,
+    pub dead_letters: u64,
+    /// Changes not queued because the outbox was full (anti-entropy repairs them).
+    pub skipped: u64,
+}
+
+pub(crate) fn backlog(geo: &Geo) -> BTreeMap<u16, Backlog> {
+    let now = geo.stamper().wall_ms();
+    let mut out: BTreeMap<u16, Backlog> = geo
+        .other_regions()
+        .into_iter()
+        .map(|r| (r, Backlog::default()))
+        .collect();
+    let mut dlq = BTreeMap::new();
+    for shard in 0..geo.config().shards {
+        let Some(g) = geo.local_group(shard) else {
+            continue;
+        };
+        let engine = g.state();
+        if shard == 0 {
+            dlq = engine.dlq_depth().unwrap_or_default();
+        }
+        for (dest, b) in out.iter_mut() {
+            if let Ok((len, skipped)) = engine.outbox_len(shard, *dest) {
+                b.queued += len;
+                b.skipped += skipped;
+            }
+            if let Ok(first) = engine.outbox_read(shard, *dest, 1) {
+                if let Some(e) = first.first() {
+                    let age = Duration::from_millis(now.saturating_sub(e.enqueued_ms));
+                    b.oldest_age = b.oldest_age.max(age);
+                }
+            }
+        }
+    }
+    for (dest, b) in out.iter_mut() {
+        b.dead_letters = dlq.get(dest).copied().unwrap_or(0);
+    }
+    out
+}
+
+pub(crate) fn start(geo: &Geo, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for shard in 0..geo.config().shards {
+        for dest in geo.other_regions() {
+            let (geo, stop) = (geo.clone(), stop.clone());
+            tasks.push(tokio::spawn(
+                async move { run(geo, shard, dest, stop).await },
+            ));
+        }
+    }
+    tasks
+}
+
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+}
+
+async fn run(geo: Geo, shard: u32, dest: u16, mut stop: watch::Receiver<bool>) {
+    let cfg = geo.config().relay.clone();
+    let mut backoff = Duration::from_millis(100);
+    // Token bucket: `max_rate` entries per second, at most one second of burst.
+    let mut tokens = cfg.max_rate;
+    let mut refilled = Instant::now();
+    let mut tries: HashMap<u64, u32> = HashMap::new();
+    loop {
+        let mut wait = cfg.idle_poll;
+        if let Some(group) = geo.local_group(shard).filter(|g| g.is_leader()) {
+            match ship_once(
+                &geo,
+                &group,
+                shard,
+                dest,
+                &cfg,
+                &mut tokens,
+                &mut refilled,
+                &mut tries,
+            )
+            .await
+            {
+                Ok(true) => {
+                    backoff = Duration::from_millis(100);
+                    wait = Duration::ZERO;
+                }
+                Ok(false) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::debug!(shard, dest, error = %e, "relay batch failed; backing off");
+                    wait = jittered(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        if wait.is_zero() {
+            tokio::task::yield_now().await;
+            if *stop.borrow() {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Ship one batch. `Ok(true)`: something was shipped (look again at once).
+#[allow(clippy::too_many_arguments)]
+async fn ship_once(
+    geo: &Geo,
+    group: &idem_raft::Group,
+    shard: u32,
+    dest: u16,
+    cfg: &RelayConfig,
+    tokens: &mut f64,
+    refilled: &mut Instant,
+    tries: &mut HashMap<u64, u32>,
+) -> Result<bool, String> {
+    let elapsed = refilled.elapsed().as_secs_f64();
+    *refilled = Instant::now();
+    *tokens = (*tokens + elapsed * cfg.max_rate).min(cfg.max_rate.max(1.0));
+    if *tokens < 1.0 {
+        let need = (1.0 - *tokens) / cfg.max_rate.max(1.0);
+        tokio::time::sleep(Duration::from_secs_f64(need)).await;
+        return Ok(true);
+    }
+    let take = cfg.batch.min(tokens.floor() as usize).max(1);
+    let engine = group.state().clone();
+    let batch = tokio::task::spawn_blocking(move || engine.outbox_read(shard, dest, take))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if batch.is_empty() {
+        tries.clear();
+        return Ok(false);
+    }
+    *tokens -= batch.len() as f64;
+    let link = geo.link(dest).ok_or("no link to the destination")?;
+    let req = MergeRequest {
+        shard,
+        entries: batch.iter().map(|e| e.bytes.clone()).collect(),
+    };
+    let bytes = link
+        .call(Kind::Merge, encode(&req), cfg.timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let resp: MergeResponse = decode(&bytes).map_err(|e| e.to_string())?;
+    let mut upto = None;
+    let mut dead = Vec::new();
+    for (e, r) in batch.iter().zip(resp.results.iter()) {
+        match r {
+            EntryResult::Merged | EntryResult::Deferred => {
+                tries.remove(&e.seq);
+            }
+            EntryResult::Invalid(why) => {
+                let n = tries.entry(e.seq).or_insert(0);
+                *n += 1;
+                if *n >= cfg.dead_after_tries {
+                    tracing::warn!(shard, dest, seq = e.seq, reason = %why, "outbox entry refused as invalid; moved to the dead-letter queue");
+                    tries.remove(&e.seq);
+                    dead.push(e.seq);
+                } else {
+                    upto = Some(e.seq);
+                    break;
+                }
+            }
+            EntryResult::Failed(_) => {
+                upto = Some(e.seq);
+                break;
+            }
+        }
+    }
+    let shipped_all = upto.is_none() && resp.results.len() >= batch.len();
+    let upto = match upto {
+        Some(s) => s,
+        None => match batch.get(resp.results.len().min(batch.len()).saturating_sub(1)) {
+            Some(last) if !resp.results.is_empty() => last.seq + 1,
+            _ => return Err("empty answer".into()),
+        },
+    };
+    if batch.first().is_some_and(|f| upto > f.seq) || !dead.is_empty() {
+        let key = Key {
+            tenant: String::new(),
+            scope: String::new(),
+            key: Vec::new(),
+        };
+        group
+            .submit(key, Op::OutboxAck { dest, upto, dead })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    if shipped_all {
+        Ok(true)
+    } else {
+        Err(format!("destination could not take entry {upto} yet"))
+    }
+}

@@ -1,0 +1,225 @@
+//! The `Geo` service: what other regions call on this node. Every call runs through
+//! this region's groups (their Raft logs), never around them.
+
+use crate::wire::{
+    ApplyRequest, ApplyResponse, DigestRequest, DigestResponse, EntryResult, FetchRequest,
+    FetchResponse, MergeRequest, MergeResponse,
+};
+use crate::{Geo, Mode};
+use futures::future::join_all;
+use idem_core::codec::{decode_shipped, encode_shipped, Shipped};
+use idem_core::merge::MergeOutcome;
+use idem_core::{CommandResult, Key, Op, Record};
+use idem_proto::internal::geo_server::Geo as GeoRpc;
+use idem_proto::internal::GeoMessage;
+use idem_raft::codec::{decode, encode};
+use idem_raft::GroupError;
+use std::time::Duration;
+use tonic::{Request, Response, Status};
+
+/// Most commands or entries in one call.
+const MAX_BATCH: usize = 4096;
+/// How many times a deferred merge is offered again before anti-entropy is left to it.
+const MAX_DEFER_ROUNDS: u32 = 8;
+
+pub struct GeoService {
+    geo: Geo,
+}
+
+impl GeoService {
+    pub fn new(geo: Geo) -> GeoService {
+        GeoService { geo }
+    }
+}
+
+fn bad(what: &str, e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{what}: {e}"))
+}
+
+fn reply(from: u16, payload: Vec<u8>) -> Response<GeoMessage> {
+    Response::new(GeoMessage {
+        from_region: from.into(),
+        payload,
+    })
+}
+
+impl Geo {
+    /// Merge one record from another region into the local group, offering it again
+    /// later while the acceptor rules defer it.
+    pub(crate) async fn merge_record(&self, shard: u32, key: Key, record: Record) -> EntryResult {
+        let Some(group) = self.local_group(shard) else {
+            return EntryResult::Failed(format!("shard {shard} is not running here"));
+        };
+        let mode = self.mode_of(&key);
+        let op = Op::Merge {
+            record: record.clone(),
+            guarded: mode == Mode::Global,
+        };
+        match group.submit(key.clone(), op).await {
+            Ok(CommandResult::Merge { outcome, conflict }) => {
+                if let Some(c) = &conflict {
+                    self.observer().conflict(mode, c);
+                    if mode == Mode::Global
+                        && matches!(c, idem_core::merge::Conflict::DualCompletion)
+                    {
+                        tracing::error!(key = %key, claim = %record.claim, generation = record.generation,
+                            "SAFETY VIOLATION: two different completions of one generation met in a merge");
+                    }
+                }
+                match outcome {
+                    MergeOutcome::Deferred { retry_after_ms } => {
+                        self.defer(shard, key, record, retry_after_ms, 1);
+                        EntryResult::Deferred
+                    }
+                    _ => EntryResult::Merged,
+                }
+            }
+            Ok(other) => EntryResult::Failed(format!("unexpected merge result {other:?}")),
+            Err(e) => EntryResult::Failed(e.to_string()),
+        }
+    }
+
+    fn defer(&self, shard: u32, key: Key, record: Record, after_ms: u64, round: u32) {
+        if round > MAX_DEFER_ROUNDS {
+            return;
+        }
+        let Some(permit) = self.deferred_permit() else {
+            tracing::debug!(key = %key, "deferred merges full; anti-entropy will repair");
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(after_ms.clamp(1, 60_000))).await;
+            drop(permit);
+            let Some(group) = me.local_group(shard) else {
+                return;
+            };
+            let guarded = me.mode_of(&key) == Mode::Global;
+            let op = Op::Merge {
+                record: record.clone(),
+                guarded,
+            };
+            if let Ok(CommandResult::Merge {
+                outcome: MergeOutcome::Deferred { retry_after_ms },
+                ..
+            }) = group.submit(key.clone(), op).await
+            {
+                me.defer(shard, key, record, retry_after_ms, round + 1);
+            }
+        });
+    }
+}
+
+#[tonic::async_trait]
+impl GeoRpc for GeoService {
+    async fn apply(&self, req: Request<GeoMessage>) -> Result<Response<GeoMessage>, Status> {
+        let r: ApplyRequest = decode(&req.get_ref().payload).map_err(|e| bad("apply", e))?;
+        if r.calls.len() > MAX_BATCH {
+            return Err(bad(
+                "apply",
+                format!("{} calls, at most {MAX_BATCH}", r.calls.len()),
+            ));
+        }
+        let stamper = self.geo.stamper();
+        if let Err(e) = stamper.observe(r.hlc) {
+            tracing::warn!(error = %e, "peer clock refused");
+        }
+        let results = join_all(r.calls.into_iter().map(|c| {
+            let geo = self.geo.clone();
+            async move {
+                match geo.local_group(c.shard) {
+                    None => Err(GroupError::Unavailable(format!(
+                        "shard {} is not running here",
+                        c.shard
+                    ))),
+                    Some(g) => g.submit(c.key, c.op).await,
+                }
+            }
+        }))
+        .await;
+        let (now, _) = stamper.mint();
+        let resp = ApplyResponse {
+            hlc: idem_core::Hlc::compose(now, 0),
+            results,
+        };
+        Ok(reply(self.geo.my_region(), encode(&resp)))
+    }
+
+    async fn merge(&self, req: Request<GeoMessage>) -> Result<Response<GeoMessage>, Status> {
+        let r: MergeRequest = decode(&req.get_ref().payload).map_err(|e| bad("merge", e))?;
+        if r.entries.len() > MAX_BATCH {
+            return Err(bad(
+                "merge",
+                format!("{} entries, at most {MAX_BATCH}", r.entries.len()),
+            ));
+        }
+        let results = join_all(r.entries.iter().map(|bytes| {
+            let geo = self.geo.clone();
+            async move {
+                match decode_shipped(bytes) {
+                    Err(e) => EntryResult::Invalid(e.to_string()),
+                    Ok(s) if s.key.tenant.is_empty() => {
+                        EntryResult::Invalid("entry without a tenant".into())
+                    }
+                    Ok(s) => geo.merge_record(r.shard, s.key, s.record).await,
+                }
+            }
+        }))
+        .await;
+        Ok(reply(
+            self.geo.my_region(),
+            encode(&MergeResponse { results }),
+        ))
+    }
+
+    async fn digest(&self, req: Request<GeoMessage>) -> Result<Response<GeoMessage>, Status> {
+        let r: DigestRequest = decode(&req.get_ref().payload).map_err(|e| bad("digest", e))?;
+        let group = self
+            .geo
+            .local_group(r.shard)
+            .ok_or_else(|| Status::unavailable(format!("shard {} is not running here", r.shard)))?;
+        let engine = group.state().clone();
+        let now = self.geo.stamper().wall_ms();
+        let buckets = r.buckets.clamp(1, 4096);
+        let (digests, records) =
+            tokio::task::spawn_blocking(move || engine.bucket_digests(r.shard, buckets, now))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(reply(
+            self.geo.my_region(),
+            encode(&DigestResponse { digests, records }),
+        ))
+    }
+
+    async fn fetch(&self, req: Request<GeoMessage>) -> Result<Response<GeoMessage>, Status> {
+        let r: FetchRequest = decode(&req.get_ref().payload).map_err(|e| bad("fetch", e))?;
+        let group = self
+            .geo
+            .local_group(r.shard)
+            .ok_or_else(|| Status::unavailable(format!("shard {} is not running here", r.shard)))?;
+        let engine = group.state().clone();
+        let now = self.geo.stamper().wall_ms();
+        let limit = r.limit.clamp(1, MAX_BATCH as u32) as usize;
+        let (records, next) = tokio::task::spawn_blocking(move || {
+            engine.bucket_records(r.shard, r.bucket, r.buckets, r.after.as_deref(), limit, now)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let records = records
+            .into_iter()
+            .map(|(key, record)| {
+                encode_shipped(&Shipped {
+                    enqueued_ms: now,
+                    key,
+                    record,
+                })
+            })
+            .collect();
+        Ok(reply(
+            self.geo.my_region(),
+            encode(&FetchResponse { records, next }),
+        ))
+    }
+}
