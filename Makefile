@@ -7,8 +7,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the build and the tests need.
 # prometheus brings promtool, which checks the alert rules and the dashboard's queries.
 APT_PACKAGES := libclang-dev clang pkg-config build-essential prometheus
+# The fault suite: network namespaces, firewall rules, a faked wall clock.
+JEPSEN_PACKAGES := iproute2 iptables faketime
 
-.PHONY: deps build release test demo lint fmt clean
+.PHONY: deps jepsen-deps build release test demo lint fmt clean jepsen jepsen-quick jepsen-bins
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -28,7 +30,7 @@ build: deps
 test: deps
 	$(CARGO) test --workspace -- --test-threads=2
 
-# A 3-node local cluster with a short example; serves until Ctrl-C.
+# Three regions of three nodes in one process, with a short example; serves until Ctrl-C.
 demo: deps
 	$(CARGO) build --workspace --all-targets
 	$(CARGO_TARGET_DIR)/debug/idem demo
@@ -39,3 +41,40 @@ lint: deps
 
 fmt:
 	$(CARGO) fmt --all
+
+jepsen-deps: deps
+	@missing=""; for p in $(JEPSEN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# The fault suite drives release binaries: the server as shipped, and two deliberately
+# broken builds it must catch (NEW on the local accept alone; Complete acknowledged
+# before a majority stored it). The correct build is built last, so that
+# $(CARGO_TARGET_DIR)/release/idem is the correct one.
+REL := $(CARGO_TARGET_DIR)/release
+jepsen-bins: jepsen-deps
+	$(CARGO) build --release -p idem-cli --features idem-cli/broken-local-accept
+	cp $(REL)/idem $(REL)/idem-broken-local-accept
+	$(CARGO) build --release -p idem-cli --features idem-cli/broken-early-ack
+	cp $(REL)/idem $(REL)/idem-broken-early-ack
+	$(CARGO) build --release -p idem-cli -p idem-jepsen
+
+# Under 10 minutes: the correct build under partitions, crashes, pauses and clock skew
+# must be valid; each broken build must be reported invalid.
+jepsen-quick: jepsen-bins
+	$(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem --time-limit 60 --seed 1 \
+	  --nemesis partition-region,partition-node,kill,pause,clock
+	$(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem-broken-local-accept --time-limit 40 --seed 2 \
+	  --nemesis partition-region --expect-invalid
+	$(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem-broken-early-ack --time-limit 60 --seed 3 \
+	  --nemesis partition-region --expect-invalid
+
+# The long suite: every nemesis, ten minutes each for three seeds (about 35 minutes).
+jepsen: jepsen-bins
+	for seed in 1 2 3; do \
+	  $(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem --time-limit 600 --seed $$seed \
+	    --nemesis partition-node,partition-region,partition-majority,partition-ring,partition-bridge,partition-oneway,kill,kill-leader,pause,clock,clock-strobe,loss,restart \
+	    || exit 1; \
+	done

@@ -218,21 +218,19 @@ fn check_key(key: &str, ops: &[&Op], skew: u64, out: &mut Vec<Violation>) {
 }
 
 fn check_digests(history: &[Op], out: &mut Vec<Violation>) {
-    let digests: BTreeMap<u32, &Op> = history
-        .iter()
-        .filter(|o| o.call == Call::Digest)
-        .map(|o| (o.region, o))
-        .collect();
-    let distinct: BTreeSet<&str> = digests.values().map(|o| o.value.as_str()).collect();
+    let digests: Vec<&Op> = history.iter().filter(|o| o.call == Call::Digest).collect();
+    let distinct: BTreeSet<&str> = digests.iter().map(|o| o.value.as_str()).collect();
     if distinct.len() > 1 {
+        let regions: BTreeSet<u32> = digests.iter().map(|o| o.region).collect();
         out.push(Violation {
             kind: "divergence",
             key: String::new(),
-            ops: digests.values().map(|o| o.id).collect(),
+            ops: digests.iter().map(|o| o.id).collect(),
             detail: format!(
-                "{} different record digests across {} regions",
+                "{} different record digests across {} nodes of {} regions",
                 distinct.len(),
-                digests.len()
+                digests.len(),
+                regions.len()
             ),
         });
     }

@@ -5,4 +5,10 @@
 //! the server's decision logic cannot hide itself by being shared with the judge.
 
 pub mod checker;
+pub mod cluster;
 pub mod history;
+pub mod nemesis;
+pub mod net;
+pub mod report;
+pub mod run;
+pub mod workload;

@@ -172,60 +172,60 @@ async fn example(endpoints: &[(String, String)]) -> anyhow::Result<()> {
     let key = format!("order-{}", idem_client::now_ms() % 100_000);
     let charge = Fingerprint::of_request("POST", "/charge", b"{\"amount\": 42}");
     let other = Fingerprint::of_request("POST", "/charge", b"{\"amount\": 99}");
-    let show = |step: &str, r: &Reservation| {
-        println!("  {step:<52} -> {}", describe(r).1);
+    let show = |step: &str, r: &Reservation, took: Duration| {
+        println!(
+            "  {step:<48} {:>7.1} ms -> {}",
+            took.as_secs_f64() * 1e3,
+            describe(r).1
+        );
     };
-    println!("\nexample: key {key:?} in scope \"payments\"");
-    let first = client
-        .reserve(&ReserveRequest::new("payments", key.clone(), charge))
-        .await?;
-    show("1. Reserve (first attempt)", &first);
+    let reserve = |c: Client, fp: Fingerprint| {
+        let key = key.clone();
+        async move {
+            let t = std::time::Instant::now();
+            let r = c.reserve(&ReserveRequest::new("payments", key, fp)).await?;
+            Ok::<_, anyhow::Error>((r, t.elapsed()))
+        }
+    };
+    println!("\nexample: key {key:?} in scope \"payments\" (a NEW needs a majority of regions: one round trip)");
+    let (first, took) = reserve(client.clone(), charge).await?;
+    show("1. Reserve (first attempt)", &first, took);
     let Reservation::New(lease) = first else {
         anyhow::bail!("the first Reserve of a fresh key was not NEW");
     };
-    let retry = client
-        .reserve(&ReserveRequest::new("payments", key.clone(), charge))
-        .await?;
-    show("2. Reserve again while the charge runs", &retry);
-    let reuse = client
-        .reserve(&ReserveRequest::new("payments", key.clone(), other))
-        .await?;
-    show("3. Reserve the same key with a different body", &reuse);
+    let (retry, took) = reserve(client.clone(), charge).await?;
+    show("2. Reserve again while the charge runs", &retry, took);
+    let (reuse, took) = reserve(client.clone(), other).await?;
+    show(
+        "3. Reserve the same key with a different body",
+        &reuse,
+        took,
+    );
     let response = StoredResponse {
         status: 201,
         headers: vec![],
         body: b"{\"charge\": \"ch_42\", \"amount\": 42}".to_vec(),
     };
+    let t = std::time::Instant::now();
     client.complete(&lease, &response).await?;
     println!(
-        "  {:<52} -> COMPLETED",
-        "4. Complete with the charge's response"
+        "  {:<48} {:>7.1} ms -> COMPLETED (final: stored by a majority)",
+        "4. Complete with the charge's response",
+        t.elapsed().as_secs_f64() * 1e3
     );
-    let after = client
-        .reserve(&ReserveRequest::new("payments", key.clone(), charge))
-        .await?;
-    show("5. Reserve again (a client retry)", &after);
+    let (after, took) = reserve(client.clone(), charge).await?;
+    show("5. Reserve again (a client retry)", &after, took);
     if endpoints.len() > 1 {
-        let other = (home + 1) % endpoints.len();
-        let flipped = Client::connect(ClientConfig::new(endpoints[other].1.clone())).await?;
-        let t = std::time::Instant::now();
-        let r = flipped
-            .reserve(&ReserveRequest::new("payments", key.clone(), charge))
-            .await?;
+        let other_region = (home + 1) % endpoints.len();
+        let flipped = Client::connect(ClientConfig::new(endpoints[other_region].1.clone())).await?;
+        let (r, took) = reserve(flipped, charge).await?;
         show(
-            &format!("6. The retry lands in {} instead", endpoints[other].0),
+            &format!(
+                "6. The retry lands in {} instead",
+                endpoints[other_region].0
+            ),
             &r,
-        );
-        let fresh = format!("{key}-b");
-        let t2 = std::time::Instant::now();
-        let n = client
-            .reserve(&ReserveRequest::new("payments", fresh, charge))
-            .await?;
-        println!(
-            "\n  a REPLAY from a final local copy took {:?}; a NEW (a majority of regions) took {:?} ({})",
-            t.elapsed(),
-            t2.elapsed(),
-            describe(&n).1
+            took,
         );
     }
     Ok(())

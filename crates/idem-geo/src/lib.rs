@@ -575,6 +575,19 @@ impl Geo {
             })
             .await;
         if ok.is_some() {
+            // Final: a majority witnessed it. Before acknowledging, make a majority know
+            // it is final too, so that a retry through any surviving majority finds a
+            // final copy even if this region is lost right after the acknowledgement.
+            // (The completion is final either way; this only bounds how long its
+            // finality may be unknown.) The other regions learn it in the background.
+            let (told, _, _) = self
+                .majority_call(&key, Op::Final { fence }, self.majority(), |r| {
+                    matches!(r, CommandResult::Done).then_some(())
+                })
+                .await;
+            if told.is_none() {
+                tracing::debug!(key = %key, "final notice not yet stored by a majority");
+            }
             let shard = shard_of(&key, self.inner.cfg.shards);
             self.broadcast(shard, key, Op::Final { fence });
             return Ok(Ok(()));

@@ -501,6 +501,27 @@ impl Config {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_shipped_example_is_valid_and_names_three_regions() {
+        let text = include_str!("../../../deploy/node.example.toml");
+        let cfg = Config::from_toml_with_env(text, std::iter::empty()).unwrap();
+        cfg.validate().unwrap();
+        let geo = cfg.geo_config(0);
+        assert_eq!(geo.regions.len(), 3);
+        assert_eq!(geo.round_timeout, std::time::Duration::from_millis(1_500));
+    }
+
+    #[test]
+    fn namespace_modes_are_checked() {
+        let cfg = Config::from_toml_with_env(
+            "[[namespaces]]\nscope_prefix = \"x\"\nmode = \"fast\"\n",
+            std::iter::empty(),
+        )
+        .unwrap();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("namespaces[0].mode"), "{e}");
+    }
+
     fn env(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
         pairs
             .iter()

@@ -1,0 +1,254 @@
+//! The cluster under test: real `idem server` processes, one per node address, started,
+//! killed (SIGKILL), paused (SIGSTOP/SIGCONT) and restarted by the suite. With
+//! `libfaketime` installed, every node runs under it with a clock file the clock
+//! nemesis rewrites (only wall-clock time is faked; monotonic timers stay true).
+
+use crate::net::{node_ip, proxy_ip, GRPC_PORT, HTTP_PORT};
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const REGION_NAMES: [&str; 5] = ["us-east", "eu-west", "ap-south", "sa-east", "af-south"];
+pub const SKEW_MARGIN_MS: u64 = 300;
+
+const FAKETIME_LIBS: [&str; 2] = [
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+];
+
+pub fn faketime_lib() -> Option<&'static str> {
+    FAKETIME_LIBS.into_iter().find(|p| Path::new(p).exists())
+}
+
+pub struct NodeProc {
+    pub index: usize,
+    pub id: u64,
+    pub region: usize,
+    pub ip: std::net::Ipv4Addr,
+    pub config: PathBuf,
+    pub clock_file: PathBuf,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+    pub paused: bool,
+}
+
+impl NodeProc {
+    pub fn grpc(&self) -> String {
+        format!("{}:{GRPC_PORT}", self.ip)
+    }
+    pub fn http(&self) -> String {
+        format!("{}:{HTTP_PORT}", self.ip)
+    }
+}
+
+pub struct Cluster {
+    pub bin: PathBuf,
+    pub nodes: Vec<NodeProc>,
+    pub regions: usize,
+    pub per_region: usize,
+}
+
+impl Cluster {
+    /// Write every node's config; start nothing yet.
+    pub fn configure(
+        bin: &Path,
+        dir: &Path,
+        regions: usize,
+        per_region: usize,
+    ) -> anyhow::Result<Cluster> {
+        let mut nodes = Vec::new();
+        for r in 0..regions {
+            for n in 0..per_region {
+                let index = r * per_region + n;
+                let id = index as u64 + 1;
+                let ip = node_ip(r, n);
+                let ndir = dir.join(format!("n{id}"));
+                std::fs::create_dir_all(&ndir)?;
+                let mut regions_toml = String::new();
+                for r2 in 0..regions {
+                    regions_toml.push_str(&format!(
+                        "[[regions]]\nid = {r2}\nname = \"{}\"\n",
+                        REGION_NAMES[r2]
+                    ));
+                    for n2 in 0..per_region {
+                        let b = r2 * per_region + n2;
+                        let addr = if r2 == r {
+                            node_ip(r2, n2)
+                        } else {
+                            proxy_ip(index, b)
+                        };
+                        regions_toml.push_str(&format!(
+                            "[[regions.nodes]]\nid = {}\naddr = \"{addr}:{GRPC_PORT}\"\n",
+                            b + 1
+                        ));
+                    }
+                }
+                let config = ndir.join("node.toml");
+                let text = format!(
+                    "[node]\nid = {id}\nregion = \"{}\"\ndata_dir = \"{}\"\ngrpc_addr = \"{ip}:{GRPC_PORT}\"\nhttp_addr = \"{ip}:{HTTP_PORT}\"\noutgoing_addr = \"{ip}\"\n\n\
+                     [cluster]\nshards = 2\nskew_margin_ms = {SKEW_MARGIN_MS}\nmax_clock_ahead_ms = 5000\n\n\
+                     [raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 600\nelection_timeout_max_ms = 1200\nrequest_timeout_ms = 2000\n\n\
+                     [geo]\nround_timeout_ms = 1500\nanti_entropy_interval_ms = 3000\n\n\
+                     [limits]\nmin_lease_ms = 100\nmin_retention_ms = 60000\n\n\
+                     [log]\nlevel = \"warn,idem_geo=info\"\n\n{regions_toml}",
+                    REGION_NAMES[r],
+                    ndir.join("data").display(),
+                );
+                std::fs::write(&config, text)?;
+                let clock_file = ndir.join("clock");
+                std::fs::write(&clock_file, "+0\n")?;
+                nodes.push(NodeProc {
+                    index,
+                    id,
+                    region: r,
+                    ip,
+                    config,
+                    clock_file,
+                    log: ndir.join("node.log"),
+                    child: None,
+                    paused: false,
+                });
+            }
+        }
+        Ok(Cluster {
+            bin: bin.to_path_buf(),
+            nodes,
+            regions,
+            per_region,
+        })
+    }
+
+    pub fn start(&mut self, i: usize) -> anyhow::Result<()> {
+        let n = &mut self.nodes[i];
+        if n.child.is_some() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["server", "--config"])
+            .arg(&n.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if let Some(lib) = faketime_lib() {
+            cmd.env("LD_PRELOAD", lib)
+                .env("FAKETIME_TIMESTAMP_FILE", &n.clock_file)
+                .env("FAKETIME_CACHE_DURATION", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        n.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("start {}", self.bin.display()))?,
+        );
+        n.paused = false;
+        Ok(())
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        if let Some(mut c) = n.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        n.paused = false;
+    }
+
+    pub fn signal(&mut self, i: usize, sig: &str) {
+        let n = &mut self.nodes[i];
+        if let Some(c) = &n.child {
+            let _ = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status();
+            n.paused = sig == "-STOP";
+        }
+    }
+
+    pub fn set_clock_offset(&self, i: usize, offset_s: f64) -> anyhow::Result<()> {
+        let s = if offset_s >= 0.0 {
+            format!("+{offset_s:.3}\n")
+        } else {
+            format!("{offset_s:.3}\n")
+        };
+        std::fs::write(&self.nodes[i].clock_file, s)?;
+        Ok(())
+    }
+
+    pub fn region_nodes(&self, r: usize) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].region == r)
+            .collect()
+    }
+
+    /// Wait for every running node's /healthz.
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            while !http_get(&n.http(), "/healthz").is_some_and(|(c, _)| c == 200) {
+                if start.elapsed() > timeout {
+                    anyhow::bail!(
+                        "node {} not ready after {timeout:?}; see {}",
+                        n.id,
+                        n.log.display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    /// The node that leads shard 0's group of region `r`, as its nodes report it.
+    pub fn leader_of(&self, r: usize) -> Option<usize> {
+        for i in self.region_nodes(r) {
+            if let Some((200, body)) = http_get(&self.nodes[i].http(), "/status") {
+                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                if let Some(l) = v["groups"][0]["leader"].as_u64() {
+                    return self.nodes.iter().position(|n| n.id == l);
+                }
+            }
+        }
+        None
+    }
+
+    /// Node `i`'s record digest.
+    pub fn digest(&self, i: usize) -> Option<(u64, String)> {
+        let (code, body) = http_get(&self.nodes[i].http(), "/api/digest")?;
+        if code != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        Some((v["records"].as_u64()?, v["digest"].as_str()?.to_string()))
+    }
+
+    pub fn stop_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.signal(i, "-CONT");
+            self.kill(i);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// A minimal HTTP/1.0 GET.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500))
+            .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}

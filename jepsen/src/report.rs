@@ -1,0 +1,299 @@
+//! A run's report: `results.json`, a summary table, and `timeline.svg` (latency of
+//! every Reserve over time, coloured by outcome, with the nemesis windows shaded and
+//! the availability per second drawn above).
+
+use crate::checker::Verdict;
+use crate::history::{Call, Op, Outcome};
+use crate::nemesis::Window;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+#[derive(Serialize)]
+pub struct WindowStats {
+    pub nemesis: String,
+    pub detail: String,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub reserves: u64,
+    /// Share of Reserves that got a definite answer (NEW, IN_FLIGHT, REPLAY, MISMATCH).
+    pub availability: f64,
+    pub p50_ms: u64,
+    pub p99_ms: u64,
+}
+
+#[derive(Serialize)]
+pub struct Results {
+    pub valid: bool,
+    pub run: String,
+    pub nemeses: Vec<String>,
+    pub seed: u64,
+    pub time_limit_s: u64,
+    pub ops: usize,
+    pub outcomes: BTreeMap<String, u64>,
+    pub violations_by_kind: BTreeMap<String, usize>,
+    pub violations: Vec<crate::checker::Violation>,
+    pub windows: Vec<WindowStats>,
+    pub quiet: WindowStats,
+}
+
+fn definite(o: &Outcome) -> bool {
+    matches!(
+        o,
+        Outcome::New | Outcome::InFlight | Outcome::Replay | Outcome::Mismatch
+    )
+}
+
+fn stats(name: &str, detail: &str, s: u64, e: u64, ops: &[&Op]) -> WindowStats {
+    let mut lat: Vec<u64> = ops
+        .iter()
+        .map(|o| o.end_ms.saturating_sub(o.start_ms))
+        .collect();
+    lat.sort_unstable();
+    let q = |p: f64| -> u64 {
+        if lat.is_empty() {
+            0
+        } else {
+            lat[((lat.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    let ok = ops.iter().filter(|o| definite(&o.outcome)).count();
+    WindowStats {
+        nemesis: name.into(),
+        detail: detail.into(),
+        start_ms: s,
+        end_ms: e,
+        reserves: ops.len() as u64,
+        availability: if ops.is_empty() {
+            1.0
+        } else {
+            ok as f64 / ops.len() as f64
+        },
+        p50_ms: q(0.5),
+        p99_ms: q(0.99),
+    }
+}
+
+pub fn build(
+    run: &str,
+    nemeses: &[String],
+    seed: u64,
+    time_limit_s: u64,
+    history: &[Op],
+    windows: &[Window],
+    verdict: &Verdict,
+) -> Results {
+    let reserves: Vec<&Op> = history.iter().filter(|o| o.call == Call::Reserve).collect();
+    let inside = |o: &Op, w: &Window| o.start_ms >= w.start_ms && o.start_ms < w.end_ms;
+    let ws = windows
+        .iter()
+        .map(|w| {
+            let ops: Vec<&Op> = reserves.iter().copied().filter(|o| inside(o, w)).collect();
+            stats(&w.nemesis, &w.detail, w.start_ms, w.end_ms, &ops)
+        })
+        .collect();
+    let quiet_ops: Vec<&Op> = reserves
+        .iter()
+        .copied()
+        .filter(|o| !windows.iter().any(|w| inside(o, w)))
+        .collect();
+    let (s, e) = (
+        reserves.iter().map(|o| o.start_ms).min().unwrap_or(0),
+        reserves.iter().map(|o| o.end_ms).max().unwrap_or(0),
+    );
+    Results {
+        valid: verdict.valid,
+        run: run.into(),
+        nemeses: nemeses.to_vec(),
+        seed,
+        time_limit_s,
+        ops: history.len(),
+        outcomes: verdict.outcomes.clone(),
+        violations_by_kind: verdict
+            .by_kind()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        violations: verdict.violations.clone(),
+        windows: ws,
+        quiet: stats("none", "no fault", s, e, &quiet_ops),
+    }
+}
+
+pub fn summary(r: &Results) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "run {}  seed {}  nemeses {}",
+        r.run,
+        r.seed,
+        r.nemeses.join(",")
+    );
+    let _ = writeln!(
+        out,
+        "\n| window | fault | reserves | available | p50 ms | p99 ms |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
+    let row = |w: &WindowStats| {
+        format!(
+            "| {} | {} | {} | {:.1}% | {} | {} |",
+            w.nemesis,
+            w.detail,
+            w.reserves,
+            w.availability * 100.0,
+            w.p50_ms,
+            w.p99_ms
+        )
+    };
+    let _ = writeln!(out, "{}", row(&r.quiet));
+    for w in &r.windows {
+        let _ = writeln!(out, "{}", row(w));
+    }
+    let _ = writeln!(out, "\noutcomes:");
+    for (k, v) in &r.outcomes {
+        let _ = writeln!(out, "  {k:<24} {v}");
+    }
+    if r.valid {
+        let _ = writeln!(out, "\nVALID: no violation in {} operations", r.ops);
+    } else {
+        let _ = writeln!(out, "\nINVALID:");
+        for (k, v) in &r.violations_by_kind {
+            let _ = writeln!(out, "  {k:<16} {v}");
+        }
+        for v in r.violations.iter().take(5) {
+            let _ = writeln!(
+                out,
+                "  e.g. {} key {:?} ops {:?}: {}",
+                v.kind, v.key, v.ops, v.detail
+            );
+        }
+    }
+    out
+}
+
+/// The timeline plot.
+pub fn svg(history: &[Op], windows: &[Window]) -> String {
+    let reserves: Vec<&Op> = history.iter().filter(|o| o.call == Call::Reserve).collect();
+    let t0 = reserves.iter().map(|o| o.start_ms).min().unwrap_or(0);
+    let t1 = reserves
+        .iter()
+        .map(|o| o.end_ms)
+        .max()
+        .unwrap_or(t0 + 1)
+        .max(t0 + 1);
+    let lmax = reserves
+        .iter()
+        .map(|o| o.end_ms.saturating_sub(o.start_ms))
+        .max()
+        .unwrap_or(1)
+        .max(10) as f64;
+    let (w, h, left, top, ph, ah) = (1000.0, 520.0, 60.0, 20.0, 340.0, 100.0);
+    let x = |t: u64| left + (t.saturating_sub(t0)) as f64 / (t1 - t0) as f64 * (w - left - 20.0);
+    // Latency on a log scale, 1 ms .. lmax.
+    let y = |l: u64| {
+        let f = ((l.max(1) as f64).ln() / lmax.ln()).clamp(0.0, 1.0);
+        top + ah + 20.0 + ph - f * ph
+    };
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = write!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    for win in windows {
+        let (a, b) = (x(win.start_ms), x(win.end_ms));
+        let _ = write!(
+            s,
+            r##"<rect x="{a:.1}" y="{top}" width="{:.1}" height="{:.1}" fill="#f4c7c3" opacity="0.6"><title>{}: {}</title></rect>"##,
+            (b - a).max(1.0),
+            ah + 20.0 + ph,
+            win.nemesis,
+            win.detail
+        );
+        let _ = write!(
+            s,
+            r##"<text x="{a:.1}" y="{:.1}" fill="#a33">{}</text>"##,
+            top + 10.0,
+            win.nemesis
+        );
+    }
+    // Availability per second.
+    let secs = ((t1 - t0) / 1000 + 1) as usize;
+    let mut per = vec![(0u32, 0u32); secs];
+    for o in &reserves {
+        let i = ((o.start_ms - t0) / 1000) as usize;
+        if let Some(p) = per.get_mut(i) {
+            p.1 += 1;
+            if definite(&o.outcome) {
+                p.0 += 1;
+            }
+        }
+    }
+    let mut path = String::new();
+    for (i, (ok, n)) in per.iter().enumerate() {
+        if *n == 0 {
+            continue;
+        }
+        let a = f64::from(*ok) / f64::from(*n);
+        let px = x(t0 + i as u64 * 1000 + 500);
+        let py = top + 15.0 + (1.0 - a) * (ah - 10.0);
+        let _ = write!(
+            path,
+            "{}{px:.1},{py:.1} ",
+            if path.is_empty() { "M" } else { "L" }
+        );
+    }
+    let _ = write!(
+        s,
+        r##"<path d="{path}" fill="none" stroke="#2a6" stroke-width="1.5"/>"##
+    );
+    let _ = write!(s, r#"<text x="4" y="{:.1}">avail.</text>"#, top + 20.0);
+    let color = |o: &Outcome| match o {
+        Outcome::New => "#1f77b4",
+        Outcome::Replay => "#2ca02c",
+        Outcome::InFlight => "#ff7f0e",
+        Outcome::Mismatch => "#9467bd",
+        Outcome::Timeout => "#d62728",
+        _ => "#7f7f7f",
+    };
+    for o in &reserves {
+        let _ = write!(
+            s,
+            r#"<circle cx="{:.1}" cy="{:.1}" r="1.6" fill="{}"/>"#,
+            x(o.start_ms),
+            y(o.end_ms.saturating_sub(o.start_ms)),
+            color(&o.outcome)
+        );
+    }
+    for ms in [1u64, 10, 100, 1000, 10000] {
+        if (ms as f64) <= lmax {
+            let _ = write!(s, r#"<text x="4" y="{:.1}">{ms} ms</text>"#, y(ms) + 4.0);
+            let _ = write!(
+                s,
+                r##"<line x1="{left}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="#ddd"/>"##,
+                w - 20.0,
+                y(ms),
+                y(ms)
+            );
+        }
+    }
+    let legend = [
+        ("NEW", "#1f77b4"),
+        ("REPLAY", "#2ca02c"),
+        ("IN_FLIGHT", "#ff7f0e"),
+        ("MISMATCH", "#9467bd"),
+        ("timeout/unavailable", "#d62728"),
+    ];
+    for (i, (n, c)) in legend.iter().enumerate() {
+        let lx = left + i as f64 * 150.0;
+        let _ = write!(
+            s,
+            r#"<circle cx="{lx:.1}" cy="{:.1}" r="4" fill="{c}"/><text x="{:.1}" y="{:.1}">{n}</text>"#,
+            h - 12.0,
+            lx + 8.0,
+            h - 8.0
+        );
+    }
+    let _ = write!(s, "</svg>");
+    s
+}

@@ -1,0 +1,319 @@
+//! One run: set up the namespace, start the proxies and the nodes, run the clients and
+//! the nemesis schedule for the time limit, heal, wait for the regions to converge,
+//! record their digests, check the history and write the report. The outer process only
+//! creates and deletes the namespace; everything else runs inside it.
+
+use crate::cluster::{Cluster, SKEW_MARGIN_MS};
+use crate::history::{Call, Op, Outcome};
+use crate::nemesis::{self, Window};
+use crate::net::{self, proxy_ip, Proxy, GRPC_PORT};
+use crate::workload::{self, Recorder, WorkloadConfig};
+use anyhow::Context;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunArgs {
+    /// Nemeses, comma-separated (see `jepsen/README.md`), or `none`.
+    #[arg(long, default_value = "partition-region,kill,pause,clock")]
+    pub nemesis: String,
+    /// Seconds of workload (faults included).
+    #[arg(long, default_value_t = 60)]
+    pub time_limit: u64,
+    #[arg(long, default_value_t = 3)]
+    pub regions: usize,
+    #[arg(long, default_value_t = 3)]
+    pub nodes_per_region: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The `idem` binary to test (default: the release build next to this one).
+    #[arg(long)]
+    pub bin: Option<PathBuf>,
+    /// Where runs are stored.
+    #[arg(long, default_value = "jepsen/store")]
+    pub store: PathBuf,
+    /// Emulated round trip between regions, and its jitter.
+    #[arg(long, default_value_t = 70)]
+    pub rtt_ms: u64,
+    #[arg(long, default_value_t = 10)]
+    pub jitter_ms: u64,
+    #[arg(long, default_value_t = 9)]
+    pub clients: usize,
+    /// Keys live at once (the key space is bounded so that keys collide).
+    #[arg(long, default_value_t = 12)]
+    pub keys: usize,
+    /// Seconds between two faults, and how long each lasts.
+    #[arg(long, default_value_t = 4)]
+    pub quiet_s: u64,
+    #[arg(long, default_value_t = 6)]
+    pub fault_s: u64,
+    /// Exit 0 only if the checker finds a violation (to prove a broken build is caught).
+    #[arg(long)]
+    pub expect_invalid: bool,
+    /// Internal: the namespace this process already runs in.
+    #[arg(long, hide = true)]
+    pub inside: Option<String>,
+}
+
+fn default_bin() -> PathBuf {
+    let me = std::env::current_exe().unwrap_or_default();
+    me.with_file_name("idem")
+}
+
+/// Entry point of `run`: create the namespace, re-run this command inside it, and
+/// delete the namespace (and every process in it) whatever happens.
+pub fn outer(a: &RunArgs) -> anyhow::Result<bool> {
+    nemesis::check_names(&names(a))?;
+    if a.regions < 1 || a.regions > 5 || a.nodes_per_region < 1 || a.nodes_per_region > 9 {
+        anyhow::bail!("--regions must be 1 to 5 and --nodes-per-region 1 to 9");
+    }
+    if net::sh("id", &["-u"])?.trim() != "0" {
+        anyhow::bail!("the suite needs root (network namespaces and iptables)");
+    }
+    for tool in ["ip", "iptables"] {
+        if net::sh("sh", &["-c", &format!("command -v {tool}")]).is_err() {
+            anyhow::bail!("`{tool}` is missing: apt-get install iproute2 iptables");
+        }
+    }
+    let bin = a.bin.clone().unwrap_or_else(default_bin);
+    if !bin.exists() {
+        anyhow::bail!(
+            "{} does not exist: build it (cargo build --release) or pass --bin",
+            bin.display()
+        );
+    }
+    let ns = format!("{}{}", net::NETNS_PREFIX, std::process::id());
+    net::create_netns(&ns)?;
+    let me = std::env::current_exe()?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.push("--inside".into());
+    args.push(ns.clone());
+    args.push("--bin".into());
+    args.push(std::fs::canonicalize(&bin)?.display().to_string());
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(me)
+        .args(&args)
+        .status();
+    net::delete_netns(&ns);
+    Ok(status?.success())
+}
+
+fn names(a: &RunArgs) -> Vec<String> {
+    a.nemesis
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Inside the namespace.
+pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
+    let run = format!("{}-{}", chrono_like_now(), a.nemesis.replace(',', "+"));
+    let dir = a.store.join(&run);
+    std::fs::create_dir_all(&dir)?;
+    let bin = a.bin.clone().unwrap_or_else(default_bin);
+    let mut cluster = Cluster::configure(&bin, &dir.join("nodes"), a.regions, a.nodes_per_region)?;
+    if crate::cluster::faketime_lib().is_none() {
+        eprintln!(
+            "note: libfaketime not found (apt-get install faketime); clock nemeses change nothing"
+        );
+    }
+    // Proxies between regions.
+    let stop = Arc::new(AtomicBool::new(false));
+    let n = cluster.nodes.len();
+    let half = Duration::from_millis(a.rtt_ms / 2);
+    let jitter = Duration::from_millis(a.jitter_ms);
+    for x in 0..n {
+        for y in 0..n {
+            if cluster.nodes[x].region == cluster.nodes[y].region {
+                continue;
+            }
+            Proxy {
+                listen: SocketAddr::new(proxy_ip(x, y).into(), GRPC_PORT),
+                target: SocketAddr::new(cluster.nodes[y].ip.into(), GRPC_PORT),
+                source: cluster.nodes[x].ip,
+                delay: half.saturating_sub(jitter / 2),
+                jitter,
+            }
+            .spawn(stop.clone())
+            .await?;
+        }
+    }
+    for i in 0..n {
+        cluster.start(i)?;
+    }
+    cluster.wait_ready(Duration::from_secs(60))?;
+    println!("cluster of {n} nodes ready; running {} s", a.time_limit);
+
+    let rec = Recorder::new();
+    let endpoints: Vec<Vec<String>> = (0..a.regions)
+        .map(|r| {
+            cluster
+                .region_nodes(r)
+                .iter()
+                .map(|i| cluster.nodes[*i].grpc())
+                .collect()
+        })
+        .collect();
+    let wl = WorkloadConfig {
+        clients: a.clients,
+        keys: a.keys,
+        window_every: Duration::from_secs(5),
+        endpoints,
+        seed: a.seed,
+        flip: 0.1,
+    };
+    let epoch = idem_client::now_ms();
+    let client_stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for id in 0..wl.clients {
+        clients.push(tokio::spawn(workload::client(
+            id,
+            wl.clone(),
+            rec.clone(),
+            client_stop.clone(),
+            epoch,
+        )));
+    }
+
+    // The nemesis schedule.
+    let enabled: Vec<String> = names(&a).into_iter().filter(|n| n != "none").collect();
+    let mut rng = StdRng::seed_from_u64(a.seed);
+    let mut windows: Vec<Window> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(a.time_limit);
+    while Instant::now() + Duration::from_secs(a.quiet_s) < deadline {
+        tokio::time::sleep(Duration::from_secs(a.quiet_s)).await;
+        if enabled.is_empty() || Instant::now() >= deadline {
+            continue;
+        }
+        let name = nemesis::pick(&enabled, &mut rng).to_string();
+        let start_ms = idem_client::now_ms();
+        let (active, detail) = nemesis::inject(&name, &mut cluster, &mut rng)
+            .with_context(|| format!("inject {name}"))?;
+        println!(
+            "  {:>5.1}s  {name}: {detail}",
+            (start_ms - epoch) as f64 / 1000.0
+        );
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(Duration::from_secs(a.fault_s).min(left)).await;
+        nemesis::heal(active, &mut cluster)?;
+        windows.push(Window {
+            nemesis: name,
+            detail,
+            start_ms,
+            end_ms: idem_client::now_ms(),
+        });
+    }
+    tokio::time::sleep(deadline.saturating_duration_since(Instant::now())).await;
+    client_stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(15), c).await;
+    }
+
+    // Heal everything, let every lease end, and wait for the regions to converge.
+    net::heal()?;
+    for i in 0..n {
+        cluster.signal(i, "-CONT");
+        let _ = cluster.set_clock_offset(i, 0.0);
+        cluster.start(i)?;
+    }
+    cluster.wait_ready(Duration::from_secs(60))?;
+    let t = Instant::now();
+    let converged = loop {
+        let ds: Vec<Option<(u64, String)>> = (0..n).map(|i| cluster.digest(i)).collect();
+        if ds.iter().all(|d| d.is_some() && *d == ds[0]) {
+            break true;
+        }
+        if t.elapsed() > Duration::from_secs(90) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    if !converged {
+        eprintln!("regions did not converge within 90 s after healing");
+    }
+    for i in 0..n {
+        let now = idem_client::now_ms();
+        rec.push(Op {
+            id: 0,
+            client: 0,
+            region: cluster.nodes[i].region as u32,
+            call: Call::Digest,
+            key: format!("node-{}", cluster.nodes[i].id),
+            fingerprint: String::new(),
+            start_ms: now,
+            end_ms: now,
+            outcome: Outcome::Ok,
+            fence: String::new(),
+            lease_expires_ms: 0,
+            value: cluster
+                .digest(i)
+                .map(|d| d.1)
+                .unwrap_or_else(|| "unreachable".into()),
+        });
+    }
+    stop.store(true, Ordering::SeqCst);
+    cluster.stop_all();
+
+    let history = rec.ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut text = String::new();
+    for op in &history {
+        text.push_str(&serde_json::to_string(op)?);
+        text.push('\n');
+    }
+    std::fs::write(dir.join("history.jsonl"), text)?;
+    let verdict = crate::checker::check(&history, SKEW_MARGIN_MS);
+    let results = crate::report::build(
+        &run,
+        &names(&a),
+        a.seed,
+        a.time_limit,
+        &history,
+        &windows,
+        &verdict,
+    );
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(
+        dir.join("timeline.svg"),
+        crate::report::svg(&history, &windows),
+    )?;
+    print!("{}", crate::report::summary(&results));
+    println!("\nstored in {}", dir.display());
+    Ok(if a.expect_invalid {
+        !results.valid
+    } else {
+        results.valid
+    })
+}
+
+/// UTC time as YYYYMMDDTHHMMSS, without a date crate.
+fn chrono_like_now() -> String {
+    let secs = idem_client::now_ms() / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

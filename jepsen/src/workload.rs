@@ -1,0 +1,216 @@
+//! The workload: clients that each Reserve a key, then Complete it, Release it, or do
+//! nothing (a client crash), with the SDK's retry policy, on a bounded key space that
+//! moves slowly so keys collide and are retried across regions. Each client prefers its
+//! region ("anycast") and flips to another on a schedule or when its region fails to
+//! answer, so retries really land elsewhere. Every call and its result (or timeout) is
+//! one history entry.
+
+use crate::history::{Call, Op, Outcome};
+use idem_client::StoredResponse;
+use idem_client::{
+    Client, ClientConfig, Error, Fingerprint, Reservation, ReserveRequest, RetryPolicy,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const LEASE_MS: u64 = 2_000;
+
+#[derive(Clone)]
+pub struct WorkloadConfig {
+    pub clients: usize,
+    /// Keys live at once; the window moves on every `window_every`.
+    pub keys: usize,
+    pub window_every: Duration,
+    /// One endpoint per node, grouped by region.
+    pub endpoints: Vec<Vec<String>>,
+    pub seed: u64,
+    /// Chance that a call goes to another region than the client's own.
+    pub flip: f64,
+}
+
+pub struct Recorder {
+    pub ops: Mutex<Vec<Op>>,
+    next: AtomicU64,
+}
+
+impl Recorder {
+    pub fn new() -> Arc<Recorder> {
+        Arc::new(Recorder {
+            ops: Mutex::new(Vec::new()),
+            next: AtomicU64::new(1),
+        })
+    }
+
+    pub fn push(&self, mut op: Op) {
+        op.id = self.next.fetch_add(1, Ordering::SeqCst);
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).push(op);
+    }
+}
+
+fn now_ms() -> u64 {
+    idem_client::now_ms()
+}
+
+fn fp_of(key: &str, variant: u8) -> Fingerprint {
+    Fingerprint::of_request("POST", "/charge", format!("{key}:{variant}").as_bytes())
+}
+
+/// Run one client until `stop`.
+pub async fn client(
+    id: usize,
+    cfg: WorkloadConfig,
+    rec: Arc<Recorder>,
+    stop: Arc<AtomicBool>,
+    epoch_ms: u64,
+) {
+    let mut rng =
+        StdRng::seed_from_u64(cfg.seed ^ (id as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let regions = cfg.endpoints.len();
+    let home = id % regions;
+    let mut clients = Vec::new();
+    for (r, eps) in cfg.endpoints.iter().enumerate() {
+        let ep = eps[id % eps.len()].clone();
+        let mut cc = ClientConfig::new(ep);
+        cc.timeout = Duration::from_secs(3);
+        cc.retry = RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        };
+        match Client::connect(cc).await {
+            Ok(c) => clients.push((r, c)),
+            Err(e) => {
+                eprintln!("client {id}: cannot connect to region {r}: {e}");
+                return;
+            }
+        }
+    }
+    let mut region = home;
+    while !stop.load(Ordering::Relaxed) {
+        if rng.random_bool(cfg.flip) {
+            region = rng.random_range(0..regions);
+        }
+        let window = (now_ms().saturating_sub(epoch_ms)
+            / cfg.window_every.as_millis().max(1) as u64) as usize;
+        let key = format!("k{}", window * cfg.keys / 2 + rng.random_range(0..cfg.keys));
+        // One request in fifty reuses the key with another body (a client bug).
+        let variant = u8::from(rng.random_bool(0.02));
+        let fp = fp_of(&key, variant);
+        let c = &clients[region].1;
+        let mut req = ReserveRequest::new("jepsen", key.clone().into_bytes(), fp);
+        req.lease_ms = LEASE_MS;
+        let start = now_ms();
+        let res = c.reserve(&req).await;
+        let end = now_ms();
+        let mut op = Op {
+            id: 0,
+            client: id as u32,
+            region: region as u32,
+            call: Call::Reserve,
+            key: key.clone(),
+            fingerprint: hex::encode(fp.0),
+            start_ms: start,
+            end_ms: end,
+            outcome: Outcome::Error,
+            fence: String::new(),
+            lease_expires_ms: 0,
+            value: String::new(),
+        };
+        let lease = match &res {
+            Ok(Reservation::New(l)) => {
+                op.outcome = Outcome::New;
+                op.fence = l.fence.to_string();
+                op.lease_expires_ms = l.expires_at_ms;
+                Some(l.clone())
+            }
+            Ok(Reservation::InFlight { .. }) => {
+                op.outcome = Outcome::InFlight;
+                None
+            }
+            Ok(Reservation::Replay(r)) => {
+                op.outcome = Outcome::Replay;
+                op.value = hex::encode(&r.body);
+                None
+            }
+            Ok(Reservation::Mismatch { .. }) => {
+                op.outcome = Outcome::Mismatch;
+                None
+            }
+            Err(e) => {
+                // A Reserve that failed may still have been granted by a majority after
+                // the client gave up: a possible grant, which the checker treats as one.
+                op.outcome = if matches!(
+                    e,
+                    Error::Unavailable { .. } | Error::Connect(_) | Error::Server(_)
+                ) {
+                    Outcome::Timeout
+                } else {
+                    Outcome::Error
+                };
+                // Its region did not answer: the next call goes elsewhere.
+                region = (region + 1 + rng.random_range(0..regions.max(2) - 1)) % regions;
+                None
+            }
+        };
+        rec.push(op);
+        let Some(lease) = lease else {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(5..50))).await;
+            continue;
+        };
+        // The side effect.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        let choice: f64 = rng.random();
+        let fence = lease.fence.to_string();
+        let base = Op {
+            id: 0,
+            client: id as u32,
+            region: region as u32,
+            call: Call::Complete,
+            key: key.clone(),
+            fingerprint: hex::encode(fp.0),
+            start_ms: 0,
+            end_ms: 0,
+            outcome: Outcome::Error,
+            fence,
+            lease_expires_ms: lease.expires_at_ms,
+            value: String::new(),
+        };
+        if choice < 0.6 {
+            let body = format!("c{id}-{}-{}", key, now_ms()).into_bytes();
+            let resp = StoredResponse {
+                status: 200,
+                headers: vec![],
+                body: body.clone(),
+            };
+            let start = now_ms();
+            let r = c.complete(&lease, &resp).await;
+            let mut op = base;
+            op.start_ms = start;
+            op.end_ms = now_ms();
+            op.value = hex::encode(&body);
+            op.outcome = match r {
+                Ok(()) => Outcome::Ok,
+                Err(Error::LeaseLost(_)) => Outcome::LeaseLost,
+                // Not acknowledged, but it may have been stored by some regions.
+                Err(_) => Outcome::Timeout,
+            };
+            rec.push(op);
+        } else if choice < 0.8 {
+            let start = now_ms();
+            let r = c.release(&lease).await;
+            let mut op = base;
+            op.call = Call::Release;
+            op.start_ms = start;
+            op.end_ms = now_ms();
+            op.outcome = match r {
+                Ok(()) => Outcome::Ok,
+                Err(Error::LeaseLost(_)) => Outcome::LeaseLost,
+                Err(_) => Outcome::Timeout,
+            };
+            rec.push(op);
+        }
+        // Else: the client "crashed" holding the lease; it expires.
+    }
+}
