@@ -69,7 +69,7 @@ jepsen-quick: jepsen-bins
 	$(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem-broken-local-accept --time-limit 40 --seed 2 \
 	  --nemesis partition-region --expect-invalid
 	$(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem-broken-early-ack --time-limit 60 --seed 3 \
-	  --nemesis partition-region --expect-invalid
+	  --nemesis partition-region --quiet-s 3 --fault-s 10 --expect-invalid
 
 # The long suite: every nemesis, ten minutes each for three seeds (about 35 minutes).
 jepsen: jepsen-bins

@@ -12,7 +12,9 @@
 //!   or REPLAY of a completion made for another fingerprint;
 //! - **divergence**: regions whose digests after healing differ.
 //!
-//! Timeouts are possible effects: a timed-out Complete may have stored its bytes, so a
+//! Timeouts are possible effects: a timed-out Complete (or one the SDK reported as
+//! LEASE_LOST, which includes an acknowledgement that came too late to trust) may have
+//! stored its bytes, so a
 //! replay of them is valid; a timed-out Reserve may hold a lease nobody knows about,
 //! which is why another client may see IN_FLIGHT, never why it may see a second NEW.
 
@@ -97,7 +99,15 @@ fn check_key(key: &str, ops: &[&Op], skew: u64, out: &mut Vec<Violation>) {
     let possible_completes: Vec<&Op> = ops
         .iter()
         .copied()
-        .filter(|o| o.call == Call::Complete && matches!(o.outcome, Outcome::Ok | Outcome::Timeout))
+        // LEASE_LOST from the SDK may be an acknowledgement that came too late to trust:
+        // the completion may be stored, like a timed-out one.
+        .filter(|o| {
+            o.call == Call::Complete
+                && matches!(
+                    o.outcome,
+                    Outcome::Ok | Outcome::Timeout | Outcome::LeaseLost
+                )
+        })
         .collect();
 
     // Two claims in one generation.

@@ -90,11 +90,29 @@ pub fn outer(a: &RunArgs) -> anyhow::Result<bool> {
     let ns = format!("{}{}", net::NETNS_PREFIX, std::process::id());
     net::create_netns(&ns)?;
     let me = std::env::current_exe()?;
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    args.push("--inside".into());
-    args.push(ns.clone());
-    args.push("--bin".into());
-    args.push(std::fs::canonicalize(&bin)?.display().to_string());
+    let store = std::env::current_dir()?.join(&a.store);
+    let mut args: Vec<String> = vec!["run".into()];
+    let mut opt = |k: &str, v: String| {
+        args.push(format!("--{k}"));
+        args.push(v);
+    };
+    opt("nemesis", a.nemesis.clone());
+    opt("time-limit", a.time_limit.to_string());
+    opt("regions", a.regions.to_string());
+    opt("nodes-per-region", a.nodes_per_region.to_string());
+    opt("seed", a.seed.to_string());
+    opt("bin", std::fs::canonicalize(&bin)?.display().to_string());
+    opt("store", store.display().to_string());
+    opt("rtt-ms", a.rtt_ms.to_string());
+    opt("jitter-ms", a.jitter_ms.to_string());
+    opt("clients", a.clients.to_string());
+    opt("keys", a.keys.to_string());
+    opt("quiet-s", a.quiet_s.to_string());
+    opt("fault-s", a.fault_s.to_string());
+    opt("inside", ns.clone());
+    if a.expect_invalid {
+        args.push("--expect-invalid".into());
+    }
     let status = std::process::Command::new("ip")
         .args(["netns", "exec", &ns])
         .arg(me)
@@ -164,7 +182,7 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
     let wl = WorkloadConfig {
         clients: a.clients,
         keys: a.keys,
-        window_every: Duration::from_secs(5),
+        window_every: Duration::from_secs(1),
         endpoints,
         seed: a.seed,
         flip: 0.1,

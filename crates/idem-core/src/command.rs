@@ -62,6 +62,10 @@ pub enum Op {
         record: Record,
         /// GLOBAL mode: never do what the acceptor rules forbid.
         guarded: bool,
+        /// GLOBAL mode: witnesses that make a completion final (a majority of regions);
+        /// a merged witness set that reaches it makes the completion final here.
+        #[serde(default)]
+        quorum: u32,
     },
     /// The relay shipped this group's outbox entries for `dest` below sequence `upto`;
     /// `dead` were refused as invalid too often and move to the dead-letter queue.
@@ -204,8 +208,15 @@ pub fn apply(stored: Option<&Record>, cmd: &Command) -> (CommandResult, Option<R
         },
         Op::Withdraw { claim } => (CommandResult::Done, acceptor::withdraw(stored, *claim, now)),
         Op::Final { fence } => (CommandResult::Done, acceptor::finalize(stored, *fence, now)),
-        Op::Merge { record, guarded } => {
-            let m = merge::merge(stored, record, now, cmd.skew_margin_ms, *guarded);
+        Op::Merge {
+            record,
+            guarded,
+            quorum,
+        } => {
+            let mut m = merge::merge(stored, record, now, cmd.skew_margin_ms, *guarded);
+            if let Some(w) = m.write.as_mut() {
+                merge::settle_finality(w, *quorum);
+            }
             (
                 CommandResult::Merge {
                     outcome: m.outcome,

@@ -191,6 +191,15 @@ pub fn merge(
     }
 }
 
+/// A completion whose witness set reached `quorum` regions is final (0: no inference,
+/// finality only from the acceptor or a Final notice). Witness sets only grow by merge,
+/// so a completion the regions each witnessed alone becomes final once their copies meet.
+pub fn settle_finality(r: &mut Record, quorum: u32) {
+    if quorum > 0 && r.phase == Phase::Completed && r.witnesses.count_ones() >= quorum {
+        r.is_final = true;
+    }
+}
+
 /// The replicated part of a record, in a fixed layout: what the regions must agree on
 /// after they converge (digests are computed over this). The retry bookkeeping is
 /// region-local and zeroed.

@@ -580,11 +580,17 @@ impl Geo {
             // final copy even if this region is lost right after the acknowledgement.
             // (The completion is final either way; this only bounds how long its
             // finality may be unknown.) The other regions learn it in the background.
-            let (told, _, _) = self
-                .majority_call(&key, Op::Final { fence }, self.majority(), |r| {
+            // Bounded: the acknowledgement must reach the holder well inside its lease.
+            let wait = self.inner.cfg.round_timeout / 3;
+            let told = tokio::time::timeout(
+                wait,
+                self.majority_call(&key, Op::Final { fence }, self.majority(), |r| {
                     matches!(r, CommandResult::Done).then_some(())
-                })
-                .await;
+                }),
+            )
+            .await
+            .ok()
+            .and_then(|(told, _, _)| told);
             if told.is_none() {
                 tracing::debug!(key = %key, "final notice not yet stored by a majority");
             }

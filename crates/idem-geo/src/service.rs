@@ -54,6 +54,7 @@ impl Geo {
         let op = Op::Merge {
             record: record.clone(),
             guarded: mode == Mode::Global,
+            quorum: self.merge_quorum(mode),
         };
         match group.submit(key.clone(), op).await {
             Ok(CommandResult::Merge { outcome, conflict }) => {
@@ -79,6 +80,14 @@ impl Geo {
         }
     }
 
+    /// GLOBAL mode: a majority of regions' witnesses make a completion final.
+    fn merge_quorum(&self, mode: Mode) -> u32 {
+        match mode {
+            Mode::Global => (self.config().regions.len() / 2 + 1) as u32,
+            Mode::Regional => 0,
+        }
+    }
+
     fn defer(&self, shard: u32, key: Key, record: Record, after_ms: u64, round: u32) {
         if round > MAX_DEFER_ROUNDS {
             return;
@@ -94,10 +103,11 @@ impl Geo {
             let Some(group) = me.local_group(shard) else {
                 return;
             };
-            let guarded = me.mode_of(&key) == Mode::Global;
+            let mode = me.mode_of(&key);
             let op = Op::Merge {
                 record: record.clone(),
-                guarded,
+                guarded: mode == Mode::Global,
+                quorum: me.merge_quorum(mode),
             };
             if let Ok(CommandResult::Merge {
                 outcome: MergeOutcome::Deferred { retry_after_ms },

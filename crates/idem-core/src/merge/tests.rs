@@ -162,6 +162,20 @@ fn two_completions_of_one_generation_are_reported() {
 }
 
 #[test]
+fn witnesses_that_meet_in_a_merge_make_the_completion_final() {
+    let mut a = rec(1, 1, Phase::Completed, 0);
+    a.witnesses = 0b001;
+    let mut b = a.clone();
+    b.witnesses = 0b010;
+    let mut j = join(&a, &b);
+    assert!(!j.is_final);
+    settle_finality(&mut j, 3);
+    assert!(!j.is_final, "two of five regions are not a majority");
+    settle_finality(&mut j, 2);
+    assert!(j.is_final);
+}
+
+#[test]
 fn a_late_copy_of_an_expired_record_is_dropped() {
     let mut r = rec(1, 1, Phase::Completed, 0);
     r.expires_ms = 50;

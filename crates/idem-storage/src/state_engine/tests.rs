@@ -222,6 +222,7 @@ fn changes_are_queued_per_destination_and_acks_trim_or_dead_letter_them() {
         Op::Merge {
             record: other,
             guarded: true,
+            quorum: 2,
         },
     );
     let out = se

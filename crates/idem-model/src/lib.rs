@@ -1,0 +1,87 @@
+//! An exhaustive model check, with [stateright], of Idem's GLOBAL cross-region decision
+//! protocol (DESIGN §3), driving idem-core's real rules.
+//!
+//! It mirrors the structure of the executable Python model in
+//! `shared/protocol-model/check_protocol.py`, but no rule is re-implemented here:
+//!
+//! * every acceptor step calls [`idem_core::acceptor`]: `reserve` with a proposed
+//!   generation and lease end, `complete`, `release`, `extend` with a lease end,
+//!   `withdraw`, `finalize`;
+//! * every anti-entropy step calls [`idem_core::merge::merge`] (guarded) and then
+//!   `merge::settle_finality` with a majority quorum, as a region's state machine applies
+//!   a GLOBAL-mode `Merge` (`idem_core::command::apply`);
+//! * every proposer decision calls [`idem_core::proposer::Tally`] (`decide`,
+//!   `conclude`) and `Verdict::withdraws`.
+//!
+//! The proposer's own choices (fast path on a final local completion, the first
+//! generation taken from the local record, one lease end for all rounds, Withdraw after
+//! a verdict that withdraws, Final after an acknowledgement, Extend to `now + lease`)
+//! follow idem-geo's `Geo::reserve`, `Geo::complete` and `Geo::extend`.
+//!
+//! # What is modelled
+//!
+//! One key; 3 regions, each one atomic acceptor (its Raft group); 2 proposers with fixed
+//! claim ids (P0's is the earlier one) whose clients reached R0 and R1. Nondeterministic
+//! steps, in any interleaving:
+//!
+//! * a proposer starts its Reserve: the fast path answers REPLAY/MISMATCH from a final
+//!   local completion; otherwise it sends `Propose{gen, lease_until}` to every region;
+//! * a region applies any request in flight (Propose, Withdraw, Complete, Extend, Release,
+//!   Final). Requests are never consumed (a "monotone network"): one request can be
+//!   applied any number of times, in any order, or never, which covers loss,
+//!   duplication and reordering. A Propose's reply is either received (the proposer
+//!   records it in its tally: one reply per region and round, as in idem-geo) or lost;
+//! * a proposer decides on the replies it has (`Tally::decide(now < lease_until)`), or,
+//!   when they decide nothing, its round times out (`Tally::conclude`): NEW makes it the
+//!   holder, a StaleGen retry sends a new round, every verdict that withdraws sends
+//!   Withdraw to every region. Deciding later than a reply arrived is the same as that
+//!   reply arriving late, so replies can be delayed past a lease end too;
+//! * a holder sends Complete (its response is its own id) or Release to every region.
+//!   A Complete is acknowledged once `complete()` returned Ok at a majority of regions
+//!   before the holder's lease ended; Final is then sent to every region;
+//! * with `Config::extends > 0`, a holder sends Extend (lease end `now + lease`) to
+//!   every region; once `extend()` returned Ok at a majority within its current lease
+//!   its lease is the new one; it may also stop waiting and keep its lease;
+//! * anti-entropy: any up region merges any other region's current record;
+//! * the clock ticks (a holder whose lease ended stops acting);
+//! * one region crashes, at any time, for good: it applies and answers nothing more.
+//!
+//! # Properties
+//!
+//! `always`: never two live grants; no NEW after an acknowledged completion; replays
+//! return the acknowledged response and never change; MISMATCH exactly on another
+//! fingerprint; convergence (at `tmax`, every merge order between up regions reaches
+//! the same identical records); no two completions of one generation meet in a merge.
+//! `sometimes` (so the search is not vacuous): a NEW happens; a completion is
+//! acknowledged; both proposers are granted the key in turn; a REPLAY happens (one
+//! fingerprint) or a MISMATCH happens (two); an Extend is acknowledged (with Extend).
+//!
+//! # Bounds and abstractions
+//!
+//! * time: ticks `0..=tmax` (default 2) of [`TICK_MS`] ms, lease 1 tick (default),
+//!   lease ends capped at `tmax`, skew margin 0 (exact clocks); at `tmax` every lease
+//!   has ended;
+//! * 1 StaleGen retry per Reserve (`Config::retries`); one Reserve per proposer;
+//! * Extend: off by default (as in the Python model); the Extend check runs with one
+//!   Extend per holder, lease 2 ticks, `tmax` 3;
+//! * a record's retention fields (`expires_ms`, `created_ms`) and retry bookkeeping
+//!   (`attempts`, `last_attempt_ms`, `first_attempt_ms`) are dropped between steps, and
+//!   an ended lease is stored as 0 (see [`Rec`]): no rule reads them within the horizon;
+//! * a request that can provably never change anything again is forgotten (its region
+//!   crashed; a Propose nobody waits for, to a record already at or past its
+//!   generation; a Complete or Extend once no record of its fence can be live; a
+//!   Release, Extend or Final its record has moved past; a Withdraw with no Reserved
+//!   record or Propose of its claim left);
+//! * a region's crash stops its proposer from starting (it reads its local record).
+//!
+//! [stateright]: https://docs.rs/stateright
+
+mod model;
+mod state;
+
+pub use model::{
+    Action, Config, IdemModel, Variant, CONVERGENCE, MISMATCH_EXACT, NO_DUAL_COMPLETION,
+    NO_NEW_AFTER_ACK, REPLAYS_STABLE, SOME_ACK, SOME_EXTEND, SOME_MISMATCH, SOME_NEW, SOME_REPLAY,
+    SOME_TAKEOVER, TWO_LIVE_GRANTS,
+};
+pub use state::{Answer, Ghost, Msg, Rec, Rep, State, Status, PROPOSERS, QUORUM, REGIONS, TICK_MS};

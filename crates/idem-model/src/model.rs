@@ -1,0 +1,852 @@
+//! The stateright [`Model`]: actions, transitions and properties.
+
+use crate::state::{
+    fence_of, fingerprint_of, ms, response_of, Answer, Msg, Rec, Rep, State, Status, PROPOSERS,
+    QUORUM, REGIONS, RETENTION_MS, SKEW_MS, TICK_MS,
+};
+use idem_core::acceptor::{self, ReserveArgs};
+use idem_core::merge::{digest_bytes, merge, settle_finality, Conflict, Merged};
+use idem_core::proposer::{Reply, Tally, Verdict};
+use idem_core::{ClaimId, Phase, Record};
+use stateright::{Model, Property};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+/// Which decision rule the proposers use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Variant {
+    /// `Tally::decide` / `Tally::conclude`, as idem-geo does.
+    Correct,
+    /// Deliberately broken: NEW as soon as the proposer's own local region accepted.
+    BrokenLocalAccept,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The clock runs 0..=tmax ticks.
+    pub tmax: u8,
+    /// Lease length in ticks (a lease end is capped at `tmax`).
+    pub lease: u8,
+    /// StaleGen retries per Reserve.
+    pub retries: u8,
+    /// Fingerprint number per proposer.
+    pub fingerprints: [u8; PROPOSERS],
+    /// The region each proposer's client reached.
+    pub local: [u8; PROPOSERS],
+    /// Whether one region may crash.
+    pub crash: bool,
+    /// Extend calls each holder may make (0: Extend is not modelled).
+    pub extends: u8,
+    pub variant: Variant,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            tmax: 2,
+            lease: 1,
+            retries: 1,
+            fingerprints: [0, 0],
+            local: [0, 1],
+            crash: true,
+            extends: 0,
+            variant: Variant::Correct,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Proposer `p` starts its Reserve at its local region (fast path or Proposes).
+    Start(u8),
+    /// A region applies a request; for a Propose, the proposer receives the reply.
+    Deliver(Msg),
+    /// A region applies a Propose and the reply is lost.
+    DeliverReplyLost(Msg),
+    /// Proposer `p` decides on the replies it has (`Tally::decide`), or, when they
+    /// decide nothing, its round times out (`Tally::conclude`).
+    Decide(u8),
+    /// Holder `p` sends Complete (its response = its own id) to every region.
+    SendComplete(u8),
+    /// Holder `p` sends Release to every region.
+    SendRelease(u8),
+    /// Holder `p` sends Extend (new lease end `now + lease`) to every region.
+    SendExtend(u8),
+    /// Holder `p` stops waiting for its Extend and keeps its current lease.
+    GiveUpExtend(u8),
+    /// Anti-entropy: region `dst` merges region `src`'s current record (guarded).
+    Merge {
+        src: u8,
+        dst: u8,
+    },
+    Tick,
+    Crash(u8),
+}
+
+pub const TWO_LIVE_GRANTS: &str = "never two live grants";
+pub const NO_NEW_AFTER_ACK: &str = "no NEW after an acknowledged completion";
+pub const REPLAYS_STABLE: &str = "replays return the acknowledged response and never change";
+pub const MISMATCH_EXACT: &str = "MISMATCH exactly on another fingerprint";
+pub const CONVERGENCE: &str = "convergence";
+pub const NO_DUAL_COMPLETION: &str = "no two completions of one generation meet in a merge";
+pub const SOME_REPLAY: &str = "a REPLAY happens";
+pub const SOME_NEW: &str = "a NEW happens";
+pub const SOME_ACK: &str = "a completion is acknowledged";
+pub const SOME_MISMATCH: &str = "a MISMATCH happens";
+pub const SOME_EXTEND: &str = "an Extend is acknowledged";
+pub const SOME_TAKEOVER: &str = "both proposers are granted the key in turn";
+
+/// The claim of a Reserve that only looks (it is never applied).
+const PROBE_CLAIM: ClaimId = ClaimId {
+    hlc: 99,
+    region: 9,
+    node: 9,
+    nonce: 9,
+};
+
+type ConvergenceKey = ([Option<Rec>; REGIONS], [bool; REGIONS]);
+
+pub struct IdemModel {
+    pub cfg: Config,
+    converged: Mutex<HashMap<ConvergenceKey, bool>>,
+}
+
+impl IdemModel {
+    pub fn new(cfg: Config) -> IdemModel {
+        assert!(cfg.lease >= 1 && cfg.tmax >= 1);
+        assert!(cfg.local.iter().all(|r| usize::from(*r) < REGIONS));
+        IdemModel {
+            cfg,
+            converged: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The lease end an Extend sent now asks for (as idem-geo: now + lease).
+    fn extend_until(&self, s: &State) -> u8 {
+        (s.now + self.cfg.lease).min(self.cfg.tmax)
+    }
+
+    /// The tick from which no record of a holder's fence can have a live lease: its
+    /// lease end, or, when Extend is modelled, the end of time.
+    fn live_until(&self, lease_until: u8) -> u8 {
+        if self.cfg.extends > 0 {
+            self.cfg.tmax
+        } else {
+            lease_until
+        }
+    }
+
+    fn now_ms(s: &State) -> u64 {
+        ms(s.now)
+    }
+
+    fn all_equal_fingerprints(&self) -> bool {
+        self.cfg
+            .fingerprints
+            .iter()
+            .all(|f| *f == self.cfg.fingerprints[0])
+    }
+
+    /// The proposer's verdict on the replies it has, or on a timeout.
+    fn verdict(&self, s: &State, p: usize) -> Option<(Verdict, u8, u8, u8)> {
+        let Status::Proposing {
+            gen,
+            lease_until,
+            replies,
+            retries_left,
+        } = s.proposers[p]
+        else {
+            return None;
+        };
+        let mut tally = Tally::new(REGIONS);
+        for (r, x) in replies.iter().enumerate() {
+            if let Some(x) = x {
+                tally.record(r, x.to_reply());
+            }
+        }
+        let live = s.now < lease_until;
+        let local = usize::from(self.cfg.local[p]);
+        let v = if self.cfg.variant == Variant::BrokenLocalAccept
+            && live
+            && replies[local] == Some(Rep::Accepted)
+        {
+            Verdict::New
+        } else {
+            tally
+                .decide(live)
+                .unwrap_or_else(|| tally.conclude(u32::from(gen), u32::from(retries_left)))
+        };
+        Some((v, gen, lease_until, retries_left))
+    }
+
+    fn check_new(&self, s: &mut State, p: usize) {
+        if s.proposers.contains(&Status::Acked) {
+            s.ghost.new_after_ack = true;
+        }
+        let fp = self.cfg.fingerprints[p];
+        for q in 0..PROPOSERS {
+            let fq = self.cfg.fingerprints[q];
+            if q == p || fq == fp {
+                continue;
+            }
+            let completed = s
+                .records
+                .iter()
+                .flatten()
+                .filter(|r| r.fp == fq && r.phase == Phase::Completed)
+                .count();
+            let live = s
+                .records
+                .iter()
+                .flatten()
+                .filter(|r| usize::from(r.claim) == q && r.live_reserved(s.now))
+                .count();
+            if completed >= QUORUM as usize
+                || (s.proposers[q].live_grant(s.now) && live >= QUORUM as usize)
+            {
+                s.ghost.new_over_other_fp = true;
+            }
+        }
+    }
+
+    fn answer(&self, s: &mut State, p: usize, a: Answer) {
+        if a == Answer::Mismatch && self.all_equal_fingerprints() {
+            s.ghost.mismatch_same_fp = true;
+        }
+        s.proposers[p] = Status::Done(a);
+    }
+
+    fn start(&self, s: &mut State, p: usize) {
+        let loc = usize::from(self.cfg.local[p]);
+        let fp = self.cfg.fingerprints[p];
+        // Fast path (idem-geo): a final completion at the local region answers.
+        if let Some(r) = s.records[loc].filter(|r| r.phase == Phase::Completed && r.is_final) {
+            let a = if r.fp != fp {
+                Answer::Mismatch
+            } else {
+                Answer::Replay(r.resp.expect("a completed record has a response"))
+            };
+            self.answer(s, p, a);
+            return;
+        }
+        // The generation to propose, as idem-geo picks it from the local record.
+        let gen = match s.records[loc] {
+            None => 1,
+            Some(r) if r.live_reserved(s.now) => r.gen,
+            Some(r) => r.gen + 1,
+        };
+        let lease_until = (s.now + self.cfg.lease).min(self.cfg.tmax);
+        s.proposers[p] = Status::Proposing {
+            gen,
+            lease_until,
+            replies: [None; REGIONS],
+            retries_left: self.cfg.retries,
+        };
+        send_proposes(s, p as u8, gen, lease_until);
+    }
+
+    fn decide(&self, s: &mut State, p: usize) {
+        let Some((v, gen, lease_until, retries_left)) = self.verdict(s, p) else {
+            return;
+        };
+        if v.withdraws() {
+            for r in 0..REGIONS as u8 {
+                s.net.insert(Msg::Withdraw {
+                    p: p as u8,
+                    region: r,
+                });
+            }
+        }
+        match v {
+            Verdict::New => {
+                self.check_new(s, p);
+                s.proposers[p] = Status::Holder {
+                    gen,
+                    lease_until,
+                    extends_left: self.cfg.extends,
+                };
+            }
+            Verdict::Retry { generation } => {
+                let g = u8::try_from(generation).expect("generation beyond the model");
+                s.proposers[p] = Status::Proposing {
+                    gen: g,
+                    lease_until,
+                    replies: [None; REGIONS],
+                    retries_left: retries_left.saturating_sub(1),
+                };
+                send_proposes(s, p as u8, g, lease_until);
+            }
+            Verdict::Replay { fence, response } => {
+                let Rep::Completed { resp, .. } =
+                    Rep::from_reply(&Reply::Completed { fence, response })
+                else {
+                    unreachable!("a Completed reply translates to Rep::Completed")
+                };
+                self.answer(s, p, Answer::Replay(resp));
+            }
+            Verdict::Mismatch { .. } => self.answer(s, p, Answer::Mismatch),
+            Verdict::InFlight { .. } => self.answer(s, p, Answer::InFlight),
+            Verdict::Unavailable => self.answer(s, p, Answer::Unavailable),
+            Verdict::TooOld { .. } => panic!("TooOld cannot happen within the model's horizon"),
+        }
+    }
+
+    /// Region `msg.region()` applies `msg`; `received`: the proposer gets a Propose's reply.
+    fn deliver(&self, s: &mut State, msg: Msg, received: bool) {
+        let r = msg.region();
+        let now_ms = Self::now_ms(s);
+        let stored = s.record(r);
+        match msg {
+            Msg::Propose {
+                p,
+                gen,
+                lease_until,
+                region,
+            } => {
+                let d = acceptor::reserve(
+                    stored.as_ref(),
+                    &ReserveArgs {
+                        now_ms,
+                        skew_margin_ms: SKEW_MS,
+                        fingerprint: fingerprint_of(self.cfg.fingerprints[usize::from(p)]),
+                        claim: crate::state::claim_of(p),
+                        generation: Some(u32::from(gen)),
+                        lease_ms: u64::from(self.cfg.lease) * TICK_MS,
+                        lease_until_ms: Some(ms(lease_until)),
+                        retention_ms: RETENTION_MS,
+                        first_attempt_ms: 0,
+                        region_bit: 1 << region,
+                    },
+                );
+                if let Some(w) = &d.write {
+                    s.write(r, w);
+                }
+                if received {
+                    let reply = Rep::from_reply(&Reply::from_outcome(&d.outcome));
+                    if let Status::Proposing {
+                        gen: g, replies, ..
+                    } = &mut s.proposers[usize::from(p)]
+                    {
+                        if *g == gen && replies[r].is_none() {
+                            replies[r] = Some(reply);
+                        }
+                    }
+                }
+            }
+            Msg::Withdraw { p, .. } => {
+                if let Some(w) =
+                    acceptor::withdraw(stored.as_ref(), crate::state::claim_of(p), now_ms)
+                {
+                    s.write(r, &w);
+                }
+            }
+            Msg::Complete { p, gen, .. } => {
+                let res = acceptor::complete(
+                    stored.as_ref(),
+                    fence_of(p, gen),
+                    response_of(p),
+                    now_ms,
+                    1 << r,
+                    QUORUM,
+                );
+                if let Ok(w) = res {
+                    if let Some(w) = &w {
+                        s.write(r, w);
+                    }
+                    let pi = usize::from(p);
+                    if let Status::Completing {
+                        gen: g,
+                        lease_until,
+                        stored,
+                    } = s.proposers[pi]
+                    {
+                        // Acknowledged only from stores within the holder's lease.
+                        if g == gen && s.now < lease_until && stored & (1 << r) == 0 {
+                            let stored = stored | (1 << r);
+                            if stored.count_ones() >= QUORUM {
+                                s.proposers[pi] = Status::Acked;
+                                for rr in 0..REGIONS as u8 {
+                                    s.net.insert(Msg::Final { p, region: rr, gen });
+                                }
+                            } else {
+                                s.proposers[pi] = Status::Completing {
+                                    gen,
+                                    lease_until,
+                                    stored,
+                                };
+                            }
+                        }
+                    }
+                }
+            }
+            Msg::Extend { p, gen, until, .. } => {
+                let res = acceptor::extend(
+                    stored.as_ref(),
+                    fence_of(p, gen),
+                    u64::from(self.cfg.lease) * TICK_MS,
+                    Some(ms(until)),
+                    now_ms,
+                );
+                if let Ok(w) = res {
+                    s.write(r, &w);
+                    let pi = usize::from(p);
+                    if let Status::Extending {
+                        gen: g,
+                        lease_until,
+                        until: u,
+                        stored,
+                        extends_left,
+                    } = s.proposers[pi]
+                    {
+                        // Acknowledged after a majority stored it, within the lease.
+                        if g == gen && u == until && s.now < lease_until && stored & (1 << r) == 0 {
+                            let stored = stored | (1 << r);
+                            s.proposers[pi] = if stored.count_ones() >= QUORUM {
+                                s.ghost.extended = true;
+                                Status::Holder {
+                                    gen,
+                                    lease_until: until,
+                                    extends_left,
+                                }
+                            } else {
+                                Status::Extending {
+                                    gen,
+                                    lease_until,
+                                    until,
+                                    stored,
+                                    extends_left,
+                                }
+                            };
+                        }
+                    }
+                }
+            }
+            Msg::Release { p, gen, .. } => {
+                if let Ok(Some(w)) = acceptor::release(stored.as_ref(), fence_of(p, gen), now_ms) {
+                    s.write(r, &w);
+                }
+            }
+            Msg::Final { p, gen, .. } => {
+                if let Some(w) = acceptor::finalize(stored.as_ref(), fence_of(p, gen), now_ms) {
+                    s.write(r, &w);
+                }
+            }
+        }
+    }
+
+    fn anti_entropy(&self, s: &mut State, src: usize, dst: usize) {
+        let Some(remote) = s.record(src) else {
+            return;
+        };
+        let m = apply_merge(s.record(dst).as_ref(), &remote, Self::now_ms(s));
+        if m.conflict == Some(Conflict::DualCompletion) {
+            s.ghost.dual_completion = true;
+        }
+        if let Some(w) = &m.write {
+            s.write(dst, w);
+        }
+    }
+
+    fn tick(&self, s: &mut State) {
+        s.now += 1;
+        let now = s.now;
+        for r in s.records.iter_mut().flatten() {
+            *r = r.at(now);
+        }
+        for st in s.proposers.iter_mut() {
+            if matches!(
+                st,
+                Status::Holder { .. } | Status::Extending { .. } | Status::Completing { .. }
+            ) && !st.live_grant(now)
+            {
+                // The lease is over: the holder stops acting (a Complete it sent is
+                // refused from now on, so it can never be acknowledged).
+                *st = Status::LeaseEnded;
+            }
+        }
+    }
+
+    /// Forget requests whose delivery can provably never change anything again, and
+    /// update the response history. Records only move up the merge order
+    /// (Completed, then generation), which is what makes these rules sound.
+    fn normalize(&self, s: &mut State) {
+        let dead = |m: &Msg, s: &State| -> bool {
+            let r = m.region();
+            if s.down[r] {
+                return true;
+            }
+            let rec = s.records[r];
+            match *m {
+                Msg::Propose { p, gen, .. } => {
+                    let waiting = matches!(
+                        s.proposers[usize::from(p)],
+                        Status::Proposing { gen: g, replies, .. } if g == gen && replies[r].is_none()
+                    );
+                    !waiting && rec.is_some_and(|x| x.phase == Phase::Completed || x.gen >= gen)
+                }
+                Msg::Withdraw { p, .. } => {
+                    !matches!(
+                        s.proposers[usize::from(p)],
+                        Status::Idle | Status::Proposing { .. }
+                    ) && !s
+                        .net
+                        .iter()
+                        .any(|x| matches!(x, Msg::Propose { p: q, .. } if *q == p))
+                        && !s
+                            .records
+                            .iter()
+                            .flatten()
+                            .any(|x| x.claim == p && x.phase == Phase::Reserved)
+                }
+                Msg::Complete { live_until, .. } => s.now >= live_until,
+                Msg::Extend {
+                    p, gen, live_until, ..
+                } => {
+                    s.now >= live_until
+                        || rec.is_some_and(|x| {
+                            x.phase == Phase::Completed
+                                || x.gen > gen
+                                || (x.gen == gen && x.claim == p && x.phase == Phase::Released)
+                        })
+                }
+                Msg::Release { p, gen, .. } => rec.is_some_and(|x| {
+                    x.phase == Phase::Completed
+                        || x.gen > gen
+                        || (x.gen == gen && x.claim == p && x.phase == Phase::Released)
+                }),
+                Msg::Final { p, gen, .. } => rec.is_some_and(|x| {
+                    x.phase == Phase::Completed
+                        && (x.gen > gen || (x.gen == gen && x.claim == p && x.is_final))
+                }),
+            }
+        };
+        let gone: Vec<Msg> = s.net.iter().filter(|m| dead(m, s)).copied().collect();
+        for m in gone {
+            s.net.remove(&m);
+        }
+
+        // Responses acknowledged, replayed, or replayable.
+        let mut seen = BTreeSet::new();
+        for (p, st) in s.proposers.iter().enumerate() {
+            match st {
+                Status::Acked => {
+                    seen.insert(p as u8);
+                }
+                Status::Done(Answer::Replay(x)) => {
+                    seen.insert(*x);
+                }
+                _ => {}
+            }
+        }
+        // A Reserve of the same request reaching any region now: what would it replay?
+        // (Only a Completed record can answer REPLAY; the acceptor decides whether it does.)
+        for (r, rec) in s.records.iter().enumerate() {
+            let Some(rec) = rec.filter(|x| x.phase == Phase::Completed) else {
+                continue;
+            };
+            let d = acceptor::reserve(
+                Some(&rec.to_record()),
+                &ReserveArgs {
+                    now_ms: ms(s.now),
+                    skew_margin_ms: SKEW_MS,
+                    fingerprint: fingerprint_of(rec.fp),
+                    claim: PROBE_CLAIM,
+                    generation: Some(u32::from(rec.gen) + 1),
+                    lease_ms: u64::from(self.cfg.lease) * TICK_MS,
+                    lease_until_ms: Some(ms(s.now + self.cfg.lease)),
+                    retention_ms: RETENTION_MS,
+                    first_attempt_ms: 0,
+                    region_bit: 1 << r,
+                },
+            );
+            if let Rep::Completed { resp, .. } = Rep::from_reply(&Reply::from_outcome(&d.outcome)) {
+                seen.insert(resp);
+            }
+        }
+        if s.ghost.first_resp.is_none() {
+            s.ghost.first_resp = seen.first().copied();
+        }
+        if seen.iter().any(|x| Some(*x) != s.ghost.first_resp) {
+            s.ghost.resp_changed = true;
+        }
+    }
+
+    /// Convergence: from these records, merging every pair of up regions in every order
+    /// until nothing changes gives identical records (by `digest_bytes`), whatever the
+    /// order.
+    pub fn converges(
+        &self,
+        now: u8,
+        records: &[Option<Rec>; REGIONS],
+        down: &[bool; REGIONS],
+    ) -> bool {
+        let key = (*records, *down);
+        if let Some(v) = self.converged.lock().expect("cache").get(&key) {
+            return *v;
+        }
+        let up: Vec<usize> = (0..REGIONS).filter(|r| !down[*r]).collect();
+        let now_ms = ms(now);
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![*records];
+        seen.insert(*records);
+        let mut fixpoints = BTreeSet::new();
+        while let Some(rs) = stack.pop() {
+            let mut moved = false;
+            for &src in &up {
+                for &dst in &up {
+                    let Some(remote) = rs[src].filter(|_| src != dst) else {
+                        continue;
+                    };
+                    let local = rs[dst].map(|x| x.to_record());
+                    let m = apply_merge(local.as_ref(), &remote.to_record(), now_ms);
+                    if let Some(w) = m.write {
+                        let mut next = rs;
+                        next[dst] = Some(Rec::from_record(&w, now));
+                        if next != rs {
+                            moved = true;
+                            if seen.insert(next) {
+                                stack.push(next);
+                            }
+                        }
+                    }
+                }
+            }
+            if !moved {
+                fixpoints.insert(rs);
+            }
+        }
+        let digests = |rs: &[Option<Rec>; REGIONS]| -> Vec<Option<Vec<u8>>> {
+            up.iter()
+                .map(|r| rs[*r].map(|x| digest_bytes(&x.to_record())))
+                .collect()
+        };
+        let ok = fixpoints.len() == 1
+            && fixpoints.iter().all(|fx| {
+                let d = digests(fx);
+                d.iter().all(|x| *x == d[0])
+            });
+        self.converged.lock().expect("cache").insert(key, ok);
+        ok
+    }
+}
+
+/// A GLOBAL-mode `Merge{record}` as a region's state machine applies it
+/// (`idem_core::command::apply`): the guarded merge, then a merged witness set that
+/// reaches a majority makes the completion final.
+fn apply_merge(local: Option<&Record>, remote: &Record, now_ms: u64) -> Merged {
+    let mut m = merge(local, remote, now_ms, SKEW_MS, true);
+    if let Some(w) = m.write.as_mut() {
+        settle_finality(w, QUORUM);
+    }
+    m
+}
+
+fn send_proposes(s: &mut State, p: u8, gen: u8, lease_until: u8) {
+    for r in 0..REGIONS as u8 {
+        s.net.insert(Msg::Propose {
+            p,
+            region: r,
+            gen,
+            lease_until,
+        });
+    }
+}
+
+impl Model for IdemModel {
+    type State = State;
+    type Action = Action;
+
+    fn init_states(&self) -> Vec<State> {
+        vec![State::initial()]
+    }
+
+    fn actions(&self, s: &State, actions: &mut Vec<Action>) {
+        if s.now < self.cfg.tmax {
+            actions.push(Action::Tick);
+        }
+        if self.cfg.crash && !s.down.iter().any(|d| *d) {
+            actions.extend((0..REGIONS as u8).map(Action::Crash));
+        }
+        for (p, st) in s.proposers.iter().enumerate() {
+            let p8 = p as u8;
+            match st {
+                Status::Idle if !s.down[usize::from(self.cfg.local[p])] => {
+                    actions.push(Action::Start(p8))
+                }
+                Status::Proposing { .. } => actions.push(Action::Decide(p8)),
+                Status::Holder {
+                    lease_until,
+                    extends_left,
+                    ..
+                } => {
+                    actions.push(Action::SendComplete(p8));
+                    actions.push(Action::SendRelease(p8));
+                    if *extends_left > 0 && self.extend_until(s) > *lease_until {
+                        actions.push(Action::SendExtend(p8));
+                    }
+                }
+                Status::Extending { .. } => actions.push(Action::GiveUpExtend(p8)),
+                _ => {}
+            }
+        }
+        for m in &s.net {
+            if s.down[m.region()] {
+                continue;
+            }
+            actions.push(Action::Deliver(*m));
+            if matches!(m, Msg::Propose { .. }) {
+                actions.push(Action::DeliverReplyLost(*m));
+            }
+        }
+        for src in 0..REGIONS {
+            if s.records[src].is_none() {
+                continue;
+            }
+            for dst in 0..REGIONS {
+                if dst != src && !s.down[dst] {
+                    actions.push(Action::Merge {
+                        src: src as u8,
+                        dst: dst as u8,
+                    });
+                }
+            }
+        }
+    }
+
+    fn next_state(&self, last: &State, action: Action) -> Option<State> {
+        let mut s = last.clone();
+        match action {
+            Action::Start(p) => self.start(&mut s, usize::from(p)),
+            Action::Deliver(m) => self.deliver(&mut s, m, true),
+            Action::DeliverReplyLost(m) => self.deliver(&mut s, m, false),
+            Action::Decide(p) => self.decide(&mut s, usize::from(p)),
+            Action::SendComplete(p) => {
+                let pi = usize::from(p);
+                if let Status::Holder {
+                    gen, lease_until, ..
+                } = s.proposers[pi]
+                {
+                    s.proposers[pi] = Status::Completing {
+                        gen,
+                        lease_until,
+                        stored: 0,
+                    };
+                    let live_until = self.live_until(lease_until);
+                    for r in 0..REGIONS as u8 {
+                        s.net.insert(Msg::Complete {
+                            p,
+                            region: r,
+                            gen,
+                            live_until,
+                        });
+                    }
+                }
+            }
+            Action::SendRelease(p) => {
+                let pi = usize::from(p);
+                if let Status::Holder { gen, .. } = s.proposers[pi] {
+                    s.proposers[pi] = Status::Released;
+                    for r in 0..REGIONS as u8 {
+                        s.net.insert(Msg::Release { p, region: r, gen });
+                    }
+                }
+            }
+            Action::SendExtend(p) => {
+                let pi = usize::from(p);
+                if let Status::Holder {
+                    gen,
+                    lease_until,
+                    extends_left,
+                } = s.proposers[pi]
+                {
+                    let until = self.extend_until(&s);
+                    s.proposers[pi] = Status::Extending {
+                        gen,
+                        lease_until,
+                        until,
+                        stored: 0,
+                        extends_left: extends_left - 1,
+                    };
+                    let live_until = self.live_until(lease_until);
+                    for r in 0..REGIONS as u8 {
+                        s.net.insert(Msg::Extend {
+                            p,
+                            region: r,
+                            gen,
+                            until,
+                            live_until,
+                        });
+                    }
+                }
+            }
+            Action::GiveUpExtend(p) => {
+                let pi = usize::from(p);
+                if let Status::Extending {
+                    gen,
+                    lease_until,
+                    extends_left,
+                    ..
+                } = s.proposers[pi]
+                {
+                    s.proposers[pi] = Status::Holder {
+                        gen,
+                        lease_until,
+                        extends_left,
+                    };
+                }
+            }
+            Action::Merge { src, dst } => {
+                self.anti_entropy(&mut s, usize::from(src), usize::from(dst))
+            }
+            Action::Tick => self.tick(&mut s),
+            Action::Crash(r) => s.down[usize::from(r)] = true,
+        }
+        self.normalize(&mut s);
+        (s != *last).then_some(s)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        let mut props = vec![
+            Property::always(TWO_LIVE_GRANTS, |_, s: &State| {
+                s.proposers.iter().filter(|p| p.live_grant(s.now)).count() < 2
+            }),
+            Property::always(NO_NEW_AFTER_ACK, |_, s: &State| !s.ghost.new_after_ack),
+            Property::always(REPLAYS_STABLE, |_, s: &State| !s.ghost.resp_changed),
+            Property::always(MISMATCH_EXACT, |_, s: &State| {
+                !s.ghost.mismatch_same_fp && !s.ghost.new_over_other_fp
+            }),
+            Property::always(CONVERGENCE, |m: &IdemModel, s: &State| {
+                s.now < m.cfg.tmax || m.converges(s.now, &s.records, &s.down)
+            }),
+            Property::always(NO_DUAL_COMPLETION, |_, s: &State| !s.ghost.dual_completion),
+            Property::sometimes(SOME_NEW, |_, s: &State| {
+                s.proposers.iter().any(|p| p.was_granted())
+            }),
+            Property::sometimes(SOME_ACK, |_, s: &State| {
+                s.proposers.contains(&Status::Acked)
+            }),
+            Property::sometimes(SOME_TAKEOVER, |_, s: &State| {
+                s.proposers.iter().all(|p| p.was_granted())
+            }),
+        ];
+        // What a second Reserve can find, so the search is not vacuous: with one
+        // fingerprint a REPLAY, with two a MISMATCH.
+        if self.all_equal_fingerprints() {
+            props.push(Property::sometimes(SOME_REPLAY, |_, s: &State| {
+                s.proposers
+                    .iter()
+                    .any(|p| matches!(p, Status::Done(Answer::Replay(_))))
+            }));
+        } else {
+            props.push(Property::sometimes(SOME_MISMATCH, |_, s: &State| {
+                s.proposers.contains(&Status::Done(Answer::Mismatch))
+            }));
+        }
+        if self.cfg.extends > 0 {
+            props.push(Property::sometimes(SOME_EXTEND, |_, s: &State| {
+                s.ghost.extended
+            }));
+        }
+        props
+    }
+}
