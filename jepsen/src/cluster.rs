@@ -58,7 +58,7 @@ impl Cluster {
         per_region: usize,
     ) -> anyhow::Result<Cluster> {
         let mut nodes = Vec::new();
-        for r in 0..regions {
+        for (r, region_name) in REGION_NAMES.iter().enumerate().take(regions) {
             for n in 0..per_region {
                 let index = r * per_region + n;
                 let id = index as u64 + 1;
@@ -66,11 +66,8 @@ impl Cluster {
                 let ndir = dir.join(format!("n{id}"));
                 std::fs::create_dir_all(&ndir)?;
                 let mut regions_toml = String::new();
-                for r2 in 0..regions {
-                    regions_toml.push_str(&format!(
-                        "[[regions]]\nid = {r2}\nname = \"{}\"\n",
-                        REGION_NAMES[r2]
-                    ));
+                for (r2, name2) in REGION_NAMES.iter().enumerate().take(regions) {
+                    regions_toml.push_str(&format!("[[regions]]\nid = {r2}\nname = \"{name2}\"\n"));
                     for n2 in 0..per_region {
                         let b = r2 * per_region + n2;
                         let addr = if r2 == r {
@@ -92,7 +89,7 @@ impl Cluster {
                      [geo]\nround_timeout_ms = 1500\nanti_entropy_interval_ms = 3000\n\n\
                      [limits]\nmin_lease_ms = 100\nmin_retention_ms = 60000\n\n\
                      [log]\nlevel = \"warn,idem_geo=info\"\n\n{regions_toml}",
-                    REGION_NAMES[r],
+                    region_name,
                     ndir.join("data").display(),
                 );
                 std::fs::write(&config, text)?;
@@ -187,7 +184,7 @@ impl Cluster {
     pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         let start = Instant::now();
         for n in self.nodes.iter().filter(|n| n.child.is_some()) {
-            while !http_get(&n.http(), "/healthz").is_some_and(|(c, _)| c == 200) {
+            while http_get(&n.http(), "/healthz").is_none_or(|(c, _)| c != 200) {
                 if start.elapsed() > timeout {
                     anyhow::bail!(
                         "node {} not ready after {timeout:?}; see {}",

@@ -125,22 +125,23 @@ async fn an_isolated_region_neither_grants_nor_forgets_and_converges_after_heali
         r.complete(&lease, &body(&k)).await.unwrap();
     }
     // The isolated region: no NEW for a new key, REPLAY for what it holds.
+    let iso = c.client_once(c.region_nodes(2)[0]).await;
     for i in 0..5 {
-        match cl[2].reserve(&req("p", &format!("new-{i}"))).await {
+        match iso.reserve(&req("p", &format!("new-{i}"))).await {
             Err(Error::Unavailable { .. }) | Ok(Reservation::InFlight { .. }) => {}
             other => panic!("isolated region answered {other:?} for a new key"),
         }
     }
     for i in 0..20 {
         let k = format!("before-{i}");
-        match cl[2].reserve(&req("p", &k)).await.unwrap() {
+        match iso.reserve(&req("p", &k)).await.unwrap() {
             Reservation::Replay(resp) => assert_eq!(resp, body(&k)),
             other => panic!("isolated region answered {other:?} for completed {k}"),
         }
     }
     // Keys completed during the partition are unknown there: never NEW.
     for i in 0..4 {
-        match cl[2].reserve(&req("p", &format!("during-{i}"))).await {
+        match iso.reserve(&req("p", &format!("during-{i}"))).await {
             Err(Error::Unavailable { .. }) | Ok(Reservation::InFlight { .. }) => {}
             other => panic!("isolated region answered {other:?} for a key completed elsewhere"),
         }
@@ -253,8 +254,8 @@ async fn regional_mode_double_grants_under_a_partition_are_resolved_and_counted(
     for i in 0..10 {
         let k = format!("k-{i}");
         let mut seen = Vec::new();
-        for r in 0..3 {
-            match cl[r].reserve(&req("fast", &k)).await.unwrap() {
+        for (r, client) in cl.iter().enumerate() {
+            match client.reserve(&req("fast", &k)).await.unwrap() {
                 Reservation::Replay(resp) => seen.push(resp),
                 other => panic!("region {r} answered {other:?} for {k}"),
             }

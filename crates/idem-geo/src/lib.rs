@@ -25,14 +25,13 @@ use idem_core::merge::Conflict;
 use idem_core::proposer::{Reply, Tally, Verdict};
 use idem_core::shard::shard_of;
 use idem_core::{CommandResult, Fence, Fingerprint, Key, Op, Phase};
-use idem_raft::codec::{decode, encode};
 use idem_raft::{Channels, Group, GroupError, GroupId, Router, Stamper};
-use link::{Kind, LinkError, RegionLink};
+use link::{LinkError, RegionLink};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
-use wire::{ApplyRequest, ApplyResponse, Call};
+use wire::Call;
 
 /// How a namespace decides NEW.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -124,7 +123,7 @@ struct Inner {
     cfg: GeoConfig,
     /// Index of each region in `cfg.regions` (its slot in a tally).
     index: BTreeMap<u16, usize>,
-    links: BTreeMap<u16, RegionLink>,
+    links: BTreeMap<u16, Arc<RegionLink>>,
     router: Router,
     stamper: Arc<Stamper>,
     observer: Arc<dyn Observer>,
@@ -164,6 +163,7 @@ impl Geo {
                         channels.clone(),
                         cfg.max_in_flight_per_region,
                         cfg.emulated_rtt,
+                        cfg.round_timeout,
                     ),
                 )
             })
@@ -196,7 +196,7 @@ impl Geo {
     }
 
     pub(crate) fn link(&self, region: u16) -> Option<&RegionLink> {
-        self.inner.links.get(&region)
+        self.inner.links.get(&region).map(|l| l.as_ref())
     }
 
     pub(crate) fn stamper(&self) -> &Arc<Stamper> {
@@ -258,21 +258,12 @@ impl Geo {
             .get(&region)
             .ok_or_else(|| format!("unknown region {region}"))?;
         let (hlc_now, _) = self.inner.stamper.mint();
-        let req = ApplyRequest {
-            hlc: idem_core::Hlc::compose(hlc_now, 0),
-            calls: vec![Call { shard, key, op }],
-        };
-        let bytes = link
-            .call(Kind::Apply, encode(&req), self.inner.cfg.round_timeout)
+        let (remote_hlc, result) = link
+            .apply(idem_core::Hlc::compose(hlc_now, 0), Call { shard, key, op })
             .await
             .map_err(|e: LinkError| e.to_string())?;
-        let resp: ApplyResponse = decode(&bytes).map_err(|e| e.to_string())?;
-        let _ = self.inner.stamper.observe(resp.hlc);
-        match resp.results.into_iter().next() {
-            Some(Ok(r)) => Ok(r),
-            Some(Err(e)) => Err(e.to_string()),
-            None => Err("empty answer".into()),
-        }
+        let _ = self.inner.stamper.observe(remote_hlc);
+        result.map_err(|e| e.to_string())
     }
 
     /// Send `op` to every region at once; the replies arrive as a stream of

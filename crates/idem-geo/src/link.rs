@@ -4,14 +4,31 @@
 //! Every call has a deadline. A node that does not answer is skipped for the next one
 //! of the same region; a call never waits longer than its deadline in total.
 
+use crate::wire::{ApplyRequest, ApplyResponse, Call};
+use idem_core::CommandResult;
 use idem_proto::internal::geo_client::GeoClient;
 use idem_proto::internal::GeoMessage;
-use idem_raft::Channels;
+use idem_raft::codec::{decode, encode};
+use idem_raft::{Channels, GroupError};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Most calls in one `Apply` batch.
+const MAX_BATCH: usize = 256;
+/// Batches in flight to one region at once.
+const BATCHES_IN_FLIGHT: usize = 16;
+
+/// The answer to one batched call: the remote clock, and the group's result.
+pub type ApplyReply = Result<(u64, Result<CommandResult, GroupError>), LinkError>;
+
+struct PendingCall {
+    hlc: u64,
+    call: Call,
+    reply: oneshot::Sender<ApplyReply>,
+}
 
 #[derive(Debug, Error, Clone)]
 pub enum LinkError {
@@ -43,9 +60,13 @@ pub struct RegionLink {
     /// Emulated round trip (demo only): half before the call, half after.
     emulated_rtt: Duration,
     my_region: u16,
+    /// Calls waiting for the batcher (bounded: a full queue refuses new calls).
+    queue: mpsc::Sender<PendingCall>,
 }
 
 impl RegionLink {
+    /// A link, with its batcher running on the current tokio runtime.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         my_region: u16,
         region: u16,
@@ -54,8 +75,10 @@ impl RegionLink {
         channels: Channels,
         max_in_flight: usize,
         emulated_rtt: Duration,
-    ) -> RegionLink {
-        RegionLink {
+        timeout: Duration,
+    ) -> Arc<RegionLink> {
+        let (queue, rx) = mpsc::channel(max_in_flight.max(1));
+        let link = Arc::new(RegionLink {
             region,
             name,
             addrs,
@@ -64,7 +87,28 @@ impl RegionLink {
             in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
             emulated_rtt,
             my_region,
-        }
+            queue,
+        });
+        tokio::spawn(batcher(Arc::downgrade(&link), rx, timeout));
+        link
+    }
+
+    /// Run one command on the region's group, batched with the other calls waiting
+    /// for this region: calls that arrive while earlier batches are on the wire leave
+    /// together in the next `Apply`, with no added wait.
+    pub async fn apply(&self, hlc: u64, call: Call) -> ApplyReply {
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .try_send(PendingCall {
+                hlc,
+                call,
+                reply: tx,
+            })
+            .map_err(|_| LinkError::Busy(self.region))?;
+        rx.await.map_err(|_| LinkError::Unreachable {
+            region: self.region,
+            detail: "the batch was dropped".into(),
+        })?
     }
 
     /// Send one message and wait for the answer, trying the region's nodes in turn.
@@ -170,5 +214,61 @@ impl RegionLink {
                 },
             }),
         }
+    }
+}
+
+/// Drain the queue into batches, at most `BATCHES_IN_FLIGHT` on the wire at once.
+async fn batcher(link: Weak<RegionLink>, mut rx: mpsc::Receiver<PendingCall>, timeout: Duration) {
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let Some(link) = link.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let hlc = batch.iter().map(|p| p.hlc).max().unwrap_or(0);
+            let (calls, replies): (Vec<Call>, Vec<oneshot::Sender<ApplyReply>>) =
+                batch.into_iter().map(|p| (p.call, p.reply)).unzip();
+            let n = calls.len();
+            let req = ApplyRequest { hlc, calls };
+            let res = link.call(Kind::Apply, encode(&req), timeout).await;
+            let decoded = res.and_then(|bytes| {
+                decode::<ApplyResponse>(&bytes).map_err(|e| LinkError::Refused {
+                    region: link.region,
+                    detail: e.to_string(),
+                })
+            });
+            match decoded {
+                Ok(resp) if resp.results.len() == n => {
+                    for (r, tx) in resp.results.into_iter().zip(replies) {
+                        let _ = tx.send(Ok((resp.hlc, r)));
+                    }
+                }
+                Ok(resp) => {
+                    let e = LinkError::Refused {
+                        region: link.region,
+                        detail: format!("{} results for {n} calls", resp.results.len()),
+                    };
+                    for tx in replies {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
+                Err(e) => {
+                    for tx in replies {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
+            }
+            drop(slot);
+        });
     }
 }

@@ -497,6 +497,55 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The cross-region settings for `idem-geo`.
+    pub fn geo_config(&self, my_region: u16) -> idem_geo::GeoConfig {
+        let g = &self.geo;
+        idem_geo::GeoConfig {
+            my_region,
+            regions: self
+                .effective_regions()
+                .into_iter()
+                .map(|r| idem_geo::RegionInfo {
+                    id: r.id,
+                    name: r.name,
+                    addrs: r.nodes.into_iter().map(|n| n.addr).collect(),
+                })
+                .collect(),
+            shards: self.cluster.shards,
+            namespaces: self
+                .namespaces
+                .iter()
+                .map(|n| idem_geo::NamespaceRule {
+                    tenant: n.tenant.clone(),
+                    scope_prefix: n.scope_prefix.clone(),
+                    mode: if n.mode == "regional" {
+                        idem_geo::Mode::Regional
+                    } else {
+                        idem_geo::Mode::Global
+                    },
+                })
+                .collect(),
+            round_timeout: std::time::Duration::from_millis(g.round_timeout_ms),
+            max_retries: g.max_retries,
+            max_in_flight_per_region: g.max_in_flight_per_region,
+            emulated_rtt: std::time::Duration::from_millis(g.emulated_rtt_ms),
+            relay: idem_geo::relay::RelayConfig {
+                batch: g.relay_batch,
+                max_rate: g.relay_max_rate,
+                max_outbox: g.relay_max_outbox,
+                dead_after_tries: g.relay_dead_after_tries,
+                ..Default::default()
+            },
+            anti_entropy: idem_geo::anti_entropy::AntiEntropyConfig {
+                interval: std::time::Duration::from_millis(g.anti_entropy_interval_ms),
+                buckets: g.anti_entropy_buckets,
+                ..Default::default()
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,54 +617,5 @@ mod tests {
         let regions = "[[regions]]\nid = 0\nname = \"eu\"\n[[regions.nodes]]\nid = 1\naddr = \"127.0.0.1:7101\"\n";
         assert!(err(&format!("[node]\nregion = \"mars\"\n{regions}")).contains("`node.region`"));
         assert!(err(&format!("[node]\nregion = \"eu\"\nid = 2\n{regions}")).contains("`node.id`"));
-    }
-}
-
-impl Config {
-    /// The cross-region settings for `idem-geo`.
-    pub fn geo_config(&self, my_region: u16) -> idem_geo::GeoConfig {
-        let g = &self.geo;
-        idem_geo::GeoConfig {
-            my_region,
-            regions: self
-                .effective_regions()
-                .into_iter()
-                .map(|r| idem_geo::RegionInfo {
-                    id: r.id,
-                    name: r.name,
-                    addrs: r.nodes.into_iter().map(|n| n.addr).collect(),
-                })
-                .collect(),
-            shards: self.cluster.shards,
-            namespaces: self
-                .namespaces
-                .iter()
-                .map(|n| idem_geo::NamespaceRule {
-                    tenant: n.tenant.clone(),
-                    scope_prefix: n.scope_prefix.clone(),
-                    mode: if n.mode == "regional" {
-                        idem_geo::Mode::Regional
-                    } else {
-                        idem_geo::Mode::Global
-                    },
-                })
-                .collect(),
-            round_timeout: std::time::Duration::from_millis(g.round_timeout_ms),
-            max_retries: g.max_retries,
-            max_in_flight_per_region: g.max_in_flight_per_region,
-            emulated_rtt: std::time::Duration::from_millis(g.emulated_rtt_ms),
-            relay: idem_geo::relay::RelayConfig {
-                batch: g.relay_batch,
-                max_rate: g.relay_max_rate,
-                max_outbox: g.relay_max_outbox,
-                dead_after_tries: g.relay_dead_after_tries,
-                ..Default::default()
-            },
-            anti_entropy: idem_geo::anti_entropy::AntiEntropyConfig {
-                interval: std::time::Duration::from_millis(g.anti_entropy_interval_ms),
-                buckets: g.anti_entropy_buckets,
-                ..Default::default()
-            },
-        }
     }
 }

@@ -67,6 +67,10 @@ pub struct OutboxConfig {
     pub max_entries: u64,
 }
 
+/// A page of one anti-entropy bucket: its records, and the record key to continue
+/// after (`None`: the bucket is done).
+pub type BucketPage = (Vec<(Key, Record)>, Option<Vec<u8>>);
+
 /// One queued change: its sequence number (the log index that made it) and its bytes
 /// (an encoded [`Shipped`], versioned).
 #[derive(Clone, Debug)]
@@ -428,7 +432,7 @@ impl StateEngine {
         after: Option<&[u8]>,
         limit: usize,
         now_ms: u64,
-    ) -> Result<(Vec<(Key, Record)>, Option<Vec<u8>>), StorageError> {
+    ) -> Result<BucketPage, StorageError> {
         let buckets = buckets.max(1);
         let mut from = shard_prefix(shard).to_vec();
         if let Some(a) = after {

@@ -122,16 +122,16 @@ impl GeoCluster {
         let mut proxy_port = BTreeMap::new();
         let mut links = Vec::new();
         for src in 0..opts.regions {
-            for dst in 0..opts.regions {
+            for (dst, dst_nodes) in real.iter().enumerate() {
                 if src == dst {
                     continue;
                 }
                 let cut = Arc::new(AtomicBool::new(false));
                 let epoch = Arc::new(AtomicU64::new(0));
-                for j in 0..n {
+                for (j, (dst_grpc, _)) in dst_nodes.iter().enumerate() {
                     let port = free_port();
                     proxy_port.insert((src, dst, j), port);
-                    let target = format!("127.0.0.1:{}", real[dst][j].0);
+                    let target = format!("127.0.0.1:{dst_grpc}");
                     let (cut, epoch) = (cut.clone(), epoch.clone());
                     let listener =
                         std::net::TcpListener::bind(("127.0.0.1", port)).expect("proxy listen");
@@ -198,7 +198,7 @@ impl GeoCluster {
                     "[node]\nid = {id}\nregion = \"{}\"\ndata_dir = \"{}\"\ngrpc_addr = \"127.0.0.1:{g}\"\nhttp_addr = \"127.0.0.1:{h}\"\n\n\
                      [cluster]\nshards = 1\nskew_margin_ms = 100\n\n\
                      [raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\nrequest_timeout_ms = 3000\n\n\
-                     [geo]\nround_timeout_ms = 1000\nanti_entropy_interval_ms = {}\n\n\
+                     [geo]\nround_timeout_ms = 2000\nanti_entropy_interval_ms = {}\n\n\
                      [limits]\nmin_lease_ms = 100\nmin_retention_ms = 1000\n\n{}\n{regions_toml}",
                     REGION_NAMES[r],
                     data.display(),
@@ -280,7 +280,7 @@ impl GeoCluster {
             if n.child.is_none() {
                 continue;
             }
-            while !http_get(&n.http, "/healthz").is_some_and(|(c, _)| c == 200) {
+            while http_get(&n.http, "/healthz").is_none_or(|(c, _)| c != 200) {
                 if start.elapsed() > timeout {
                     panic!(
                         "node {} not ready after {timeout:?}; log:\n{}",
@@ -313,6 +313,20 @@ impl GeoCluster {
     }
 
     pub async fn client(&self, i: usize) -> Client {
+        let mut cfg = ClientConfig::new(self.nodes[i].grpc.clone());
+        cfg.timeout = Duration::from_secs(5);
+        // Retries as a service would make them (UNAVAILABLE is retried with the
+        // pushback; Complete and Release with the same fence are idempotent).
+        cfg.retry = RetryPolicy {
+            max_attempts: 4,
+            budget_floor: 10_000.0,
+            ..RetryPolicy::default()
+        };
+        Client::connect(cfg).await.expect("client")
+    }
+
+    /// A client that does not retry: to see each answer as the server gave it.
+    pub async fn client_once(&self, i: usize) -> Client {
         let mut cfg = ClientConfig::new(self.nodes[i].grpc.clone());
         cfg.timeout = Duration::from_secs(5);
         cfg.retry = RetryPolicy {
