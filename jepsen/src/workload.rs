@@ -88,10 +88,16 @@ pub async fn client(
         }
     }
     let mut region = home;
+    // Redeliveries: a request whose Complete was acknowledged arrives again a few
+    // seconds later through another region (a duplicate delivery, a retry after a lost
+    // answer): it must replay, whatever happened to the network in between.
+    let mut redeliver: std::collections::VecDeque<(u64, String, usize)> = Default::default();
     while !stop.load(Ordering::Relaxed) {
         if rng.random_bool(cfg.flip) {
             region = rng.random_range(0..regions);
         }
+        let due = redeliver.front().is_some_and(|(at, _, _)| *at <= now_ms());
+        let again = if due { redeliver.pop_front() } else { None };
         let window = (now_ms().saturating_sub(epoch_ms)
             / cfg.window_every.as_millis().max(1) as u64) as usize;
         // Mostly the keys of the moment; one call in four retries a key of the last ten
@@ -101,9 +107,16 @@ pub async fn client(
         } else {
             window
         };
-        let key = format!("k{}", w * cfg.keys / 2 + rng.random_range(0..cfg.keys));
+        let mut key = format!("k{}", w * cfg.keys / 2 + rng.random_range(0..cfg.keys));
         // One request in fifty reuses the key with another body (a client bug).
-        let variant = u8::from(rng.random_bool(0.02));
+        let mut variant = u8::from(rng.random_bool(0.02));
+        if let Some((_, k, from)) = again {
+            key = k;
+            variant = 0;
+            if regions > 1 {
+                region = (from + 1 + rng.random_range(0..regions - 1)) % regions;
+            }
+        }
         let fp = fp_of(&key, variant);
         let c = &clients[region].1;
         let mut req = ReserveRequest::new("jepsen", key.clone().into_bytes(), fp);
@@ -167,7 +180,7 @@ pub async fn client(
             continue;
         };
         // The side effect.
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..600))).await;
         let choice: f64 = rng.random();
         let fence = lease.fence.to_string();
         let base = Op {
@@ -203,6 +216,10 @@ pub async fn client(
                 // Not acknowledged, but it may have been stored by some regions.
                 Err(_) => Outcome::Timeout,
             };
+            if op.outcome == Outcome::Ok && variant == 0 && redeliver.len() < 64 {
+                let at = now_ms() + rng.random_range(2_500..6_000);
+                redeliver.push_back((at, key.clone(), region));
+            }
             rec.push(op);
         } else if choice < 0.8 {
             let start = now_ms();

@@ -3,6 +3,7 @@
 mod bench;
 mod calls;
 mod demo;
+mod load;
 mod top;
 
 use clap::{Parser, Subcommand};
@@ -52,6 +53,9 @@ enum Cmd {
     Top(top::TopArgs),
     /// Load a cluster with a scenario and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// Fill a stopped node's storage with N completed records (scale benchmark).
+    #[command(hide = true)]
+    LoadRecords(load::LoadArgs),
 }
 
 fn init_tracing(level: &str, json: bool) {
@@ -143,6 +147,7 @@ async fn main() -> ExitCode {
         Cmd::Status(a) => calls::status(a).await,
         Cmd::Top(a) => top::run(a).await,
         Cmd::Bench(a) => bench::run(a).await,
+        Cmd::LoadRecords(a) => load::run(a),
     };
     match result {
         Ok(code) => code,

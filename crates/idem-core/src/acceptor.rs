@@ -323,6 +323,22 @@ pub fn complete(
     }
 }
 
+/// Count one more attempt on a record answered without a Raft round (a REPLAY from a
+/// final local copy): the retry bookkeeping only, never the decision.
+pub fn touch(
+    stored: Option<&Record>,
+    fingerprint: crate::Fingerprint,
+    now_ms: u64,
+    first_attempt_ms: u64,
+) -> Option<Record> {
+    let r = stored.filter(|r| !r.is_expired(now_ms) && r.fingerprint == fingerprint)?;
+    let mut w = r.clone();
+    w.attempts = w.attempts.saturating_add(1);
+    w.last_attempt_ms = w.last_attempt_ms.max(now_ms);
+    w.first_attempt_ms = earliest(w.first_attempt_ms, first_attempt_ms);
+    Some(w)
+}
+
 /// The proposer's notice that a completion reached a majority: mark it final here
 /// without waiting for anti-entropy. Anything else is left alone.
 pub fn finalize(stored: Option<&Record>, fence: Fence, now_ms: u64) -> Option<Record> {

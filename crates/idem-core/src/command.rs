@@ -49,6 +49,12 @@ pub enum Op {
         #[serde(default)]
         until_ms: Option<u64>,
     },
+    /// One more attempt, answered from a final local copy without a Raft round: the
+    /// retry bookkeeping is counted afterwards (never replicated).
+    Touch {
+        fingerprint: Fingerprint,
+        first_attempt_ms: u64,
+    },
     /// A failed proposal takes its accept back.
     Withdraw {
         claim: ClaimId,
@@ -85,6 +91,7 @@ impl Op {
             Op::Complete { .. } => "complete",
             Op::Release { .. } => "release",
             Op::Extend { .. } => "extend",
+            Op::Touch { .. } => "touch",
             Op::Withdraw { .. } => "withdraw",
             Op::Final { .. } => "final",
             Op::Merge { .. } => "merge",
@@ -206,6 +213,13 @@ pub fn apply(stored: Option<&Record>, cmd: &Command) -> (CommandResult, Option<R
             Ok(w) => (CommandResult::Extend(Ok(w.lease_expires_ms)), Some(w)),
             Err(e) => (CommandResult::Extend(Err(e)), None),
         },
+        Op::Touch {
+            fingerprint,
+            first_attempt_ms,
+        } => (
+            CommandResult::Done,
+            acceptor::touch(stored, *fingerprint, now, *first_attempt_ms),
+        ),
         Op::Withdraw { claim } => (CommandResult::Done, acceptor::withdraw(stored, *claim, now)),
         Op::Final { fence } => (CommandResult::Done, acceptor::finalize(stored, *fence, now)),
         Op::Merge {

@@ -356,6 +356,17 @@ impl Geo {
                 }
             };
             let same = r.fingerprint == req.fingerprint;
+            if same {
+                // Count the attempt afterwards (region-local bookkeeping, not awaited).
+                let op = Op::Touch {
+                    fingerprint: req.fingerprint,
+                    first_attempt_ms: req.first_attempt_ms,
+                };
+                let (local, key) = (local.clone(), key.clone());
+                tokio::spawn(async move {
+                    let _ = local.submit(key, op).await;
+                });
+            }
             return Ok((
                 ReserveAnswer {
                     outcome,

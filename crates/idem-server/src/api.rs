@@ -105,6 +105,56 @@ impl IdemService {
         Key { tenant, scope, key }
     }
 
+    /// REPLAY or MISMATCH from this node's copy of a *final* completion, without a Raft
+    /// round: a final completion never changes, so any replica's copy answers. The
+    /// attempt is counted afterwards by a `Touch` through the group (not awaited).
+    fn answer_locally(
+        &self,
+        key: &Key,
+        fingerprint: idem_core::Fingerprint,
+        first_attempt_ms: u64,
+    ) -> Result<Option<(ReserveOutcome, u32, Option<u64>)>, Status> {
+        let group = self.group_for(key)?;
+        let Ok(Some(rec)) = group.read_local(key) else {
+            return Ok(None);
+        };
+        if rec.phase != idem_core::Phase::Completed || !rec.is_final {
+            return Ok(None);
+        }
+        if rec.fingerprint != fingerprint {
+            return Ok(Some((
+                ReserveOutcome::Mismatch {
+                    stored: rec.fingerprint,
+                },
+                1,
+                None,
+            )));
+        }
+        let Some(response) = rec.response.clone() else {
+            return Ok(None);
+        };
+        let now = group.stamper().wall_ms();
+        let since = (rec.last_attempt_ms > 0).then(|| now.saturating_sub(rec.last_attempt_ms));
+        let op = Op::Touch {
+            fingerprint,
+            first_attempt_ms,
+        };
+        let key = key.clone();
+        tokio::spawn(async move {
+            if let Err(e) = group.submit(key, op).await {
+                tracing::debug!(error = %e, "attempt count of a local replay not stored");
+            }
+        });
+        Ok(Some((
+            ReserveOutcome::Replay {
+                fence: rec.fence(),
+                response,
+            },
+            rec.attempts.saturating_add(1),
+            since,
+        )))
+    }
+
     /// GLOBAL mode with more than one region: the call goes to every region.
     fn global(&self, key: &Key) -> bool {
         self.geo.mode_of(key) == idem_geo::Mode::Global
@@ -212,6 +262,8 @@ impl IdemService {
                 .await
                 .map_err(geo_error)?;
             (a.outcome, a.attempt.max(1), a.since_previous_ms)
+        } else if let Some(fast) = self.answer_locally(&key, r.fingerprint, r.first_attempt_ms)? {
+            fast
         } else {
             let group = self.group_for(&key)?;
             let op = Op::Reserve {

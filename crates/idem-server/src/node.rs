@@ -297,7 +297,11 @@ impl Node {
             .add_service(health_service)
             .add_service(reflection);
         let mut rx = shutdown_rx.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        // Accepted connections get TCP_NODELAY here: `Server::tcp_nodelay` covers only
+        // listeners tonic binds itself. Without it a response written in several small
+        // frames waits for the peer's delayed ACK (about 40 ms).
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         tasks.push(tokio::spawn(async move {
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
