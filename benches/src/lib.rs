@@ -55,6 +55,9 @@ pub struct BenchConfig {
     pub rate: Option<f64>,
     /// Keys in the shared key space (mixed, replay-heavy, sdk-key-reuse).
     pub keys: usize,
+    /// The scope of every key. The cluster's `[[namespaces]]` decide its mode: GLOBAL
+    /// (the default) or REGIONAL.
+    pub scope: String,
     pub progress: bool,
 }
 
@@ -148,7 +151,7 @@ async fn one(client: &Client, cfg: &BenchConfig, seq: u64, run: &str) -> &'stati
         }
     };
     let fp = fingerprint(&key, variant);
-    let req = ReserveRequest::new("bench", key, fp);
+    let req = ReserveRequest::new(cfg.scope.clone(), key, fp);
     let r = client.reserve(&req).await;
     if let Ok(Reservation::New(lease)) = &r {
         if client.complete(lease, &response).await.is_err() {

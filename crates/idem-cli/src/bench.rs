@@ -24,6 +24,10 @@ pub struct BenchArgs {
     /// Size of the shared key space (mixed, replay-heavy).
     #[arg(long, default_value_t = 1000)]
     pub keys: usize,
+    /// The keys' scope: the cluster's `[[namespaces]]` decide its mode (GLOBAL by
+    /// default; REGIONAL for a scope configured so).
+    #[arg(long, default_value = "bench")]
+    pub scope: String,
     /// Write the report as JSON here.
     #[arg(long)]
     pub json_out: Option<std::path::PathBuf>,
@@ -37,6 +41,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         duration: Duration::from_secs(a.duration_secs.max(1)),
         rate: a.rate,
         keys: a.keys.max(1),
+        scope: a.scope,
         progress: true,
     };
     let report = idem_bench::run(cfg).await?;

@@ -28,6 +28,7 @@ async fn sdk_key_reuse_fires_the_mismatch_alert() {
         duration: Duration::from_secs(4),
         rate: None,
         keys: 1000,
+        scope: "bench".into(),
         progress: false,
     })
     .await
@@ -62,6 +63,7 @@ async fn open_loop_holds_its_rate() {
         duration: Duration::from_secs(2),
         rate: Some(40.0),
         keys: 1000,
+        scope: "bench".into(),
         progress: false,
     })
     .await

@@ -330,10 +330,11 @@ pub fn touch(
     fingerprint: crate::Fingerprint,
     now_ms: u64,
     first_attempt_ms: u64,
+    count: u32,
 ) -> Option<Record> {
     let r = stored.filter(|r| !r.is_expired(now_ms) && r.fingerprint == fingerprint)?;
     let mut w = r.clone();
-    w.attempts = w.attempts.saturating_add(1);
+    w.attempts = w.attempts.saturating_add(count);
     w.last_attempt_ms = w.last_attempt_ms.max(now_ms);
     w.first_attempt_ms = earliest(w.first_attempt_ms, first_attempt_ms);
     Some(w)

@@ -49,11 +49,11 @@ pub enum Op {
         #[serde(default)]
         until_ms: Option<u64>,
     },
-    /// One more attempt, answered from a final local copy without a Raft round: the
-    /// retry bookkeeping is counted afterwards (never replicated).
+    /// Attempts answered from final local copies without a Raft round, counted
+    /// afterwards in one entry for many keys (retry bookkeeping only, never
+    /// replicated). Not about one key: the command's key is empty.
     Touch {
-        fingerprint: Fingerprint,
-        first_attempt_ms: u64,
+        items: Vec<TouchItem>,
     },
     /// A failed proposal takes its accept back.
     Withdraw {
@@ -98,6 +98,17 @@ impl Op {
             Op::OutboxAck { .. } => "outbox_ack",
         }
     }
+}
+
+/// Replays of one key answered locally since the last flush.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TouchItem {
+    pub key: Key,
+    pub fingerprint: Fingerprint,
+    pub first_attempt_ms: u64,
+    /// The latest of them.
+    pub at_ms: u64,
+    pub count: u32,
 }
 
 /// A stamped command: one Raft log entry's payload.
@@ -213,13 +224,8 @@ pub fn apply(stored: Option<&Record>, cmd: &Command) -> (CommandResult, Option<R
             Ok(w) => (CommandResult::Extend(Ok(w.lease_expires_ms)), Some(w)),
             Err(e) => (CommandResult::Extend(Err(e)), None),
         },
-        Op::Touch {
-            fingerprint,
-            first_attempt_ms,
-        } => (
-            CommandResult::Done,
-            acceptor::touch(stored, *fingerprint, now, *first_attempt_ms),
-        ),
+        // Applied by the state engine itself (many keys in one entry).
+        Op::Touch { .. } => (CommandResult::Done, None),
         Op::Withdraw { claim } => (CommandResult::Done, acceptor::withdraw(stored, *claim, now)),
         Op::Final { fence } => (CommandResult::Done, acceptor::finalize(stored, *fence, now)),
         Op::Merge {

@@ -21,6 +21,7 @@ pub mod wire;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use idem_core::acceptor::{CompleteError, ExtendError, ReleaseError, ReserveOutcome};
+use idem_core::command::TouchItem;
 use idem_core::merge::Conflict;
 use idem_core::proposer::{Reply, Tally, Verdict};
 use idem_core::shard::shard_of;
@@ -128,7 +129,14 @@ struct Inner {
     stamper: Arc<Stamper>,
     observer: Arc<dyn Observer>,
     deferred: Arc<tokio::sync::Semaphore>,
+    /// Attempts answered from final local copies, per shard and key, not yet counted.
+    touches: std::sync::Mutex<BTreeMap<u32, std::collections::HashMap<Key, TouchItem>>>,
 }
+
+/// Most keys with uncounted local replays per shard; beyond, attempts go uncounted.
+const MAX_PENDING_TOUCHES: usize = 100_000;
+/// How often local replays' attempts are written (one Raft entry per shard).
+const TOUCH_FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 #[derive(Clone)]
 pub struct Geo {
@@ -178,6 +186,7 @@ impl Geo {
                 stamper,
                 observer,
                 deferred: Arc::new(tokio::sync::Semaphore::new(MAX_DEFERRED)),
+                touches: Default::default(),
             }),
         }
     }
@@ -357,15 +366,8 @@ impl Geo {
             };
             let same = r.fingerprint == req.fingerprint;
             if same {
-                // Count the attempt afterwards (region-local bookkeeping, not awaited).
-                let op = Op::Touch {
-                    fingerprint: req.fingerprint,
-                    first_attempt_ms: req.first_attempt_ms,
-                };
-                let (local, key) = (local.clone(), key.clone());
-                tokio::spawn(async move {
-                    let _ = local.submit(key, op).await;
-                });
+                // Count the attempt afterwards (region-local bookkeeping).
+                self.touch_later(shard, &key, req.fingerprint, req.first_attempt_ms);
             }
             return Ok((
                 ReserveAnswer {
@@ -678,16 +680,81 @@ impl Geo {
         relay::backlog(self)
     }
 
-    /// Start the relay and anti-entropy tasks; they stop when `stop` turns true.
+    /// Count one more attempt on a key answered from this node's final copy without a
+    /// Raft round. Attempts are gathered per key and written every
+    /// `TOUCH_FLUSH_EVERY`, one Raft entry per shard, so local replays cost no Raft
+    /// round each.
+    pub fn touch_later(
+        &self,
+        shard: u32,
+        key: &Key,
+        fingerprint: Fingerprint,
+        first_attempt_ms: u64,
+    ) {
+        let now = self.inner.stamper.wall_ms();
+        let mut all = self.inner.touches.lock().unwrap_or_else(|p| p.into_inner());
+        let per = all.entry(shard).or_default();
+        if per.len() >= MAX_PENDING_TOUCHES && !per.contains_key(key) {
+            return;
+        }
+        let t = per.entry(key.clone()).or_insert_with(|| TouchItem {
+            key: key.clone(),
+            fingerprint,
+            first_attempt_ms,
+            at_ms: now,
+            count: 0,
+        });
+        t.count = t.count.saturating_add(1);
+        t.at_ms = t.at_ms.max(now);
+        if first_attempt_ms != 0
+            && (t.first_attempt_ms == 0 || first_attempt_ms < t.first_attempt_ms)
+        {
+            t.first_attempt_ms = first_attempt_ms;
+        }
+    }
+
+    fn flush_touches(&self) {
+        let all =
+            std::mem::take(&mut *self.inner.touches.lock().unwrap_or_else(|p| p.into_inner()));
+        for (shard, items) in all {
+            let Some(group) = self.local_group(shard) else {
+                continue;
+            };
+            let items: Vec<TouchItem> = items.into_values().collect();
+            let empty = Key {
+                tenant: String::new(),
+                scope: String::new(),
+                key: Vec::new(),
+            };
+            tokio::spawn(async move {
+                if let Err(e) = group.submit(empty, Op::Touch { items }).await {
+                    tracing::debug!(shard, error = %e, "attempt counts of local replays not stored");
+                }
+            });
+        }
+    }
+
+    /// Start the background tasks (attempt counting; with several regions, the relay
+    /// and anti-entropy); they stop when `stop` turns true.
     pub fn start_background(
         &self,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        if !self.is_multi_region() {
-            return Vec::new();
+        let me = self.clone();
+        let mut rx = stop.clone();
+        let mut tasks = vec![tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TOUCH_FLUSH_EVERY);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => me.flush_touches(),
+                    _ = rx.wait_for(|s| *s) => return,
+                }
+            }
+        })];
+        if self.is_multi_region() {
+            tasks.extend(relay::start(self, stop.clone()));
+            tasks.extend(anti_entropy::start(self, stop));
         }
-        let mut tasks = relay::start(self, stop.clone());
-        tasks.extend(anti_entropy::start(self, stop));
         tasks
     }
 

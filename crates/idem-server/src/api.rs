@@ -107,7 +107,8 @@ impl IdemService {
 
     /// REPLAY or MISMATCH from this node's copy of a *final* completion, without a Raft
     /// round: a final completion never changes, so any replica's copy answers. The
-    /// attempt is counted afterwards by a `Touch` through the group (not awaited).
+    /// attempt is counted afterwards (`Geo::touch_later`: gathered, one Raft entry per
+    /// shard every few ms).
     fn answer_locally(
         &self,
         key: &Key,
@@ -135,16 +136,8 @@ impl IdemService {
         };
         let now = group.stamper().wall_ms();
         let since = (rec.last_attempt_ms > 0).then(|| now.saturating_sub(rec.last_attempt_ms));
-        let op = Op::Touch {
-            fingerprint,
-            first_attempt_ms,
-        };
-        let key = key.clone();
-        tokio::spawn(async move {
-            if let Err(e) = group.submit(key, op).await {
-                tracing::debug!(error = %e, "attempt count of a local replay not stored");
-            }
-        });
+        self.geo
+            .touch_later(group.id().shard, key, fingerprint, first_attempt_ms);
         Ok(Some((
             ReserveOutcome::Replay {
                 fence: rec.fence(),

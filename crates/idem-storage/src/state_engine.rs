@@ -220,6 +220,26 @@ impl StateEngine {
                 results.push(None);
                 continue;
             };
+            if let Op::Touch { items } = &cmd.op {
+                for t in items {
+                    let rk = record_key(shard, &t.key);
+                    let stored = match pending.get(&rk) {
+                        Some(r) => Some(r.clone()),
+                        None => self.get_record(shard, &t.key)?,
+                    };
+                    if let Some(w) = idem_core::acceptor::touch(
+                        stored.as_ref(),
+                        t.fingerprint,
+                        t.at_ms,
+                        t.first_attempt_ms,
+                        t.count,
+                    ) {
+                        pending.insert(rk, w);
+                    }
+                }
+                results.push(Some(CommandResult::Done));
+                continue;
+            }
             if let Op::OutboxAck { dest, upto, dead } = &cmd.op {
                 let removed = self.ack_outbox(&mut batch, shard, *dest, *upto, dead)?;
                 if let Some(l) = lens.get_mut(dest) {
