@@ -33,6 +33,7 @@ pub fn run(a: LoadArgs) -> anyhow::Result<ExitCode> {
     let state = StateEngine::open(&cfg.node.data_dir.join("state"))?;
     let now = idem_client::now_ms();
     let retention = cfg.limits.default_retention_ms;
+    let applied = idem_raft::empty_applied_state();
     let started = Instant::now();
     let mut index = 1u64;
     let mut done = 0u64;
@@ -96,7 +97,7 @@ pub fn run(a: LoadArgs) -> anyhow::Result<ExitCode> {
                     ApplyItem::Command(c, index)
                 })
                 .collect();
-            state.apply(shard, &items, b"")?;
+            state.apply(shard, &items, &applied)?;
         }
         done += n;
         if done % 1_000_000 < n {

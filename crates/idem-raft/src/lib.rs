@@ -20,4 +20,5 @@ pub use group::{Group, GroupConfig, GroupError, GroupHealth, NodeIdentity, Stamp
 pub use network::Channels;
 pub use router::{GroupId, Router};
 pub use service::RaftService;
+pub use state_machine::empty_applied_state;
 pub use types::Peer;

@@ -24,6 +24,12 @@ pub struct StateMachine {
 
 type AppliedState = (Option<LogId>, StoredMembership);
 
+/// The applied-state bytes of a group that has applied no log entry yet (for tools that
+/// fill a stopped node's state engine directly).
+pub fn empty_applied_state() -> Vec<u8> {
+    encode(&(None::<LogId>, StoredMembership::default()))
+}
+
 impl StateMachine {
     pub fn open(engine: StateEngine, shard: Shard) -> io::Result<StateMachine> {
         let (applied, membership) = match engine.applied_state(shard)? {

@@ -115,6 +115,9 @@ impl StateEngine {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
+        // Every apply batch writes `meta` too; without a bound the WAL is kept until
+        // that small column family flushes (measured: 1.5 GB of WAL for 10 M keys).
+        opts.set_max_total_wal_size(128 << 20);
         let mut rec = Options::default();
         rec.set_compaction_filter("idem-expired", expired_filter);
         rec.set_compression_type(rocksdb::DBCompressionType::Lz4);
