@@ -129,12 +129,18 @@ impl GeoCluster {
                 let cut = Arc::new(AtomicBool::new(false));
                 let epoch = Arc::new(AtomicU64::new(0));
                 for (j, (dst_grpc, _)) in dst_nodes.iter().enumerate() {
-                    let port = free_port();
+                    // Bound at once (no gap between choosing the port and taking it).
+                    let (port, listener) = (0..20)
+                        .find_map(|_| {
+                            let p = free_port();
+                            std::net::TcpListener::bind(("127.0.0.1", p))
+                                .ok()
+                                .map(|l| (p, l))
+                        })
+                        .expect("a free port for a proxy");
                     proxy_port.insert((src, dst, j), port);
                     let target = format!("127.0.0.1:{dst_grpc}");
                     let (cut, epoch) = (cut.clone(), epoch.clone());
-                    let listener =
-                        std::net::TcpListener::bind(("127.0.0.1", port)).expect("proxy listen");
                     listener.set_nonblocking(true).expect("nonblocking");
                     rt.spawn(async move {
                         let listener =
