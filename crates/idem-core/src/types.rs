@@ -7,7 +7,9 @@ use std::fmt;
 ///
 /// The tenant always comes from the caller's credentials, never from a request body, so
 /// two tenants can use the same scope and key without ever seeing each other's record.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// `Key::default()` (all empty) is what commands about no key carry (`OutboxAck`,
+/// `Touch`); no request can name it: a request's tenant is never empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Key {
     pub tenant: String,
     pub scope: String,

@@ -131,7 +131,13 @@ struct Inner {
     deferred: Arc<tokio::sync::Semaphore>,
     /// Attempts answered from final local copies, per shard and key, not yet counted.
     touches: std::sync::Mutex<BTreeMap<u32, std::collections::HashMap<Key, TouchItem>>>,
+    /// Withdraws and final notices in flight (best effort: beyond the bound they are
+    /// skipped; the lease end and replication cover them).
+    broadcasts: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most broadcasts (withdraws, final notices) in flight on one node.
+const MAX_BROADCASTS: usize = 4_096;
 
 /// Most keys with uncounted local replays per shard; beyond, attempts go uncounted.
 const MAX_PENDING_TOUCHES: usize = 100_000;
@@ -187,6 +193,7 @@ impl Geo {
                 observer,
                 deferred: Arc::new(tokio::sync::Semaphore::new(MAX_DEFERRED)),
                 touches: Default::default(),
+                broadcasts: Arc::new(tokio::sync::Semaphore::new(MAX_BROADCASTS)),
             }),
         }
     }
@@ -295,8 +302,13 @@ impl Geo {
 
     /// Send `op` to every region and forget the answers (withdraws, final notices).
     fn broadcast(&self, shard: u32, key: Key, op: Op) {
+        let Ok(permit) = self.inner.broadcasts.clone().try_acquire_owned() else {
+            tracing::debug!(key = %key, op = op.name(), "too many broadcasts in flight; skipped");
+            return;
+        };
         let me = self.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut replies = me.fan_out(shard, &key, &op);
             let deadline = tokio::time::sleep(me.inner.cfg.round_timeout * 2);
             tokio::pin!(deadline);
@@ -307,6 +319,51 @@ impl Geo {
                 }
             }
         });
+    }
+
+    /// REPLAY or MISMATCH from this node's copy of a key's record when it is a *final*
+    /// completion (which never changes, so any replica's copy answers), in any mode;
+    /// `None` otherwise. A replay's attempt is counted afterwards (`touch_later`).
+    fn final_answer(
+        &self,
+        shard: u32,
+        key: &Key,
+        r: &idem_core::Record,
+        now_ms: u64,
+        req: &ReserveRequest,
+    ) -> Option<ReserveAnswer> {
+        if r.phase != Phase::Completed || !r.is_final {
+            return None;
+        }
+        if r.fingerprint != req.fingerprint {
+            return Some(ReserveAnswer {
+                outcome: ReserveOutcome::Mismatch {
+                    stored: r.fingerprint,
+                },
+                attempt: 1,
+                since_previous_ms: None,
+            });
+        }
+        let response = r.response.clone()?;
+        self.touch_later(shard, key, req.fingerprint, req.first_attempt_ms);
+        Some(ReserveAnswer {
+            outcome: ReserveOutcome::Replay {
+                fence: r.fence(),
+                response,
+            },
+            attempt: r.attempts.saturating_add(1),
+            since_previous_ms: (r.last_attempt_ms > 0)
+                .then(|| now_ms.saturating_sub(r.last_attempt_ms)),
+        })
+    }
+
+    /// The local fast path on its own: this node's final copy of the key, if any
+    /// (for keys decided locally: one region, or a REGIONAL namespace).
+    pub fn answer_locally(&self, key: &Key, req: &ReserveRequest) -> Option<ReserveAnswer> {
+        let shard = shard_of(key, self.inner.cfg.shards);
+        let group = self.local_group(shard)?;
+        let rec = group.read_local(key).ok()??;
+        self.final_answer(shard, key, &rec, self.inner.stamper.wall_ms(), req)
     }
 
     /// A GLOBAL Reserve (DESIGN §3, the proposer). Proposals that fail only because
@@ -333,55 +390,19 @@ impl Geo {
         key: &Key,
         req: &ReserveRequest,
     ) -> Result<(ReserveAnswer, bool), GeoError> {
-        let key = key.clone();
-        let shard = shard_of(&key, self.inner.cfg.shards);
+        let shard = shard_of(key, self.inner.cfg.shards);
         let local = self
             .local_group(shard)
             .ok_or_else(|| GeoError::Unavailable(format!("shard {shard} is not running here")))?;
         let now = self.inner.stamper.wall_ms();
         let rec = local
-            .read_local(&key)
+            .read_local(key)
             .map_err(|e| GeoError::Unavailable(e.to_string()))?;
         // Fast path: a final completion never changes, so this node's copy answers.
-        if let Some(r) = rec
-            .as_ref()
-            .filter(|r| r.phase == Phase::Completed && r.is_final)
-        {
-            let outcome = if r.fingerprint != req.fingerprint {
-                ReserveOutcome::Mismatch {
-                    stored: r.fingerprint,
-                }
-            } else {
-                match &r.response {
-                    Some(resp) => ReserveOutcome::Replay {
-                        fence: r.fence(),
-                        response: resp.clone(),
-                    },
-                    None => {
-                        return Err(GeoError::Internal(
-                            "completed record without response".into(),
-                        ))
-                    }
-                }
-            };
-            let same = r.fingerprint == req.fingerprint;
-            if same {
-                // Count the attempt afterwards (region-local bookkeeping).
-                self.touch_later(shard, &key, req.fingerprint, req.first_attempt_ms);
+        if let Some(r) = rec.as_ref() {
+            if let Some(answer) = self.final_answer(shard, key, r, now, req) {
+                return Ok((answer, false));
             }
-            return Ok((
-                ReserveAnswer {
-                    outcome,
-                    attempt: if same {
-                        r.attempts.saturating_add(1)
-                    } else {
-                        1
-                    },
-                    since_previous_ms: (same && r.last_attempt_ms > 0)
-                        .then(|| now.saturating_sub(r.last_attempt_ms)),
-                },
-                false,
-            ));
         }
         // The generation to propose: the local record's, or the next one when it is
         // not held by a live lease (a stale guess costs one StaleGen round).
@@ -405,7 +426,7 @@ impl Geo {
                 first_attempt_ms: req.first_attempt_ms,
             };
             let mut tally = Tally::new(self.inner.cfg.regions.len());
-            let mut replies = self.fan_out(shard, &key, &op);
+            let mut replies = self.fan_out(shard, key, &op);
             let mut facts: Option<(u32, Option<u64>)> = None;
             let mut takeover = None;
             let round = tokio::time::sleep(self.inner.cfg.round_timeout);
@@ -713,24 +734,21 @@ impl Geo {
         }
     }
 
-    fn flush_touches(&self) {
-        let all =
-            std::mem::take(&mut *self.inner.touches.lock().unwrap_or_else(|p| p.into_inner()));
+    /// Write the gathered attempts, one entry per shard; awaited by the flusher, so at
+    /// most one flush is in flight (meanwhile attempts gather in the bounded map).
+    async fn flush_touches(&self) {
+        let all = {
+            let mut pending = self.inner.touches.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::take(&mut *pending)
+        };
         for (shard, items) in all {
             let Some(group) = self.local_group(shard) else {
                 continue;
             };
             let items: Vec<TouchItem> = items.into_values().collect();
-            let empty = Key {
-                tenant: String::new(),
-                scope: String::new(),
-                key: Vec::new(),
-            };
-            tokio::spawn(async move {
-                if let Err(e) = group.submit(empty, Op::Touch { items }).await {
-                    tracing::debug!(shard, error = %e, "attempt counts of local replays not stored");
-                }
-            });
+            if let Err(e) = group.submit(Key::default(), Op::Touch { items }).await {
+                tracing::debug!(shard, error = %e, "attempt counts of local replays not stored");
+            }
         }
     }
 
@@ -746,9 +764,10 @@ impl Geo {
             let mut tick = tokio::time::interval(TOUCH_FLUSH_EVERY);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => me.flush_touches(),
+                    _ = tick.tick() => {}
                     _ = rx.wait_for(|s| *s) => return,
                 }
+                me.flush_touches().await;
             }
         })];
         if self.is_multi_region() {

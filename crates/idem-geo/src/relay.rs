@@ -231,13 +231,8 @@ async fn ship_once(
         },
     };
     if batch.first().is_some_and(|f| upto > f.seq) || !dead.is_empty() {
-        let key = Key {
-            tenant: String::new(),
-            scope: String::new(),
-            key: Vec::new(),
-        };
         group
-            .submit(key, Op::OutboxAck { dest, upto, dead })
+            .submit(Key::default(), Op::OutboxAck { dest, upto, dead })
             .await
             .map_err(|e| e.to_string())?;
     }

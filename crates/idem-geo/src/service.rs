@@ -30,6 +30,14 @@ impl GeoService {
     pub fn new(geo: Geo) -> GeoService {
         GeoService { geo }
     }
+
+    /// The state engine behind this node's group of `shard` (anti-entropy reads).
+    fn engine_of(&self, shard: u32) -> Result<idem_storage::StateEngine, Status> {
+        self.geo
+            .local_group(shard)
+            .map(|g| g.state().clone())
+            .ok_or_else(|| Status::unavailable(format!("shard {shard} is not running here")))
+    }
 }
 
 fn bad(what: &str, e: impl std::fmt::Display) -> Status {
@@ -184,11 +192,7 @@ impl GeoRpc for GeoService {
 
     async fn digest(&self, req: Request<GeoMessage>) -> Result<Response<GeoMessage>, Status> {
         let r: DigestRequest = decode(&req.get_ref().payload).map_err(|e| bad("digest", e))?;
-        let group = self
-            .geo
-            .local_group(r.shard)
-            .ok_or_else(|| Status::unavailable(format!("shard {} is not running here", r.shard)))?;
-        let engine = group.state().clone();
+        let engine = self.engine_of(r.shard)?;
         let now = self.geo.stamper().wall_ms();
         let buckets = r.buckets.clamp(1, 4096);
         let (digests, records) =
@@ -204,11 +208,7 @@ impl GeoRpc for GeoService {
 
     async fn fetch(&self, req: Request<GeoMessage>) -> Result<Response<GeoMessage>, Status> {
         let r: FetchRequest = decode(&req.get_ref().payload).map_err(|e| bad("fetch", e))?;
-        let group = self
-            .geo
-            .local_group(r.shard)
-            .ok_or_else(|| Status::unavailable(format!("shard {} is not running here", r.shard)))?;
-        let engine = group.state().clone();
+        let engine = self.engine_of(r.shard)?;
         let now = self.geo.stamper().wall_ms();
         let limit = r.limit.clamp(1, MAX_BATCH as u32) as usize;
         let (records, next) = tokio::task::spawn_blocking(move || {

@@ -105,49 +105,6 @@ impl IdemService {
         Key { tenant, scope, key }
     }
 
-    /// REPLAY or MISMATCH from this node's copy of a *final* completion, without a Raft
-    /// round: a final completion never changes, so any replica's copy answers. The
-    /// attempt is counted afterwards (`Geo::touch_later`: gathered, one Raft entry per
-    /// shard every few ms).
-    fn answer_locally(
-        &self,
-        key: &Key,
-        fingerprint: idem_core::Fingerprint,
-        first_attempt_ms: u64,
-    ) -> Result<Option<(ReserveOutcome, u32, Option<u64>)>, Status> {
-        let group = self.group_for(key)?;
-        let Ok(Some(rec)) = group.read_local(key) else {
-            return Ok(None);
-        };
-        if rec.phase != idem_core::Phase::Completed || !rec.is_final {
-            return Ok(None);
-        }
-        if rec.fingerprint != fingerprint {
-            return Ok(Some((
-                ReserveOutcome::Mismatch {
-                    stored: rec.fingerprint,
-                },
-                1,
-                None,
-            )));
-        }
-        let Some(response) = rec.response.clone() else {
-            return Ok(None);
-        };
-        let now = group.stamper().wall_ms();
-        let since = (rec.last_attempt_ms > 0).then(|| now.saturating_sub(rec.last_attempt_ms));
-        self.geo
-            .touch_later(group.id().shard, key, fingerprint, first_attempt_ms);
-        Ok(Some((
-            ReserveOutcome::Replay {
-                fence: rec.fence(),
-                response,
-            },
-            rec.attempts.saturating_add(1),
-            since,
-        )))
-    }
-
     /// GLOBAL mode with more than one region: the call goes to every region.
     fn global(&self, key: &Key) -> bool {
         self.geo.mode_of(key) == idem_geo::Mode::Global
@@ -240,23 +197,17 @@ impl IdemService {
                 .inc();
         }
         let key = self.key(tenant, r.scope, r.key);
+        let req = idem_geo::ReserveRequest {
+            fingerprint: r.fingerprint,
+            lease_ms: r.lease_ms,
+            retention_ms: r.retention_ms,
+            first_attempt_ms: r.first_attempt_ms,
+        };
         let (outcome, attempt, since_previous_ms) = if self.global(&key) {
-            let a = self
-                .geo
-                .reserve(
-                    key,
-                    idem_geo::ReserveRequest {
-                        fingerprint: r.fingerprint,
-                        lease_ms: r.lease_ms,
-                        retention_ms: r.retention_ms,
-                        first_attempt_ms: r.first_attempt_ms,
-                    },
-                )
-                .await
-                .map_err(geo_error)?;
+            let a = self.geo.reserve(key, req).await.map_err(geo_error)?;
             (a.outcome, a.attempt.max(1), a.since_previous_ms)
-        } else if let Some(fast) = self.answer_locally(&key, r.fingerprint, r.first_attempt_ms)? {
-            fast
+        } else if let Some(a) = self.geo.answer_locally(&key, &req) {
+            (a.outcome, a.attempt, a.since_previous_ms)
         } else {
             let group = self.group_for(&key)?;
             let op = Op::Reserve {

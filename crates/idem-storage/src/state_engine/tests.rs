@@ -307,3 +307,54 @@ fn digests_match_exactly_when_the_replicated_records_do() {
     // Past their retention the records read as absent to anti-entropy too.
     assert_eq!(a.bucket_digests(0, 16, now + 3_600_000).unwrap().1, 0);
 }
+
+#[test]
+fn one_touch_entry_counts_the_attempts_of_many_keys_and_ships_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let se = StateEngine::open(dir.path()).unwrap();
+    se.set_outbox(OutboxConfig {
+        destinations: vec![1],
+        max_entries: 100,
+    });
+    let now = wall_ms();
+    let a = reserve("a", now, 3_600_000, 1);
+    let b = reserve("b", now, 3_600_000, 2);
+    se.apply(
+        0,
+        &[ApplyItem::Command(&a, 1), ApplyItem::Command(&b, 2)],
+        b"x",
+    )
+    .unwrap();
+    let queued = se.outbox_len(0, 1).unwrap();
+    let item = |k: &str, fp: u8, count: u32| idem_core::command::TouchItem {
+        key: key(k),
+        fingerprint: Fingerprint([fp; 32]),
+        first_attempt_ms: 0,
+        at_ms: now + 50,
+        count,
+    };
+    let touch = with_op(
+        reserve("", now + 60, 1, 0),
+        Op::Touch {
+            // Another fingerprint is another request: not an attempt at this one.
+            items: vec![
+                item("a", 1, 3),
+                item("b", 1, 1),
+                item("b", 9, 5),
+                item("zz", 1, 2),
+            ],
+        },
+    );
+    let out = se.apply(0, &[ApplyItem::Command(&touch, 3)], b"y").unwrap();
+    assert_eq!(out[0], Some(CommandResult::Done));
+    let ra = se.get_record(0, &key("a")).unwrap().unwrap();
+    let rb = se.get_record(0, &key("b")).unwrap().unwrap();
+    assert_eq!((ra.attempts, rb.attempts), (4, 2));
+    assert_eq!(ra.last_attempt_ms, now + 50);
+    assert_eq!(se.get_record(0, &key("zz")).unwrap(), None);
+    assert_eq!(
+        se.outbox_len(0, 1).unwrap(),
+        queued,
+        "bookkeeping is not shipped"
+    );
+}
