@@ -130,6 +130,12 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// mimalloc instead of the system allocator: a request allocates and frees many small
+/// buffers on several threads (HTTP/2 frames, protobuf and MessagePack bodies, RocksDB
+/// keys), where glibc's malloc spent about 15% of the cluster's CPU under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

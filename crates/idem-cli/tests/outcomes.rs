@@ -287,3 +287,73 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
         Some(v1::reserve_response::Outcome::New(_))
     ));
 }
+
+/// A follower sends what it receives on to the leader in batches; under concurrency the
+/// answers must still reach the request they belong to. Every request here goes through
+/// one follower at once, and each key expects a different answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_through_a_follower_each_get_their_own_answer() {
+    let cluster = Cluster::start(Options::default());
+    let leader = cluster.leader().expect("a leader");
+    let follower = cluster.client((leader + 1) % 3).await;
+    const KEYS: usize = 300;
+    let req =
+        |i: usize| ReserveRequest::new("payments", format!("batch-{i}"), fp(&format!("body={i}")));
+
+    let leases: Vec<idem_client::Lease> = futures::future::join_all((0..KEYS).map(|i| {
+        let follower = &follower;
+        async move { new_lease(follower.reserve(&req(i)).await.unwrap()) }
+    }))
+    .await;
+    for (i, l) in leases.iter().enumerate() {
+        assert_eq!(l.fence.generation, 1, "key {i}");
+    }
+
+    // One third retried with the same body (IN_FLIGHT), one third with another body
+    // (MISMATCH), one third completed with a body of its own; all at once.
+    let body = |i: usize| StoredResponse {
+        status: 200,
+        headers: vec![],
+        body: format!("charge {i}").into_bytes(),
+    };
+    let answers = futures::future::join_all(leases.iter().enumerate().map(|(i, lease)| {
+        let follower = &follower;
+        async move {
+            match i % 3 {
+                0 => match follower.reserve(&req(i)).await.unwrap() {
+                    Reservation::InFlight { .. } => "in-flight",
+                    other => panic!("key {i}: expected IN_FLIGHT, got {other:?}"),
+                },
+                1 => {
+                    let other =
+                        ReserveRequest::new("payments", format!("batch-{i}"), fp("another body"));
+                    match follower.reserve(&other).await.unwrap() {
+                        Reservation::Mismatch { .. } => "mismatch",
+                        other => panic!("key {i}: expected MISMATCH, got {other:?}"),
+                    }
+                }
+                _ => {
+                    follower.complete(lease, &body(i)).await.unwrap();
+                    "completed"
+                }
+            }
+        }
+    }))
+    .await;
+    assert_eq!(
+        answers.iter().filter(|a| **a == "completed").count(),
+        KEYS / 3
+    );
+
+    let replays = futures::future::join_all((0..KEYS).filter(|i| i % 3 == 2).map(|i| {
+        let follower = &follower;
+        async move { (i, follower.reserve(&req(i)).await.unwrap()) }
+    }))
+    .await;
+    for (i, r) in replays {
+        match r {
+            Reservation::Replay(stored) => assert_eq!(stored, body(i), "key {i}"),
+            other => panic!("key {i}: expected REPLAY, got {other:?}"),
+        }
+    }
+}

@@ -1,14 +1,13 @@
 //! One Raft group on this node: start it, submit commands (stamped by the leader,
 //! forwarded there from followers), read records linearizably, report its health.
 
-use crate::codec::{decode, encode};
+use crate::forward::Forwarder;
 use crate::log_store::LogStore;
 use crate::network::{Channels, NetworkFactory};
 use crate::router::GroupId;
 use crate::state_machine::StateMachine;
 use crate::types::{Peer, TypeConfig};
 use idem_core::{ClaimId, Command, CommandResult, Hlc, Key, Op, Record};
-use idem_proto::internal::RaftMessage;
 use idem_storage::{LogEngine, StateEngine};
 use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, Config, Raft, ReadPolicy, ServerState, SnapshotPolicy};
@@ -185,7 +184,7 @@ pub struct Group {
     raft: Raft<TypeConfig, StateMachine>,
     engine: StateEngine,
     stamper: Arc<Stamper>,
-    channels: Channels,
+    forwarder: Forwarder,
     timeout: Duration,
 }
 
@@ -250,7 +249,7 @@ impl Group {
             raft,
             engine: state,
             stamper,
-            channels,
+            forwarder: Forwarder::start(id, channels, cfg.request_timeout),
             timeout: cfg.request_timeout,
         })
     }
@@ -343,11 +342,10 @@ impl Group {
                 tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
             }
             let leader = self.current_leader_or_wait().await?;
-            // Encoded only when it leaves the node; served here as it is.
             let result = if leader == self.node_id {
                 self.handle_local(req.clone()).await
             } else {
-                self.forward(leader, encode(&req)).await
+                self.forward(leader, req.clone()).await
             };
             match result {
                 Err(e @ GroupError::NotLeader { .. }) | Err(e @ GroupError::NoLeader(_)) => {
@@ -359,27 +357,11 @@ impl Group {
         Err(last)
     }
 
-    async fn forward(&self, leader: u64, payload: Vec<u8>) -> Result<ForwardedReply, GroupError> {
+    async fn forward(&self, leader: u64, req: Forwarded) -> Result<ForwardedReply, GroupError> {
         let addr = self
             .leader_addr(leader)
             .ok_or_else(|| GroupError::NoLeader(self.id.to_string()))?;
-        let mut client = self
-            .channels
-            .client(&addr)
-            .map_err(|e| GroupError::Unavailable(e.to_string()))?;
-        let mut req = tonic::Request::new(RaftMessage {
-            group: Some(self.id.to_wire()),
-            payload,
-        });
-        req.set_timeout(self.timeout);
-        let resp = client.forward(req).await.map_err(|st| match st.code() {
-            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                GroupError::Timeout(self.timeout)
-            }
-            _ => GroupError::Unavailable(format!("leader {leader} at {addr}: {}", st.message())),
-        })?;
-        decode::<Result<ForwardedReply, GroupError>>(&resp.into_inner().payload)
-            .map_err(|e| GroupError::Fatal(e.to_string()))?
+        self.forwarder.call(leader, addr, req).await
     }
 
     /// Serve a write or read on this node, which must be the leader.

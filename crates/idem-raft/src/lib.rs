@@ -6,6 +6,7 @@
 //! internal gRPC service that peers call.
 
 pub mod codec;
+mod forward;
 mod group;
 mod log_store;
 mod network;

@@ -2,6 +2,7 @@
 //! commands forwarded to the leader, each dispatched to its group by the router.
 
 use crate::codec::{decode, encode};
+use crate::forward::MAX_BATCH;
 use crate::group::{Forwarded, Group};
 use crate::router::{GroupId, Router};
 use crate::types::{Snapshot, SnapshotMeta, TypeConfig, Vote};
@@ -119,12 +120,21 @@ impl RaftRpc for RaftService {
         Ok(reply(&g, &r))
     }
 
-    async fn forward(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn forward_batch(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let m = req.into_inner();
         let g = self.group(m.group.as_ref())?;
-        let fwd: Forwarded = decode(&m.payload).map_err(bad_payload)?;
+        let batch: Vec<Forwarded> = decode(&m.payload).map_err(bad_payload)?;
+        if batch.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "payload: {} forwarded requests, at most {MAX_BATCH}",
+                batch.len()
+            )));
+        }
         // Served here only: a forwarded request is never forwarded again.
-        let r = g.handle_local(fwd).await;
-        Ok(reply(&g, &r))
+        let replies = futures::future::join_all(batch.into_iter().map(|f| g.handle_local(f))).await;
+        Ok(reply(&g, &replies))
     }
 }

@@ -1,0 +1,165 @@
+//! Requests a follower sends on to its group's leader, batched: one `ForwardBatch` call
+//! carries every request queued while earlier calls were on the wire. Under light load a
+//! batch holds one request and leaves at once; under load the batches grow instead of
+//! the calls, so the leader decodes one HTTP/2 request per batch rather than per client
+//! call.
+
+use crate::codec::{decode, encode};
+use crate::group::{Forwarded, ForwardedReply, GroupError};
+use crate::network::Channels;
+use crate::router::GroupId;
+use idem_proto::internal::RaftMessage;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Most requests in one batch (the leader refuses larger ones).
+pub(crate) const MAX_BATCH: usize = 512;
+/// Batches on the wire at once per group; requests queue behind them.
+const MAX_IN_FLIGHT: usize = 4;
+/// Requests waiting for a batch; beyond it callers wait for room.
+const QUEUE: usize = 8 * MAX_BATCH;
+
+pub(crate) type Reply = Result<ForwardedReply, GroupError>;
+
+struct Pending {
+    leader: u64,
+    addr: String,
+    req: Forwarded,
+    reply: oneshot::Sender<Reply>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Forwarder {
+    tx: mpsc::Sender<Pending>,
+    timeout: Duration,
+}
+
+impl Forwarder {
+    /// Start the batching task of one group (it ends when the group is dropped).
+    pub(crate) fn start(group: GroupId, channels: Channels, timeout: Duration) -> Forwarder {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(group, channels, timeout, rx));
+        Forwarder { tx, timeout }
+    }
+
+    /// Send `req` to `leader` (at `addr`) in the next batch and wait for its answer.
+    pub(crate) async fn call(&self, leader: u64, addr: String, req: Forwarded) -> Reply {
+        let (reply, rx) = oneshot::channel();
+        let pending = Pending {
+            leader,
+            addr,
+            req,
+            reply,
+        };
+        if self.tx.send(pending).await.is_err() {
+            return Err(GroupError::Unavailable("the group is shutting down".into()));
+        }
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(GroupError::Unavailable("forwarding stopped".into())),
+            Err(_) => Err(GroupError::Timeout(self.timeout)),
+        }
+    }
+}
+
+async fn run(
+    group: GroupId,
+    channels: Channels,
+    timeout: Duration,
+    mut rx: mpsc::Receiver<Pending>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        // Wait for a slot first: what arrives meanwhile joins this batch.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        // Normally one leader; during a leader change requests may name two.
+        let mut by_leader: BTreeMap<(u64, String), Vec<Pending>> = BTreeMap::new();
+        for p in batch {
+            by_leader
+                .entry((p.leader, p.addr.clone()))
+                .or_default()
+                .push(p);
+        }
+        let permit = Arc::new(permit);
+        for ((leader, addr), items) in by_leader {
+            let channels = channels.clone();
+            let permit = permit.clone();
+            tokio::spawn(async move {
+                send(group, &channels, timeout, leader, &addr, items).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn send(
+    group: GroupId,
+    channels: &Channels,
+    timeout: Duration,
+    leader: u64,
+    addr: &str,
+    items: Vec<Pending>,
+) {
+    let (reqs, replies): (Vec<Forwarded>, Vec<oneshot::Sender<Reply>>) =
+        items.into_iter().map(|p| (p.req, p.reply)).unzip();
+    let result = call_leader(group, channels, timeout, leader, addr, &reqs).await;
+    match result {
+        Ok(answers) if answers.len() == replies.len() => {
+            for (tx, a) in replies.into_iter().zip(answers) {
+                let _ = tx.send(a);
+            }
+        }
+        Ok(answers) => {
+            let e = GroupError::Fatal(format!(
+                "leader {leader} answered {} of {} forwarded requests",
+                answers.len(),
+                replies.len()
+            ));
+            for tx in replies {
+                let _ = tx.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            for tx in replies {
+                let _ = tx.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+async fn call_leader(
+    group: GroupId,
+    channels: &Channels,
+    timeout: Duration,
+    leader: u64,
+    addr: &str,
+    reqs: &[Forwarded],
+) -> Result<Vec<Reply>, GroupError> {
+    let mut client = channels
+        .client(addr)
+        .map_err(|e| GroupError::Unavailable(e.to_string()))?;
+    let mut req = tonic::Request::new(RaftMessage {
+        group: Some(group.to_wire()),
+        payload: encode(&reqs),
+    });
+    req.set_timeout(timeout);
+    let resp = client
+        .forward_batch(req)
+        .await
+        .map_err(|st| match st.code() {
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => GroupError::Timeout(timeout),
+            _ => GroupError::Unavailable(format!("leader {leader} at {addr}: {}", st.message())),
+        })?;
+    decode::<Vec<Reply>>(&resp.into_inner().payload).map_err(|e| GroupError::Fatal(e.to_string()))
+}
