@@ -95,6 +95,51 @@ async fn delayed_pipe(
     tokio::join!(reader, writer);
 }
 
+/// The round trip the emulation really gives (median of `rounds` small request/response
+/// exchanges with an echo server through a proxy of `one_way`), under the same runtime
+/// and timers as the proxies between regions: the figure a geo row's latency is read
+/// against.
+pub async fn measured_round_trip_ms(one_way: Duration, rounds: usize) -> anyhow::Result<f64> {
+    let echo = TcpListener::bind("127.0.0.1:0").await?;
+    let target = echo.local_addr()?;
+    let echo_task = tokio::spawn(async move {
+        let Ok((mut s, _)) = echo.accept().await else {
+            return;
+        };
+        let _ = s.set_nodelay(true);
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+    let proxy = spawn(listen, target, one_way).await?;
+    let result = async {
+        let mut c = TcpStream::connect(listen).await?;
+        c.set_nodelay(true)?;
+        let msg = [0x5au8; 200];
+        let mut got = [0u8; 200];
+        let mut times = Vec::with_capacity(rounds);
+        for _ in 0..rounds.max(1) {
+            let t = std::time::Instant::now();
+            c.write_all(&msg).await?;
+            c.read_exact(&mut got).await?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        anyhow::Ok(times[times.len() / 2])
+    }
+    .await;
+    proxy.abort();
+    echo_task.abort();
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +184,13 @@ mod tests {
             assert!(rtt < Duration::from_millis(1000), "round trip {rtt:?}");
         }
         proxy.abort();
+    }
+
+    #[tokio::test]
+    async fn measured_round_trip_is_at_least_the_emulated_one() {
+        let ms = measured_round_trip_ms(Duration::from_millis(10), 5)
+            .await
+            .unwrap();
+        assert!((20.0..1000.0).contains(&ms), "round trip {ms} ms");
     }
 }
