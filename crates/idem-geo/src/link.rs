@@ -220,17 +220,7 @@ impl RegionLink {
 /// Drain the queue into batches, at most `BATCHES_IN_FLIGHT` on the wire at once.
 async fn batcher(link: Weak<RegionLink>, mut rx: mpsc::Receiver<PendingCall>, timeout: Duration) {
     let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
+    while let Some((slot, batch)) = idem_raft::batch::next_batch(&mut rx, &slots, MAX_BATCH).await {
         let Some(link) = link.upgrade() else {
             return;
         };

@@ -71,18 +71,8 @@ async fn run(
     mut rx: mpsc::Receiver<Pending>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
-        // Wait for a slot first: what arrives meanwhile joins this batch.
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
+    // What arrives while every slot is busy joins the next batch.
+    while let Some((permit, batch)) = crate::batch::next_batch(&mut rx, &slots, MAX_BATCH).await {
         // Normally one leader; during a leader change requests may name two.
         let mut by_leader: BTreeMap<(u64, String), Vec<Pending>> = BTreeMap::new();
         for p in batch {

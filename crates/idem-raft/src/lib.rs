@@ -5,6 +5,7 @@
 //! command, read a record linearizably, watch health), `Router` (find a group) and the
 //! internal gRPC service that peers call.
 
+pub mod batch;
 pub mod codec;
 mod forward;
 mod group;
