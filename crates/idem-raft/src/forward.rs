@@ -53,14 +53,17 @@ impl Forwarder {
             req,
             reply,
         };
-        if self.tx.send(pending).await.is_err() {
-            return Err(GroupError::Unavailable("the group is shutting down".into()));
-        }
-        match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(GroupError::Unavailable("forwarding stopped".into())),
-            Err(_) => Err(GroupError::Timeout(self.timeout)),
-        }
+        // One deadline for waiting for room in the queue and for the answer.
+        let answer = async {
+            if self.tx.send(pending).await.is_err() {
+                return Err(GroupError::Unavailable("the group is shutting down".into()));
+            }
+            rx.await
+                .unwrap_or_else(|_| Err(GroupError::Unavailable("forwarding stopped".into())))
+        };
+        tokio::time::timeout(self.timeout, answer)
+            .await
+            .unwrap_or(Err(GroupError::Timeout(self.timeout)))
     }
 }
 
@@ -74,15 +77,13 @@ async fn run(
     // What arrives while every slot is busy joins the next batch.
     while let Some((permit, batch)) = crate::batch::next_batch(&mut rx, &slots, MAX_BATCH).await {
         // Normally one leader; during a leader change requests may name two.
-        let mut by_leader: BTreeMap<(u64, String), Vec<Pending>> = BTreeMap::new();
+        let mut by_leader: BTreeMap<u64, Vec<Pending>> = BTreeMap::new();
         for p in batch {
-            by_leader
-                .entry((p.leader, p.addr.clone()))
-                .or_default()
-                .push(p);
+            by_leader.entry(p.leader).or_default().push(p);
         }
         let permit = Arc::new(permit);
-        for ((leader, addr), items) in by_leader {
+        for (leader, items) in by_leader {
+            let addr = items[0].addr.clone();
             let channels = channels.clone();
             let permit = permit.clone();
             tokio::spawn(async move {
