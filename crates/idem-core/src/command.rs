@@ -84,6 +84,30 @@ pub enum Op {
 }
 
 impl Op {
+    /// About how many bytes this op takes on the wire (what batch byte bounds count):
+    /// the byte strings it carries plus a fixed allowance for its other fields.
+    pub fn approx_bytes(&self) -> usize {
+        const FIELDS: usize = 160;
+        FIELDS
+            + match self {
+                Op::Complete { response, .. } => response.size(),
+                Op::Merge { record, .. } => record.response.as_ref().map_or(0, |r| r.size()),
+                Op::Touch { items } => items.iter().map(|t| t.key.approx_bytes() + FIELDS).sum(),
+                Op::OutboxAck { dead, .. } => dead.len() * 9,
+                _ => 0,
+            }
+    }
+
+    /// Bytes this op and its answer may take on the wire: its own, plus the largest
+    /// stored response when its answer may carry one (a Reserve's REPLAY).
+    pub fn round_trip_bytes(&self, max_response_bytes: usize) -> usize {
+        self.approx_bytes()
+            + match self {
+                Op::Reserve { .. } | Op::Propose { .. } => max_response_bytes,
+                _ => 0,
+            }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Op::Reserve { .. } => "reserve",

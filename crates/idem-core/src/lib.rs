@@ -6,6 +6,7 @@
 //! and any simulator drive exactly the code that production runs.
 
 pub mod acceptor;
+pub mod bin_serde;
 pub mod codec;
 pub mod command;
 pub mod fingerprint;

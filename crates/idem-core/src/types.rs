@@ -13,7 +13,15 @@ use std::fmt;
 pub struct Key {
     pub tenant: String,
     pub scope: String,
+    #[serde(with = "crate::bin_serde")]
     pub key: Vec<u8>,
+}
+
+impl Key {
+    /// About how many bytes the key takes on the wire.
+    pub fn approx_bytes(&self) -> usize {
+        self.tenant.len() + self.scope.len() + self.key.len() + 16
+    }
 }
 
 impl fmt::Display for Key {
@@ -102,6 +110,7 @@ impl std::str::FromStr for Fence {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Header {
     pub name: String,
+    #[serde(with = "crate::bin_serde")]
     pub value: Vec<u8>,
 }
 
@@ -110,6 +119,7 @@ pub struct Header {
 pub struct StoredResponse {
     pub status: u32,
     pub headers: Vec<Header>,
+    #[serde(with = "crate::bin_serde")]
     pub body: Vec<u8>,
 }
 

@@ -83,6 +83,8 @@ pub struct GeoConfig {
     pub max_in_flight_per_region: usize,
     /// Emulated round trip to every other region (`idem demo` only).
     pub emulated_rtt: Duration,
+    /// The largest stored response (`limits.max_response_bytes`), for batch bounds.
+    pub max_response_bytes: usize,
     pub relay: relay::RelayConfig,
     pub anti_entropy: anti_entropy::AntiEntropyConfig,
 }
@@ -178,6 +180,7 @@ impl Geo {
                         cfg.max_in_flight_per_region,
                         cfg.emulated_rtt,
                         cfg.round_timeout,
+                        cfg.max_response_bytes,
                     ),
                 )
             })

@@ -76,6 +76,7 @@ impl RegionLink {
         max_in_flight: usize,
         emulated_rtt: Duration,
         timeout: Duration,
+        max_response_bytes: usize,
     ) -> Arc<RegionLink> {
         let (queue, rx) = mpsc::channel(max_in_flight.max(1));
         let link = Arc::new(RegionLink {
@@ -89,7 +90,12 @@ impl RegionLink {
             my_region,
             queue,
         });
-        tokio::spawn(batcher(Arc::downgrade(&link), rx, timeout));
+        tokio::spawn(batcher(
+            Arc::downgrade(&link),
+            rx,
+            timeout,
+            max_response_bytes,
+        ));
         link
     }
 
@@ -178,8 +184,8 @@ impl RegionLink {
                 detail: e.to_string(),
             })?;
         let mut client = GeoClient::new(ch)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+            .max_decoding_message_size(idem_raft::MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(idem_raft::MAX_PEER_MESSAGE_BYTES);
         let mut req = tonic::Request::new(GeoMessage {
             from_region: self.my_region.into(),
             payload,
@@ -218,9 +224,22 @@ impl RegionLink {
 }
 
 /// Drain the queue into batches, at most `BATCHES_IN_FLIGHT` on the wire at once.
-async fn batcher(link: Weak<RegionLink>, mut rx: mpsc::Receiver<PendingCall>, timeout: Duration) {
+async fn batcher(
+    link: Weak<RegionLink>,
+    rx: mpsc::Receiver<PendingCall>,
+    timeout: Duration,
+    max_response_bytes: usize,
+) {
     let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some((slot, batch)) = idem_raft::batch::next_batch(&mut rx, &slots, MAX_BATCH).await {
+    let mut rx = idem_raft::batch::Batcher::new(rx);
+    let bounds = idem_raft::batch::Bounds {
+        max_items: MAX_BATCH,
+        max_bytes: idem_raft::MAX_BATCH_BYTES,
+        size: |p: &PendingCall| {
+            p.call.key.approx_bytes() + p.call.op.round_trip_bytes(max_response_bytes)
+        },
+    };
+    while let Some((slot, batch)) = rx.next_batch(&slots, &bounds).await {
         let Some(link) = link.upgrade() else {
             return;
         };

@@ -178,10 +178,21 @@ async fn ship_once(
     }
     let take = cfg.batch.min(tokens.floor() as usize).max(1);
     let engine = group.state().clone();
-    let batch = tokio::task::spawn_blocking(move || engine.outbox_read(shard, dest, take))
+    let mut batch = tokio::task::spawn_blocking(move || engine.outbox_read(shard, dest, take))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    // Bounded in bytes too: the entries that fit (at least one) leave now, the rest next.
+    let mut bytes = 0usize;
+    let fit = batch
+        .iter()
+        .position(|e| {
+            bytes = bytes.saturating_add(e.bytes.len());
+            bytes > idem_raft::MAX_BATCH_BYTES
+        })
+        .unwrap_or(batch.len())
+        .max(1);
+    batch.truncate(fit);
     if batch.is_empty() {
         tries.clear();
         return Ok(false);

@@ -212,7 +212,15 @@ impl GeoRpc for GeoService {
         let now = self.geo.stamper().wall_ms();
         let limit = r.limit.clamp(1, MAX_BATCH as u32) as usize;
         let (records, next) = tokio::task::spawn_blocking(move || {
-            engine.bucket_records(r.shard, r.bucket, r.buckets, r.after.as_deref(), limit, now)
+            engine.bucket_records(
+                r.shard,
+                r.bucket,
+                r.buckets,
+                r.after.as_deref(),
+                limit,
+                idem_raft::MAX_BATCH_BYTES,
+                now,
+            )
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?

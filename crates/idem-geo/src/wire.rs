@@ -31,6 +31,7 @@ pub struct ApplyResponse {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MergeRequest {
     pub shard: u32,
+    #[serde(with = "idem_core::bin_serde::list")]
     pub entries: Vec<Vec<u8>>,
 }
 
@@ -70,6 +71,7 @@ pub struct FetchRequest {
     pub bucket: u32,
     pub buckets: u32,
     /// Continue after this record key (exclusive).
+    #[serde(with = "idem_core::bin_serde::opt")]
     pub after: Option<Vec<u8>>,
     pub limit: u32,
 }
@@ -77,6 +79,97 @@ pub struct FetchRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FetchResponse {
     /// Encoded `Shipped` records.
+    #[serde(with = "idem_core::bin_serde::list")]
     pub records: Vec<Vec<u8>>,
+    #[serde(with = "idem_core::bin_serde::opt")]
     pub next: Option<Vec<u8>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idem_core::codec::{encode_shipped, Shipped};
+    use idem_core::{
+        ClaimId, CommandResult, Fence, Fingerprint, Header, Phase, Record, ReserveOutcome,
+        StoredResponse,
+    };
+    use idem_raft::codec::{decode, encode};
+
+    fn response(seed: u8, len: usize) -> StoredResponse {
+        StoredResponse {
+            status: 200,
+            headers: vec![Header {
+                name: "etag".into(),
+                value: vec![seed; 16],
+            }],
+            body: (0..len)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                .collect(),
+        }
+    }
+
+    fn record(resp: StoredResponse) -> Record {
+        Record {
+            expires_ms: 9,
+            created_ms: 1,
+            fingerprint: Fingerprint::default(),
+            generation: 1,
+            phase: Phase::Completed,
+            claim: ClaimId::default(),
+            lease_expires_ms: 5,
+            attempts: 1,
+            last_attempt_ms: 1,
+            first_attempt_ms: 1,
+            witnesses: 3,
+            is_final: true,
+            response: Some(resp),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(6))]
+
+        /// Every Geo payload that can carry a response stays within its bytes plus
+        /// 1 KiB, and decodes to what was sent.
+        #[test]
+        fn a_1_mib_response_costs_its_bytes_plus_at_most_1_kib(seed in proptest::prelude::any::<u8>()) {
+            let resp = response(seed, 1 << 20);
+            let size = resp.size();
+            let key = Key { tenant: "t".into(), scope: "s".into(), key: vec![seed; 64] };
+            let shipped = encode_shipped(&Shipped { enqueued_ms: 1, key: key.clone(), record: record(resp.clone()) });
+            let apply = ApplyRequest {
+                hlc: 1,
+                calls: vec![Call {
+                    shard: 0,
+                    key: key.clone(),
+                    op: Op::Complete { fence: Fence::default(), response: resp.clone(), quorum: 2 },
+                }],
+            };
+            let answer = ApplyResponse {
+                hlc: 1,
+                results: vec![Ok(CommandResult::Reserve {
+                    outcome: ReserveOutcome::Replay { fence: Fence::default(), response: resp.clone() },
+                    attempt: 1,
+                    since_previous_ms: None,
+                })],
+            };
+            let merge = MergeRequest { shard: 0, entries: vec![shipped.clone()] };
+            let fetch = FetchResponse { records: vec![shipped.clone()], next: Some(key.key.clone()) };
+            let sizes = [
+                ("shipped record", shipped.len()),
+                ("apply request", encode(&apply).len()),
+                ("apply response", encode(&answer).len()),
+                ("merge request", encode(&merge).len()),
+                ("fetch response", encode(&fetch).len()),
+            ];
+            for (what, n) in sizes {
+                proptest::prop_assert!(n <= size + 1024, "{what}: {n} bytes for a {size}-byte response");
+            }
+            let back: MergeRequest = decode(&encode(&merge)).unwrap();
+            proptest::prop_assert_eq!(back.entries, vec![shipped.clone()]);
+            let back: FetchResponse = decode(&encode(&fetch)).unwrap();
+            proptest::prop_assert_eq!(back.records, vec![shipped]);
+            proptest::prop_assert_eq!(back.next, Some(key.key));
+        }
+    }
 }

@@ -30,6 +30,17 @@ struct Pending {
     reply: oneshot::Sender<Reply>,
 }
 
+/// Bytes a forwarded request and its answer may take: its own bytes, plus the largest
+/// stored response for a request whose answer may carry one (a Reserve's REPLAY, a read).
+pub(crate) fn wire_bytes(req: &Forwarded, max_response_bytes: usize) -> usize {
+    match req {
+        Forwarded::Write { key, op } => {
+            key.approx_bytes() + op.round_trip_bytes(max_response_bytes)
+        }
+        Forwarded::Read { key } => key.approx_bytes() + 256 + max_response_bytes,
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Forwarder {
     tx: mpsc::Sender<Pending>,
@@ -38,9 +49,14 @@ pub(crate) struct Forwarder {
 
 impl Forwarder {
     /// Start the batching task of one group (it ends when the group is dropped).
-    pub(crate) fn start(group: GroupId, channels: Channels, timeout: Duration) -> Forwarder {
+    pub(crate) fn start(
+        group: GroupId,
+        channels: Channels,
+        timeout: Duration,
+        max_response_bytes: usize,
+    ) -> Forwarder {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(group, channels, timeout, rx));
+        tokio::spawn(run(group, channels, timeout, max_response_bytes, rx));
         Forwarder { tx, timeout }
     }
 
@@ -71,11 +87,18 @@ async fn run(
     group: GroupId,
     channels: Channels,
     timeout: Duration,
-    mut rx: mpsc::Receiver<Pending>,
+    max_response_bytes: usize,
+    rx: mpsc::Receiver<Pending>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut rx = crate::batch::Batcher::new(rx);
+    let bounds = crate::batch::Bounds {
+        max_items: MAX_BATCH,
+        max_bytes: crate::MAX_BATCH_BYTES,
+        size: |p: &Pending| wire_bytes(&p.req, max_response_bytes),
+    };
     // What arrives while every slot is busy joins the next batch.
-    while let Some((permit, batch)) = crate::batch::next_batch(&mut rx, &slots, MAX_BATCH).await {
+    while let Some((permit, batch)) = rx.next_batch(&slots, &bounds).await {
         // Normally one leader; during a leader change requests may name two.
         let mut by_leader: BTreeMap<u64, Vec<Pending>> = BTreeMap::new();
         for p in batch {

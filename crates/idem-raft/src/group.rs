@@ -31,6 +31,9 @@ pub struct GroupConfig {
     pub logs_kept_after_snapshot: u64,
     /// How long a write or linearizable read may wait for the group.
     pub request_timeout: Duration,
+    /// The largest stored response (`limits.max_response_bytes`): what a forwarded
+    /// request's answer may bring back, counted in batch byte bounds.
+    pub max_response_bytes: usize,
 }
 
 impl Default for GroupConfig {
@@ -42,6 +45,7 @@ impl Default for GroupConfig {
             snapshot_every_entries: 20_000,
             logs_kept_after_snapshot: 5_000,
             request_timeout: Duration::from_secs(5),
+            max_response_bytes: idem_core::Limits::default().max_response_bytes,
         }
     }
 }
@@ -249,7 +253,7 @@ impl Group {
             raft,
             engine: state,
             stamper,
-            forwarder: Forwarder::start(id, channels, cfg.request_timeout),
+            forwarder: Forwarder::start(id, channels, cfg.request_timeout, cfg.max_response_bytes),
             timeout: cfg.request_timeout,
         })
     }

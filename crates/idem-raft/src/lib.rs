@@ -5,6 +5,12 @@
 //! command, read a record linearizably, watch health), `Router` (find a group) and the
 //! internal gRPC service that peers call.
 
+/// Largest message a node sends to or accepts from a peer (Raft, forwarding, regions).
+pub const MAX_PEER_MESSAGE_BYTES: usize = 64 << 20;
+/// Most bytes one batch of requests and the answers it may bring back may take: half a
+/// peer message, so that the estimate's slack never reaches the message limit.
+pub const MAX_BATCH_BYTES: usize = MAX_PEER_MESSAGE_BYTES / 2;
+
 pub mod batch;
 pub mod codec;
 mod forward;

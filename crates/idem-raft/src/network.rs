@@ -1,6 +1,6 @@
 //! openraft's network over tonic. One HTTP/2 channel per peer address is shared by every
 //! group of the node (requests of many groups are multiplexed on it); each message names
-//! its group. Payloads are versioned bincode (see `codec`).
+//! its group. Payloads are versioned MessagePack (see `codec`).
 
 use crate::codec::{decode, encode};
 use crate::router::GroupId;
@@ -67,8 +67,8 @@ impl Channels {
 
     pub fn client(&self, addr: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
         Ok(RaftClient::new(self.get(addr)?)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20))
+            .max_decoding_message_size(crate::MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::MAX_PEER_MESSAGE_BYTES))
     }
 }
 
@@ -139,14 +139,40 @@ impl Network {
     }
 }
 
+/// How many of `entries`, from the first, fit in `max_bytes` (at least one).
+fn append_prefix(entries: &[crate::types::Entry], max_bytes: usize) -> usize {
+    let mut bytes = 0usize;
+    for (i, e) in entries.iter().enumerate() {
+        let n = match &e.payload {
+            openraft::EntryPayload::Normal(cmd) => cmd.key.approx_bytes() + cmd.op.approx_bytes(),
+            _ => 256,
+        };
+        bytes = bytes.saturating_add(n);
+        if bytes > max_bytes && i > 0 {
+            return i;
+        }
+    }
+    entries.len()
+}
+
 impl RaftNetworkV2<TypeConfig> for Network {
     type SnapshotData = idem_storage::SnapshotFile;
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // Bounded in bytes as well as entries: send the longest prefix that fits (at
+        // least one entry) and report a partial success, so openraft sends the rest next.
+        let sent = append_prefix(&rpc.entries, crate::MAX_BATCH_BYTES);
+        let partial = (sent < rpc.entries.len()).then(|| {
+            rpc.entries.truncate(sent);
+            let last = rpc.entries.last().map(|e| e.log_id);
+            // The follower may commit only what it holds.
+            rpc.leader_commit = rpc.leader_commit.min(last);
+            last
+        });
         let mut req = tonic::Request::new(self.message(encode(&rpc)));
         req.set_timeout(option.hard_ttl());
         let resp = self
@@ -154,9 +180,16 @@ impl RaftNetworkV2<TypeConfig> for Network {
             .append_entries(req)
             .await
             .map_err(status_error)?;
-        decode::<Result<AppendEntriesResponse<TypeConfig>, String>>(&resp.into_inner().payload)
-            .map_err(decode_error)?
-            .map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+        let answer =
+            decode::<Result<AppendEntriesResponse<TypeConfig>, String>>(&resp.into_inner().payload)
+                .map_err(decode_error)?
+                .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        Ok(match (answer, partial) {
+            (AppendEntriesResponse::Success, Some(last)) => {
+                AppendEntriesResponse::PartialSuccess(last)
+            }
+            (a, _) => a,
+        })
     }
 
     async fn vote(

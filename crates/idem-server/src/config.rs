@@ -128,6 +128,7 @@ impl RaftConfig {
             snapshot_every_entries: self.snapshot_every_entries,
             logs_kept_after_snapshot: self.logs_kept_after_snapshot,
             request_timeout: std::time::Duration::from_millis(self.request_timeout_ms),
+            ..Default::default()
         }
     }
 }
@@ -428,6 +429,23 @@ impl Config {
         self.limits
             .check()
             .map_err(|e| invalid(e.field, e.reason))?;
+        // A response travels whole in one message on every path: a client's Complete and
+        // REPLAY (the public API's message limit), and alone in a batch between nodes.
+        let largest = self.limits.max_response_bytes
+            + self.limits.max_key_bytes
+            + self.limits.max_scope_bytes
+            + MESSAGE_OVERHEAD_BYTES;
+        if largest > MAX_GRPC_MESSAGE_BYTES || largest > idem_raft::MAX_BATCH_BYTES {
+            return Err(invalid(
+                "limits.max_response_bytes",
+                format!(
+                    "{} bytes with the largest key and scope do not fit in one gRPC message of {} bytes (the API's limit) or one batch of {} bytes between nodes",
+                    self.limits.max_response_bytes,
+                    MAX_GRPC_MESSAGE_BYTES,
+                    idem_raft::MAX_BATCH_BYTES
+                ),
+            ));
+        }
         if self.auth.enabled && self.auth.tokens.is_empty() {
             return Err(invalid(
                 "auth.tokens",
@@ -497,6 +515,11 @@ impl Config {
     }
 }
 
+/// Largest message of the public API, in either direction.
+pub const MAX_GRPC_MESSAGE_BYTES: usize = 8 << 20;
+/// What a message adds to its byte strings (field tags, metadata, fence, fingerprint).
+const MESSAGE_OVERHEAD_BYTES: usize = 64 << 10;
+
 impl Config {
     /// The cross-region settings for `idem-geo`.
     pub fn geo_config(&self, my_region: u16) -> idem_geo::GeoConfig {
@@ -530,6 +553,7 @@ impl Config {
             max_retries: g.max_retries,
             max_in_flight_per_region: g.max_in_flight_per_region,
             emulated_rtt: std::time::Duration::from_millis(g.emulated_rtt_ms),
+            max_response_bytes: self.limits.max_response_bytes,
             relay: idem_geo::relay::RelayConfig {
                 batch: g.relay_batch,
                 max_rate: g.relay_max_rate,

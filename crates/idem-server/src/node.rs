@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 /// How often Raft health is sampled for the leader-change counter.
 const HEALTH_SAMPLE_EVERY: Duration = Duration::from_millis(250);
 /// Largest gRPC message a node accepts (a 1 MiB response plus headroom).
-const MAX_GRPC_MESSAGE_BYTES: usize = 8 << 20;
+use crate::config::MAX_GRPC_MESSAGE_BYTES;
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -272,9 +272,15 @@ impl Node {
         health_reporter
             .set_serving::<IdemServer<IdemService>>()
             .await;
+        // Both reflection versions: grpcurl and grpcio-reflection of recent releases ask
+        // for v1; older grpcurl, Postman, Evans and many Python tools for v1alpha.
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(idem_proto::FILE_DESCRIPTOR_SET)
             .build_v1()
+            .map_err(|e| ConfigError::Parse(format!("reflection: {e}")))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(idem_proto::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
             .map_err(|e| ConfigError::Parse(format!("reflection: {e}")))?;
         let grpc = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -285,17 +291,18 @@ impl Node {
             )
             .add_service(
                 RaftServer::new(RaftService::new(router.clone()))
-                    .max_decoding_message_size(64 << 20)
-                    .max_encoding_message_size(64 << 20),
+                    .max_decoding_message_size(idem_raft::MAX_PEER_MESSAGE_BYTES)
+                    .max_encoding_message_size(idem_raft::MAX_PEER_MESSAGE_BYTES),
             )
             .add_service(
                 GeoServer::new(idem_geo::service::GeoService::new(geo.clone()))
-                    .max_decoding_message_size(64 << 20)
-                    .max_encoding_message_size(64 << 20),
+                    .max_decoding_message_size(idem_raft::MAX_PEER_MESSAGE_BYTES)
+                    .max_encoding_message_size(idem_raft::MAX_PEER_MESSAGE_BYTES),
             )
             .add_service(AdminServer::new(AdminService { info: info.clone() }))
             .add_service(health_service)
-            .add_service(reflection);
+            .add_service(reflection)
+            .add_service(reflection_v1alpha);
         let mut rx = shutdown_rx.clone();
         // Accepted connections get TCP_NODELAY here: `Server::tcp_nodelay` covers only
         // listeners tonic binds itself. Without it a response written in several small
@@ -332,7 +339,8 @@ impl Node {
                 addr: n.addr.clone(),
             })
             .collect();
-        let group_cfg = cfg.raft.group_config();
+        let mut group_cfg = cfg.raft.group_config();
+        group_cfg.max_response_bytes = cfg.limits.max_response_bytes;
         for shard in 0..cfg.cluster.shards {
             let id = GroupId {
                 region: region.id,

@@ -455,7 +455,9 @@ impl StateEngine {
     }
 
     /// Live records of one digest bucket, in key order, after the record key `after`
-    /// (exclusive), at most `limit`; with the record key to continue from.
+    /// (exclusive), at most `limit` records and, past the first, at most `max_bytes` of
+    /// stored bytes; with the record key to continue from.
+    #[allow(clippy::too_many_arguments)]
     pub fn bucket_records(
         &self,
         shard: Shard,
@@ -463,8 +465,10 @@ impl StateEngine {
         buckets: u32,
         after: Option<&[u8]>,
         limit: usize,
+        max_bytes: usize,
         now_ms: u64,
     ) -> Result<BucketPage, StorageError> {
+        let mut bytes = 0usize;
         let buckets = buckets.max(1);
         let mut from = shard_prefix(shard).to_vec();
         if let Some(a) = after {
@@ -490,8 +494,9 @@ impl StateEngine {
                     detail: format!("{} bytes", k.len()),
                 });
             };
+            bytes = bytes.saturating_add(k.len() + v.len());
             out.push((key, rec));
-            if out.len() >= limit {
+            if out.len() >= limit || bytes >= max_bytes {
                 return Ok((out, Some(k[4..].to_vec())));
             }
         }

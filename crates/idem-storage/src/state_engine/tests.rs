@@ -283,7 +283,7 @@ fn digests_match_exactly_when_the_replicated_records_do() {
     let mut keys = Vec::new();
     loop {
         let (page, next) = a
-            .bucket_records(0, bucket, 16, after.as_deref(), 2, now)
+            .bucket_records(0, bucket, 16, after.as_deref(), 2, usize::MAX, now)
             .unwrap();
         keys.extend(page.into_iter().map(|(k, _)| k));
         match next {
