@@ -84,7 +84,7 @@ impl Cluster {
                 let config = ndir.join("node.toml");
                 let text = format!(
                     "[node]\nid = {id}\nregion = \"{}\"\ndata_dir = \"{}\"\ngrpc_addr = \"{ip}:{GRPC_PORT}\"\nhttp_addr = \"{ip}:{HTTP_PORT}\"\noutgoing_addr = \"{ip}\"\n\n\
-                     [cluster]\nshards = 2\nskew_margin_ms = {SKEW_MARGIN_MS}\nmax_clock_ahead_ms = 5000\n\n\
+                     [cluster]\nshards = 2\nskew_margin_ms = {SKEW_MARGIN_MS}\n\n\
                      [raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 600\nelection_timeout_max_ms = 1200\nrequest_timeout_ms = 2000\n\n\
                      [geo]\nround_timeout_ms = 1500\nanti_entropy_interval_ms = 3000\n\n\
                      [limits]\nmin_lease_ms = 100\nmin_retention_ms = 60000\n\n\

@@ -194,14 +194,7 @@ fn parse_fence(s: &str) -> anyhow::Result<Fence> {
 }
 
 fn lease_for(k: &KeyArgs, fence: Fence) -> Lease {
-    Lease {
-        scope: k.scope.clone(),
-        key: k.key.as_bytes().to_vec(),
-        fence,
-        expires_at_ms: u64::MAX,
-        skew_margin_ms: 0,
-        took_over: None,
-    }
+    Lease::from_fence(k.scope.clone(), k.key.as_bytes().to_vec(), fence)
 }
 
 pub async fn reserve(a: ReserveArgs) -> anyhow::Result<ExitCode> {

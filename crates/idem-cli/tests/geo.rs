@@ -269,3 +269,76 @@ async fn regional_mode_double_grants_under_a_partition_are_resolved_and_counted(
         0.0
     );
 }
+
+/// A 1 MiB response: the largest the default limits allow (body plus header).
+fn big_body(k: &str) -> StoredResponse {
+    let header = idem_client::Header {
+        name: "content-type".into(),
+        value: b"application/octet-stream".to_vec(),
+    };
+    let seed = k
+        .bytes()
+        .fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
+    let len = (1 << 20) - header.name.len() - header.value.len();
+    let mut x = seed | 1;
+    let body = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    StoredResponse {
+        status: 200,
+        headers: vec![header],
+        body,
+    }
+}
+
+// Open (issue "Safety", item 3): with a follower of region 0 down and region 2 cut
+// off, a 1 MiB Complete can fail to reach a second region within the 2 s round in the
+// debug build. Run with `--ignored` to reproduce; not part of `make test` until fixed.
+#[ignore = "reproduces an open bug: 1 MiB completions time out with a follower down and a region cut off"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mib_responses_replicate_to_a_lagging_follower_and_region_and_replay_everywhere() {
+    let mut c = GeoCluster::start(GeoOptions::default());
+    let cl = clients(&c).await;
+    // A follower of region 0 is down and region 2 is cut off while the keys complete:
+    // both catch up afterwards (Raft replication of 1 MiB entries, relay and
+    // anti-entropy of 1 MiB records).
+    let follower = c.region_nodes(0)[2];
+    c.kill(follower);
+    c.isolate(2);
+    const KEYS: usize = 12;
+    for i in 0..KEYS {
+        let k = format!("big-{i}");
+        let r = &cl[i % 2];
+        let Reservation::New(lease) = r.reserve(&req("p", &k)).await.unwrap() else {
+            panic!("fresh key {k} not NEW");
+        };
+        r.complete(&lease, &big_body(&k)).await.unwrap();
+    }
+    c.spawn(follower);
+    c.heal();
+    c.wait_ready(Duration::from_secs(60));
+    let (records, _) = c.wait_converged(Duration::from_secs(90));
+    assert_eq!(records, KEYS as u64);
+    // Every node of every region replays every key byte for byte.
+    for n in 0..c.nodes.len() {
+        let client = c.client(n).await;
+        for i in 0..KEYS {
+            let k = format!("big-{i}");
+            match client.reserve(&req("p", &k)).await.unwrap() {
+                Reservation::Replay(resp) => {
+                    assert!(resp == big_body(&k), "node {n}: replay of {k} differs")
+                }
+                other => panic!("node {n} answered {other:?} for {k}"),
+            }
+        }
+    }
+    // And the cluster still serves small keys promptly.
+    let Reservation::New(_) = cl[2].reserve(&req("p", "after")).await.unwrap() else {
+        panic!("a fresh key after the large ones was not NEW");
+    };
+}

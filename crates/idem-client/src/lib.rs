@@ -28,7 +28,7 @@ use idem_proto::v1::idem_client::IdemClient;
 use idem_proto::v1::{self, reserve_response};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -143,24 +143,57 @@ impl ReserveRequest {
     }
 }
 
-/// The right to run the side effect, until `expires_at_ms`.
+/// The right to run the side effect, while [`Lease::is_trusted`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
     pub scope: String,
     pub key: Vec<u8>,
     pub fence: Fence,
+    /// The lease end in the servers' time (informational: this host's wall clock is
+    /// never compared with it).
     pub expires_at_ms: u64,
     pub skew_margin_ms: u64,
+    /// On this host's monotonic clock: when the Reserve (or the latest Extend) was
+    /// sent, plus the lease's length, minus the skew margin. `None` for a lease made
+    /// from a fence alone (`Lease::from_fence`): only the servers judge it.
+    pub trusted_until: Option<Instant>,
     /// The previous holder's fence when this grant took the key over after its lease
     /// expired: that attempt may have had a side effect.
     pub took_over: Option<Fence>,
 }
 
 impl Lease {
-    /// The time after which this holder must stop trusting the lease.
-    pub fn trust_until_ms(&self) -> u64 {
-        self.expires_at_ms.saturating_sub(self.skew_margin_ms)
+    /// A lease for a fence obtained elsewhere (a command line, another process): no
+    /// local measure of its lease, so only the servers' answers judge it.
+    pub fn from_fence(scope: String, key: Vec<u8>, fence: Fence) -> Lease {
+        Lease {
+            scope,
+            key,
+            fence,
+            expires_at_ms: u64::MAX,
+            skew_margin_ms: 0,
+            trusted_until: None,
+            took_over: None,
+        }
     }
+
+    /// The holder may still act on the lease: measured from the moment the request
+    /// that granted (or extended) it was sent, on this host's monotonic clock, so a
+    /// server's or this host's wall clock being off changes nothing.
+    pub fn is_trusted(&self) -> bool {
+        self.trusted_until.is_none_or(|t| Instant::now() < t)
+    }
+
+    /// How long the lease may still be trusted (`None`: unknown).
+    pub fn trusted_for(&self) -> Option<Duration> {
+        self.trusted_until
+            .map(|t| t.saturating_duration_since(Instant::now()))
+    }
+}
+
+/// When a lease of `lease_ms` asked for at `sent` stops being trustworthy.
+fn trust_end(sent: Instant, lease_ms: u64, skew_margin_ms: u64) -> Instant {
+    sent + Duration::from_millis(lease_ms.saturating_sub(skew_margin_ms))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -248,7 +281,14 @@ impl Client {
     }
 
     /// Reserve a key. Transient failures are retried with the same key and fingerprint.
+    ///
+    /// A NEW is measured from the moment the first attempt was sent (the earliest the
+    /// grant can have been made) on this host's monotonic clock; a NEW that arrives
+    /// when less than the skew margin of its lease is left is not returned as NEW (it
+    /// cannot be acted on safely): the call answers `Unavailable`, to be retried once
+    /// the lease has ended.
     pub async fn reserve(&self, r: &ReserveRequest) -> Result<Reservation, Error> {
+        let sent = Instant::now();
         let resp = self
             .with_retries(|mut c, attempt| {
                 let req = self.request(v1::ReserveRequest {
@@ -271,12 +311,29 @@ impl Client {
                     Some(p) if n.takeover => idem_proto::convert::fence(Some(p)).ok(),
                     _ => None,
                 };
+                // Servers of the previous release do not send the lease's length.
+                let lease_ms = if n.lease_ms > 0 {
+                    n.lease_ms
+                } else {
+                    r.lease_ms
+                };
+                let trusted_until = trust_end(sent, lease_ms, n.skew_margin_ms);
+                if Instant::now() >= trusted_until {
+                    return Err(Error::Unavailable {
+                        attempts: 1,
+                        last: format!(
+                            "the grant arrived with less than the skew margin ({} ms) of its {lease_ms} ms lease left; retry once the lease has ended",
+                            n.skew_margin_ms
+                        ),
+                    });
+                }
                 Ok(Reservation::New(Lease {
                     scope: r.scope.clone(),
                     key: r.key.clone(),
                     fence,
                     expires_at_ms: n.lease_expires_ms,
                     skew_margin_ms: n.skew_margin_ms,
+                    trusted_until: Some(trusted_until),
                     took_over,
                 }))
             }
@@ -338,7 +395,7 @@ impl Client {
             async move { c.complete(req).await.map(|_| ()) }
         })
         .await?;
-        if now_ms() > lease.trust_until_ms() {
+        if !lease.is_trusted() {
             return Err(Error::LeaseLost(
                 "the acknowledgement arrived after the lease could be trusted; outcome unknown"
                     .into(),
@@ -362,7 +419,8 @@ impl Client {
 
     /// Extend the lease by `lease_ms` from now (0 = server default); updates `lease`.
     pub async fn extend(&self, lease: &mut Lease, lease_ms: u64) -> Result<(), Error> {
-        let expires = self
+        let sent = Instant::now();
+        let (expires, granted_ms) = self
             .with_retries(|mut c, _| {
                 let req = self.request(v1::ExtendRequest {
                     scope: lease.scope.clone(),
@@ -370,10 +428,21 @@ impl Client {
                     fence: Some(to_wire_fence(&lease.fence)),
                     lease_ms,
                 });
-                async move { c.extend(req).await.map(|x| x.into_inner().lease_expires_ms) }
+                async move {
+                    c.extend(req)
+                        .await
+                        .map(|x| x.into_inner())
+                        .map(|x| (x.lease_expires_ms, x.lease_ms))
+                }
             })
             .await?;
         lease.expires_at_ms = expires;
+        // Servers of the previous release do not send the length.
+        let granted_ms = if granted_ms > 0 { granted_ms } else { lease_ms };
+        if lease.trusted_until.is_some() && granted_ms > 0 {
+            let end = trust_end(sent, granted_ms, lease.skew_margin_ms);
+            lease.trusted_until = lease.trusted_until.max(Some(end));
+        }
         Ok(())
     }
 
@@ -390,30 +459,39 @@ impl Client {
     }
 
     /// Run `work` while keeping the lease alive: the lease is extended every third of
-    /// its length. Returns the work's output, or `LeaseLost` if an extension failed
-    /// (the work's result is then returned inside the error path to the caller as
-    /// lost: the side effect may have happened without the key being held).
+    /// its length. The work always runs to its end (a side effect is never cut off
+    /// half-way); its output comes back with `Ok(())` if the lease held throughout, or
+    /// with `LeaseLost` if an extension failed or the lease could no longer be trusted
+    /// when the work ended (the side effect may then have happened without the key
+    /// being held: the caller must not Complete, and should treat the outcome as
+    /// unknown).
     pub async fn with_lease<T, Fut>(
         &self,
         lease: &mut Lease,
         lease_ms: u64,
         work: Fut,
-    ) -> Result<T, Error>
+    ) -> (T, Result<(), Error>)
     where
         Fut: Future<Output = T>,
     {
         let period = Duration::from_millis((lease_ms.max(300) / 3).max(100));
         tokio::pin!(work);
+        let mut lost: Option<Error> = None;
         loop {
             tokio::select! {
                 out = &mut work => {
-                    if now_ms() > lease.trust_until_ms() {
-                        return Err(Error::LeaseLost("the lease ran out while the work ran".into()));
+                    if let Some(e) = lost {
+                        return (out, Err(e));
                     }
-                    return Ok(out);
+                    if !lease.is_trusted() {
+                        return (out, Err(Error::LeaseLost("the lease ran out while the work ran".into())));
+                    }
+                    return (out, Ok(()));
                 }
-                _ = tokio::time::sleep(period) => {
-                    self.extend(lease, lease_ms).await?;
+                _ = tokio::time::sleep(period), if lost.is_none() => {
+                    if let Err(e) = self.extend(lease, lease_ms).await {
+                        lost = Some(Error::LeaseLost(format!("extending the lease failed while the work ran: {e}")));
+                    }
                 }
             }
         }

@@ -222,10 +222,17 @@ fn grant(
     since_previous_ms: Option<u64>,
 ) -> Decision {
     let now = a.now_ms;
-    let first_attempt_ms = earliest(prev.map_or(0, |p| p.first_attempt_ms), a.first_attempt_ms);
-    let limit_ms = a
-        .retention_ms
-        .saturating_sub(too_old_margin_ms(a.retention_ms));
+    // Only attempts at the same request count: another request's first attempt says
+    // nothing about this one's age.
+    let same = prev.filter(|p| p.fingerprint == a.fingerprint);
+    let first_attempt_ms = earliest(same.map_or(0, |p| p.first_attempt_ms), a.first_attempt_ms);
+    // The retention that governs the key: the stored record's own when there is one
+    // (what its copies elsewhere were written with), not what this request asks for.
+    let retention_ms = prev
+        .map(|p| p.expires_ms.saturating_sub(p.created_ms))
+        .filter(|r| *r > 0)
+        .unwrap_or(a.retention_ms);
+    let limit_ms = retention_ms.saturating_sub(too_old_margin_ms(retention_ms));
     if first_attempt_ms != 0 && now.saturating_sub(first_attempt_ms) > limit_ms {
         return Decision {
             outcome: ReserveOutcome::TooOld {

@@ -281,7 +281,11 @@ impl Geo {
             .apply(idem_core::Hlc::compose(hlc_now, 0), Call { shard, key, op })
             .await
             .map_err(|e: LinkError| e.to_string())?;
-        let _ = self.inner.stamper.observe(remote_hlc);
+        // An answer stamped by a clock beyond the bound is not counted.
+        self.inner
+            .stamper
+            .observe(remote_hlc)
+            .map_err(|e| format!("region {region}'s clock: {e}"))?;
         result.map_err(|e| e.to_string())
     }
 
@@ -366,7 +370,7 @@ impl Geo {
         let shard = shard_of(key, self.inner.cfg.shards);
         let group = self.local_group(shard)?;
         let rec = group.read_local(key).ok()??;
-        self.final_answer(shard, key, &rec, self.inner.stamper.wall_ms(), req)
+        self.final_answer(shard, key, &rec, self.inner.stamper.now_ms(), req)
     }
 
     /// A GLOBAL Reserve (DESIGN §3, the proposer). Proposals that fail only because
@@ -397,7 +401,7 @@ impl Geo {
         let local = self
             .local_group(shard)
             .ok_or_else(|| GeoError::Unavailable(format!("shard {shard} is not running here")))?;
-        let now = self.inner.stamper.wall_ms();
+        let now = self.inner.stamper.now_ms();
         let rec = local
             .read_local(key)
             .map_err(|e| GeoError::Unavailable(e.to_string()))?;
@@ -455,7 +459,7 @@ impl Geo {
                             takeover = Some(*t);
                         }
                         let reply = Reply::from_outcome(&outcome);
-                        let live = self.inner.stamper.wall_ms() < lease_until_ms;
+                        let live = self.inner.stamper.now_ms() < lease_until_ms;
                         // Deliberately broken build for the fault suite: NEW on the local
                         // accept alone (the rule the model check rejects).
                         if cfg!(feature = "broken-local-accept")
@@ -673,7 +677,7 @@ impl Geo {
         fence: Fence,
         lease_ms: u64,
     ) -> Result<Result<u64, ExtendError>, GeoError> {
-        let until = self.inner.stamper.wall_ms().saturating_add(lease_ms);
+        let until = self.inner.stamper.now_ms().saturating_add(lease_ms);
         let op = Op::Extend {
             fence,
             lease_ms,
@@ -715,7 +719,7 @@ impl Geo {
         fingerprint: Fingerprint,
         first_attempt_ms: u64,
     ) {
-        let now = self.inner.stamper.wall_ms();
+        let now = self.inner.stamper.now_ms();
         let mut all = self.inner.touches.lock().unwrap_or_else(|p| p.into_inner());
         let per = all.entry(shard).or_default();
         if per.len() >= MAX_PENDING_TOUCHES && !per.contains_key(key) {

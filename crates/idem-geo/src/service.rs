@@ -139,8 +139,14 @@ impl GeoRpc for GeoService {
             ));
         }
         let stamper = self.geo.stamper();
+        // A peer whose clock is further ahead than the bound is not served: its
+        // proposals' lease ends are measured on that clock.
         if let Err(e) = stamper.observe(r.hlc) {
-            tracing::warn!(error = %e, "peer clock refused");
+            tracing::warn!(from_region = req.get_ref().from_region, error = %e, "peer clock refused; its calls are not run");
+            return Err(Status::failed_precondition(format!(
+                "clock: {e}; none of the {} calls was run",
+                r.calls.len()
+            )));
         }
         let results = join_all(r.calls.into_iter().map(|c| {
             let geo = self.geo.clone();

@@ -14,7 +14,7 @@ use openraft::{BasicNode, Config, Raft, ReadPolicy, ServerState, SnapshotPolicy}
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 
 /// How many times a command follows a leader change before giving up.
@@ -57,24 +57,70 @@ pub struct NodeIdentity {
     pub region: u16,
 }
 
-/// The leader's stamp on each command: time from the node's hybrid logical clock, the
-/// skew margin, and a fresh claim id.
+/// The time a leader stamps on each command, by which every acceptor judges leases.
+///
+/// It follows the wall clock, except that it never moves faster than the monotonic
+/// clock by more than `max_step_ms` between two readings: a forward jump of the wall
+/// clock larger than that is not followed (the stamp keeps advancing at the monotonic
+/// rate from the last accepted reading), and it never goes backwards. Peers' timestamps
+/// never move it: a node with a fast clock cannot make others end leases early.
+struct StampClock {
+    anchor_wall_ms: u64,
+    anchor_mono: Instant,
+    last_ms: u64,
+    max_step_ms: u64,
+}
+
+impl StampClock {
+    fn read(&mut self, wall_ms: u64, mono: Instant) -> u64 {
+        let elapsed = mono.saturating_duration_since(self.anchor_mono).as_millis() as u64;
+        let projected = self.anchor_wall_ms.saturating_add(elapsed);
+        let t = if wall_ms <= projected.saturating_add(self.max_step_ms) {
+            self.anchor_wall_ms = wall_ms;
+            self.anchor_mono = mono;
+            wall_ms
+        } else {
+            projected
+        };
+        self.last_ms = self.last_ms.max(t);
+        self.last_ms
+    }
+}
+
+/// The leader's stamp on each command: the lease-judging time of a [`StampClock`],
+/// the skew margin, and a fresh claim id ordered by the node's hybrid logical clock.
 pub struct Stamper {
     identity: NodeIdentity,
     skew_margin_ms: u64,
     hlc: Mutex<Hlc>,
+    clock: Mutex<StampClock>,
     /// Test-only offset added to the wall clock, to emulate a skewed node.
     clock_offset_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Stamper {
+    /// `max_clock_ahead_ms`: the bound on clock differences; a peer timestamp further
+    /// ahead is refused, and a forward jump of the wall clock larger than it is not
+    /// followed by the stamp clock.
     pub fn new(identity: NodeIdentity, skew_margin_ms: u64, max_clock_ahead_ms: u64) -> Stamper {
-        Stamper {
+        let s = Stamper {
             identity,
             skew_margin_ms,
             hlc: Mutex::new(Hlc::new(max_clock_ahead_ms)),
+            clock: Mutex::new(StampClock {
+                anchor_wall_ms: 0,
+                anchor_mono: Instant::now(),
+                last_ms: 0,
+                max_step_ms: max_clock_ahead_ms,
+            }),
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
+        };
+        {
+            let mut c = s.clock.lock().unwrap_or_else(|p| p.into_inner());
+            c.anchor_wall_ms = s.wall_ms();
+            c.anchor_mono = Instant::now();
         }
+        s
     }
 
     pub fn identity(&self) -> NodeIdentity {
@@ -102,13 +148,23 @@ impl Stamper {
         (wall + off).max(0) as u64
     }
 
-    /// A fresh claim id and the time it was minted (physical ms of the HLC).
+    /// The lease-judging time: what commands are stamped with, and what a proposer
+    /// measures lease ends from.
+    pub fn now_ms(&self) -> u64 {
+        let wall = self.wall_ms();
+        self.clock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read(wall, Instant::now())
+    }
+
+    /// A fresh claim id (ordered by the hybrid logical clock) and its HLC time.
     pub fn mint(&self) -> (u64, ClaimId) {
         let ts = self
             .hlc
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .now(self.wall_ms());
+            .now(self.now_ms());
         (
             Hlc::physical_ms(ts),
             ClaimId {
@@ -120,10 +176,11 @@ impl Stamper {
         )
     }
 
-    /// Advance the clock past a timestamp seen from another node (refused, not adopted,
-    /// when it is further ahead than the configured bound).
+    /// Advance the hybrid clock past a timestamp seen from another node (refused, not
+    /// adopted, when it is further ahead than the configured bound). It orders claims
+    /// only: the lease-judging time never follows a peer.
     pub fn observe(&self, remote_hlc: u64) -> Result<(), idem_core::HlcError> {
-        let wall = self.wall_ms();
+        let wall = self.now_ms();
         self.hlc
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -131,9 +188,9 @@ impl Stamper {
     }
 
     pub fn stamp(&self, key: Key, op: Op) -> Command {
-        let (now_ms, claim) = self.mint();
+        let (_, claim) = self.mint();
         Command {
-            now_ms,
+            now_ms: self.now_ms(),
             skew_margin_ms: self.skew_margin_ms,
             claim,
             region_bit: 1u32 << (self.identity.region % 32),
@@ -282,7 +339,7 @@ impl Group {
     /// This node's copy of a key's record, without asking the leader (it may be a
     /// little behind). Expired records read as absent.
     pub fn read_local(&self, key: &Key) -> Result<Option<Record>, GroupError> {
-        let now = self.stamper.wall_ms();
+        let now = self.stamper.now_ms();
         self.engine
             .get_record(self.id.shard, key)
             .map(|r| r.filter(|r| !r.is_expired(now)))
@@ -399,7 +456,7 @@ impl Group {
                     }
                     Ok(Ok(_)) => {}
                 }
-                let now = self.stamper.wall_ms();
+                let now = self.stamper.now_ms();
                 let rec = self
                     .engine
                     .get_record(self.id.shard, &key)
@@ -442,5 +499,82 @@ impl Group {
 
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    fn stamper() -> Stamper {
+        Stamper::new(
+            NodeIdentity {
+                node_id: 1,
+                region: 0,
+            },
+            500,
+            250,
+        )
+    }
+
+    fn real_wall_ms() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_peer_running_fast_does_not_move_the_stamped_time() {
+        let s = stamper();
+        // A peer 200 ms ahead (within the bound): adopted by the hybrid clock...
+        let ahead = Hlc::compose(real_wall_ms() + 200, 0);
+        s.observe(ahead).unwrap();
+        let (_, claim) = s.mint();
+        assert!(
+            claim.hlc > ahead,
+            "claims stay ordered after what was observed"
+        );
+        // ...but the time leases are judged by stays this node's own.
+        let cmd = s.stamp(Key::default(), Op::Withdraw { claim });
+        assert!(
+            cmd.now_ms <= real_wall_ms() + 20,
+            "stamped {} ms ahead",
+            cmd.now_ms - real_wall_ms()
+        );
+        // Further ahead than the bound: refused.
+        assert!(s.observe(Hlc::compose(real_wall_ms() + 2_000, 0)).is_err());
+    }
+
+    #[test]
+    fn a_forward_jump_of_the_own_wall_clock_is_not_followed() {
+        let s = stamper();
+        let before = s.now_ms();
+        s.set_clock_offset_ms(2_000);
+        let after = s.now_ms();
+        assert!(after >= before, "never backwards");
+        assert!(
+            after <= real_wall_ms() + 20,
+            "followed a 2 s jump: {} ms ahead",
+            after - real_wall_ms()
+        );
+        // A small step (within the bound) is followed.
+        s.set_clock_offset_ms(0);
+        let _ = s.now_ms();
+        s.set_clock_offset_ms(100);
+        let t = s.now_ms();
+        assert!(
+            t + 5 >= real_wall_ms() + 100,
+            "a 100 ms step was not followed"
+        );
+    }
+
+    #[test]
+    fn stamps_never_go_backwards_when_the_wall_clock_does() {
+        let s = stamper();
+        let a = s.now_ms();
+        s.set_clock_offset_ms(-5_000);
+        let b = s.now_ms();
+        assert!(b >= a);
     }
 }

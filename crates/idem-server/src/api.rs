@@ -196,6 +196,7 @@ impl IdemService {
                 .with(&[attempt_label(client_attempt)])
                 .inc();
         }
+        let granted_lease_ms = r.lease_ms;
         let key = self.key(tenant, r.scope, r.key);
         let req = idem_geo::ReserveRequest {
             fingerprint: r.fingerprint,
@@ -271,6 +272,7 @@ impl IdemService {
                     takeover: takeover.is_some(),
                     previous: takeover.as_ref().map(convert::to_wire_fence),
                     skew_margin_ms: self.skew_margin_ms,
+                    lease_ms: granted_lease_ms,
                 })
             }
             ReserveOutcome::InFlight { retry_after_ms, .. } => {
@@ -403,6 +405,7 @@ impl Idem for IdemService {
         let started = Instant::now();
         let r = async {
             let c = convert::extend(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
+            let lease_ms = c.lease_ms;
             let op = Op::Extend {
                 fence: c.fence,
                 lease_ms: c.lease_ms,
@@ -410,7 +413,10 @@ impl Idem for IdemService {
             };
             match self.run(req.metadata(), c.scope, c.key, op).await? {
                 CommandResult::Extend(Ok(lease_expires_ms)) => {
-                    Ok(Response::new(v1::ExtendResponse { lease_expires_ms }))
+                    Ok(Response::new(v1::ExtendResponse {
+                        lease_expires_ms,
+                        lease_ms,
+                    }))
                 }
                 CommandResult::Extend(Err(ExtendError::LeaseLost { current })) => Err(self
                     .lease_lost(

@@ -59,11 +59,20 @@ impl Default for NodeConfig {
 pub struct ClusterConfig {
     /// Shards per region (the same in every region). Fixed for the cluster's life.
     pub shards: u32,
-    /// Largest clock difference assumed between any two nodes. Leases are held this
-    /// much longer than granted before another claim may take the key.
+    /// Leases are held this much longer than granted before another claim may take
+    /// the key, and holders stop trusting them this much before their end.
     pub skew_margin_ms: u64,
-    /// A peer timestamp further ahead than this is refused, not adopted.
-    pub max_clock_ahead_ms: u64,
+    /// The bound on clock differences between nodes (default: half the skew margin;
+    /// must be below it). A peer timestamp further ahead is refused and its call not
+    /// run; a forward jump of a node's own wall clock larger than this is not followed
+    /// by the time it stamps.
+    pub max_clock_ahead_ms: Option<u64>,
+}
+
+impl ClusterConfig {
+    pub fn clock_bound_ms(&self) -> u64 {
+        self.max_clock_ahead_ms.unwrap_or(self.skew_margin_ms / 2)
+    }
 }
 
 impl Default for ClusterConfig {
@@ -71,7 +80,7 @@ impl Default for ClusterConfig {
         ClusterConfig {
             shards: 1,
             skew_margin_ms: 500,
-            max_clock_ahead_ms: 5_000,
+            max_clock_ahead_ms: None,
         }
     }
 }
@@ -341,6 +350,18 @@ impl Config {
         }
         if self.cluster.skew_margin_ms > 60_000 {
             return Err(invalid("cluster.skew_margin_ms", "must be at most 60000"));
+        }
+        // Leases are safe while no acceptor's clock is ahead of a proposer's by the
+        // margin or more (docs/protocol.md, "Clocks"): the bound must be below it.
+        if self.cluster.clock_bound_ms() >= self.cluster.skew_margin_ms {
+            return Err(invalid(
+                "cluster.max_clock_ahead_ms",
+                format!(
+                    "{} ms must be below cluster.skew_margin_ms ({} ms): a clock this far ahead could end a lease its holder still trusts",
+                    self.cluster.clock_bound_ms(),
+                    self.cluster.skew_margin_ms
+                ),
+            ));
         }
         let regions = self.effective_regions();
         let mut ids = std::collections::BTreeSet::new();

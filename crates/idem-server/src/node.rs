@@ -204,7 +204,7 @@ impl Node {
         let stamper = Arc::new(Stamper::new(
             identity,
             cfg.cluster.skew_margin_ms,
-            cfg.cluster.max_clock_ahead_ms,
+            cfg.cluster.clock_bound_ms(),
         ));
         let router = Router::default();
         let metrics = Arc::new(Metrics::default());

@@ -325,3 +325,47 @@ fn a_proposal_on_an_empty_region_keeps_its_generation() {
     // So the holder's Complete, with that fence, is accepted there too.
     assert!(complete(Some(&rec), fence, resp("ok"), 2_000, 1, 2).is_ok());
 }
+
+#[test]
+fn another_requests_first_attempt_does_not_make_a_key_too_old() {
+    // Request A (fingerprint 1), 2-day retention, first tried at once, then released.
+    let mut a = args(1, 1, 1);
+    a.retention_ms = 2 * DAY;
+    a.first_attempt_ms = 1;
+    let d = reserve(None, &a);
+    let fence = new_fence(&d);
+    let held = d.write.unwrap();
+    let released = release(Some(&held), fence, 2).unwrap().unwrap();
+    // Near the end of the record's life, request B (fingerprint 2) reuses the key,
+    // first tried just now. A's age is not B's: NEW, storing B's own first attempt.
+    let now = 2 * DAY - DAY / 100;
+    let mut b = args(now, 2, 2);
+    b.first_attempt_ms = now - 10;
+    let d = reserve(Some(&released), &b);
+    assert!(
+        matches!(d.outcome, ReserveOutcome::New { .. }),
+        "{:?}",
+        d.outcome
+    );
+    assert_eq!(d.write.unwrap().first_attempt_ms, now - 10);
+}
+
+#[test]
+fn too_old_is_judged_by_the_retention_the_key_was_stored_with() {
+    // The key was stored with a 2-day retention, then released.
+    let mut first = args(DAY, 1, 1);
+    first.retention_ms = 2 * DAY;
+    first.first_attempt_ms = DAY;
+    let d = reserve(None, &first);
+    let fence = new_fence(&d);
+    let held = d.write.unwrap();
+    let released = release(Some(&held), fence, DAY + 1).unwrap().unwrap();
+    // A retry that asks for 30 days, first tried 1.99 days ago: past the 2-day
+    // retention's limit (copies elsewhere may already be gone), although well inside 30.
+    let mut retry = args(DAY + 2 * DAY - DAY / 100, 1, 2);
+    retry.first_attempt_ms = DAY;
+    assert!(matches!(
+        reserve(Some(&released), &retry).outcome,
+        ReserveOutcome::TooOld { .. }
+    ));
+}
