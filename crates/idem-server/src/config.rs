@@ -616,6 +616,23 @@ mod tests {
         assert!(e.contains("namespaces[0].mode"), "{e}");
     }
 
+    #[test]
+    fn a_clock_bound_not_below_the_skew_margin_is_refused_naming_both_keys() {
+        let ok =
+            Config::from_toml_with_env("[cluster]\nskew_margin_ms = 500\n", std::iter::empty())
+                .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.cluster.clock_bound_ms(), 250);
+        let cfg = Config::from_toml_with_env(
+            "[cluster]\nskew_margin_ms = 500\nmax_clock_ahead_ms = 5000\n",
+            std::iter::empty(),
+        )
+        .unwrap();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("cluster.max_clock_ahead_ms"), "{e}");
+        assert!(e.contains("cluster.skew_margin_ms"), "{e}");
+    }
+
     fn env(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
         pairs
             .iter()
