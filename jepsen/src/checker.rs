@@ -1,22 +1,33 @@
-//! Judges a history: safety violations by kind, and counts by outcome.
+//! Judges a history: safety violations by kind, counts by outcome, and whether the run
+//! did enough to say anything (`unknown` otherwise).
 //!
-//! - **double grant**: two acknowledged NEWs of one key in one generation for different
-//!   claims; or a NEW acknowledged while an earlier holder's lease was still running
-//!   (minus the skew margin) and that holder had neither released (a Release invoked
-//!   before the second NEW returned) nor lost it;
-//! - **lost completion**: a NEW for a key whose Complete was acknowledged before the
-//!   Reserve started;
+//! - **double grant**: two NEWs of one key, for different claims, whose trusted windows
+//!   overlap, in any generation. A window runs from the moment the client received the
+//!   NEW to the moment it stopped trusting the lease (the SDK's monotonic measure from
+//!   the send, minus the skew margin, on the harness clock), or to the moment the holder
+//!   invoked Release if that came first. Such an overlap is *definite*: two clients
+//!   acted on the key at once. A grant that came after the holder stopped trusting its
+//!   lease but before that lease could have ended (send + lease) is a *possible* double
+//!   grant: no two clients acted at once, but the margin was eaten (listed, not
+//!   invalid). Two claims granted in one generation are a double grant whatever the
+//!   timing;
+//! - **fence reused**: one fence reported as NEW to two calls;
+//! - **lost completion**: a NEW for a key whose completion was acknowledged (or proved
+//!   stored by a REPLAY of its bytes) before the Reserve started; after healing, a
+//!   region whose final read does not hold that completion, final, byte for byte;
 //! - **wrong replay**: a REPLAY whose bytes differ from every acknowledged or possibly
-//!   applied (timed-out) completion of the key, or a replay that changes between calls;
+//!   applied completion of the key, or a replay that changes between calls;
 //! - **mismatch**: MISMATCH for a request whose fingerprint every stored attempt shared,
 //!   or REPLAY of a completion made for another fingerprint;
-//! - **divergence**: regions whose digests after healing differ.
+//! - **divergence**: nodes whose digests after healing differ, or regions whose final
+//!   reads of one key differ. A node or region that did not answer is reported as
+//!   unreachable (the run is then unknown), never as equal.
 //!
-//! Timeouts are possible effects: a timed-out Complete (or one the SDK reported as
-//! LEASE_LOST, which includes an acknowledgement that came too late to trust) may have
-//! stored its bytes, so a
-//! replay of them is valid; a timed-out Reserve may hold a lease nobody knows about,
-//! which is why another client may see IN_FLIGHT, never why it may see a second NEW.
+//! Possible effects: a Complete that timed out, was answered UNAVAILABLE or LEASE_LOST
+//! (which includes an acknowledgement that came too late to trust), or was still
+//! running at the end may have stored its bytes, so a replay of them is valid; a
+//! Reserve that did not answer NEW may hold a lease nobody acts on, which is why another
+//! client may see IN_FLIGHT, never why it may see a second NEW.
 
 use crate::history::{Call, Op, Outcome};
 use serde::Serialize;
@@ -30,12 +41,41 @@ pub struct Violation {
     pub detail: String,
 }
 
+/// How much a run must have done for its verdict to mean something.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Expect {
+    pub min_new: u64,
+    pub min_replay: u64,
+    pub min_takeover: u64,
+    pub min_complete: u64,
+}
+
+impl Expect {
+    /// What the fault suite asks of a run.
+    pub fn run() -> Expect {
+        Expect {
+            min_new: 50,
+            min_replay: 20,
+            min_takeover: 3,
+            min_complete: 20,
+        }
+    }
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct Verdict {
+    /// "valid", "invalid" or "unknown".
+    pub status: &'static str,
     pub valid: bool,
     pub ops: usize,
     pub outcomes: BTreeMap<String, u64>,
     pub violations: Vec<Violation>,
+    /// Grants that ate the margin without two clients acting at once.
+    pub possible: Vec<Violation>,
+    /// Why the run cannot be called valid although nothing was violated.
+    pub unknown: Vec<String>,
+    /// Nodes or regions that did not answer the final digest or read.
+    pub unreachable: Vec<String>,
 }
 
 impl Verdict {
@@ -46,6 +86,23 @@ impl Verdict {
         }
         m
     }
+
+    /// Add a reason the run says nothing, and settle the status again.
+    pub fn add_unknown(&mut self, why: String) {
+        self.unknown.push(why);
+        self.settle();
+    }
+
+    fn settle(&mut self) {
+        self.valid = self.violations.is_empty() && self.unknown.is_empty();
+        self.status = if !self.violations.is_empty() {
+            "invalid"
+        } else if !self.unknown.is_empty() {
+            "unknown"
+        } else {
+            "valid"
+        };
+    }
 }
 
 fn outcome_name(o: &Outcome) -> String {
@@ -55,7 +112,12 @@ fn outcome_name(o: &Outcome) -> String {
         .unwrap_or_default()
 }
 
+/// Check a history, asking nothing of its size.
 pub fn check(history: &[Op], skew_margin_ms: u64) -> Verdict {
+    check_with(history, skew_margin_ms, &Expect::default())
+}
+
+pub fn check_with(history: &[Op], skew_margin_ms: u64, expect: &Expect) -> Verdict {
     let mut v = Verdict {
         ops: history.len(),
         ..Default::default()
@@ -70,14 +132,60 @@ pub fn check(history: &[Op], skew_margin_ms: u64) -> Verdict {
         by_key.entry(op.key.as_str()).or_default().push(op);
     }
     for (key, ops) in by_key {
-        check_key(key, &ops, skew_margin_ms, &mut v.violations);
+        check_key(key, &ops, skew_margin_ms, &mut v);
     }
-    check_digests(history, &mut v.violations);
-    v.valid = v.violations.is_empty();
+    check_fences(history, &mut v.violations);
+    check_digests(history, &mut v);
+    // Enough activity to have tested something.
+    let count = |f: &dyn Fn(&Op) -> bool| history.iter().filter(|o| f(o)).count() as u64;
+    let got = [
+        (
+            "NEW",
+            count(&|o| o.call == Call::Reserve && o.outcome == Outcome::New),
+            expect.min_new,
+        ),
+        (
+            "REPLAY",
+            count(&|o| o.call == Call::Reserve && o.outcome == Outcome::Replay),
+            expect.min_replay,
+        ),
+        (
+            "takeovers",
+            count(&|o| o.call == Call::Reserve && o.outcome == Outcome::New && o.took_over),
+            expect.min_takeover,
+        ),
+        (
+            "acknowledged completions",
+            count(&|o| o.call == Call::Complete && o.outcome == Outcome::Ok),
+            expect.min_complete,
+        ),
+    ];
+    for (what, n, min) in got {
+        if n < min {
+            v.unknown.push(format!(
+                "too little activity: {n} {what}, at least {min} needed"
+            ));
+        }
+    }
+    if !v.unreachable.is_empty() {
+        v.unknown.push(format!(
+            "the final read could not reach {}",
+            v.unreachable.join(", ")
+        ));
+    }
+    v.settle();
     v
 }
 
-fn check_key(key: &str, ops: &[&Op], skew: u64, out: &mut Vec<Violation>) {
+/// One grant's trusted window on the harness clock.
+struct Grant<'a> {
+    op: &'a Op,
+    from: u64,
+    to: u64,
+}
+
+fn check_key(key: &str, ops: &[&Op], skew: u64, v: &mut Verdict) {
+    let out = &mut v.violations;
     let mut push = |kind, ops: Vec<u64>, detail: String| {
         out.push(Violation {
             kind,
@@ -86,10 +194,22 @@ fn check_key(key: &str, ops: &[&Op], skew: u64, out: &mut Vec<Violation>) {
             detail,
         })
     };
-    let grants: Vec<&Op> = ops
-        .iter()
-        .copied()
-        .filter(|o| o.call == Call::Reserve && o.outcome == Outcome::New)
+    let reserves = || ops.iter().copied().filter(|o| o.call == Call::Reserve);
+    let grants: Vec<Grant> = reserves()
+        .filter(|o| o.outcome == Outcome::New)
+        .map(|o| {
+            let released = ops
+                .iter()
+                .filter(|r| r.call == Call::Release && r.fence == o.fence && r.start_ms >= o.end_ms)
+                .map(|r| r.start_ms)
+                .min()
+                .unwrap_or(u64::MAX);
+            Grant {
+                op: o,
+                from: o.end_ms,
+                to: o.trust_end(skew).min(released),
+            }
+        })
         .collect();
     let acked_completes: Vec<&Op> = ops
         .iter()
@@ -99,29 +219,24 @@ fn check_key(key: &str, ops: &[&Op], skew: u64, out: &mut Vec<Violation>) {
     let possible_completes: Vec<&Op> = ops
         .iter()
         .copied()
-        // LEASE_LOST from the SDK may be an acknowledgement that came too late to trust:
-        // the completion may be stored, like a timed-out one.
         .filter(|o| {
             o.call == Call::Complete
-                && matches!(
-                    o.outcome,
-                    Outcome::Ok | Outcome::Timeout | Outcome::LeaseLost
-                )
+                && (matches!(o.outcome, Outcome::Ok | Outcome::LeaseLost) || o.outcome.maybe())
         })
         .collect();
 
     // Two claims in one generation.
     let mut per_gen: BTreeMap<u32, BTreeSet<&str>> = BTreeMap::new();
     for g in &grants {
-        if let Some(gen) = g.generation() {
-            per_gen.entry(gen).or_default().insert(g.fence.as_str());
+        if let Some(gen) = g.op.generation() {
+            per_gen.entry(gen).or_default().insert(g.op.fence.as_str());
         }
     }
     for (gen, fences) in per_gen.iter().filter(|(_, f)| f.len() > 1) {
         let ids = grants
             .iter()
-            .filter(|g| g.generation() == Some(*gen))
-            .map(|g| g.id)
+            .filter(|g| g.op.generation() == Some(*gen))
+            .map(|g| g.op.id)
             .collect();
         push(
             "double_grant",
@@ -129,54 +244,78 @@ fn check_key(key: &str, ops: &[&Op], skew: u64, out: &mut Vec<Violation>) {
             format!("generation {gen} granted to {} claims", fences.len()),
         );
     }
-    // A grant while an earlier holder's lease was live and not given up.
+    // Trusted windows that overlap (definite), or a grant inside the margin (possible).
+    let mut possible = Vec::new();
     for (i, a) in grants.iter().enumerate() {
-        for b in grants.iter().skip(i + 1).chain(grants.iter().take(i)) {
-            if a.fence == b.fence || b.start_ms < a.start_ms {
+        for b in grants.iter().skip(i + 1) {
+            if a.op.fence == b.op.fence {
                 continue;
             }
-            let released = ops.iter().any(|o| {
-                o.call == Call::Release
-                    && o.fence == a.fence
-                    && o.outcome != Outcome::Error
-                    && o.start_ms < b.end_ms
-            });
-            let lease_live_until = a.lease_expires_ms.saturating_sub(skew);
-            if !released && a.end_ms <= b.start_ms && b.end_ms < lease_live_until {
+            let (first, second) = if a.from <= b.from { (a, b) } else { (b, a) };
+            if second.from < first.to && first.from < second.to {
                 push(
                     "double_grant",
-                    vec![a.id, b.id],
+                    vec![first.op.id, second.op.id],
                     format!(
-                        "{} granted while {} held a lease until {}",
-                        b.fence, a.fence, a.lease_expires_ms
+                        "{} trusted from {} to {} while {} trusted until {} (overlap {} ms)",
+                        second.op.fence,
+                        second.from,
+                        second.to,
+                        first.op.fence,
+                        first.to,
+                        first.to.min(second.to) - second.from
+                    ),
+                );
+            } else if first.to < first.op.trust_end(skew) || first.op.trusted_until_ms == 0 {
+                // Released first, or no lease length recorded: nothing to say.
+            } else {
+                let lease_ms = crate::workload::LEASE_MS;
+                let could_end = first.op.start_ms + lease_ms;
+                if second.from < could_end {
+                    possible.push(Violation {
+                        kind: "possible_double_grant",
+                        key: key.to_string(),
+                        ops: vec![first.op.id, second.op.id],
+                        detail: format!(
+                            "{} received {} ms before {}'s lease could have ended",
+                            second.op.fence,
+                            could_end - second.from,
+                            first.op.fence
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    // NEW after a completion was acknowledged, or proved stored by a replay.
+    let mut stored_by: Vec<(&Op, u64)> = acked_completes.iter().map(|c| (*c, c.end_ms)).collect();
+    for r in reserves().filter(|o| o.outcome == Outcome::Replay) {
+        if let Some(c) = possible_completes.iter().find(|c| c.value == r.value) {
+            stored_by.push((c, r.end_ms));
+        }
+    }
+    let mut flagged = BTreeSet::new();
+    for (c, known_at) in &stored_by {
+        for g in grants.iter().filter(|g| g.op.start_ms > *known_at) {
+            if flagged.insert((c.id, g.op.id)) {
+                push(
+                    "lost_completion",
+                    vec![c.id, g.op.id],
+                    format!(
+                        "NEW {} after the completion by {} was known stored",
+                        g.op.fence, c.fence
                     ),
                 );
             }
         }
     }
-    // NEW after an acknowledged completion.
-    for c in &acked_completes {
-        for g in grants.iter().filter(|g| g.start_ms > c.end_ms) {
-            push(
-                "lost_completion",
-                vec![c.id, g.id],
-                format!(
-                    "NEW {} after completion by {} was acknowledged",
-                    g.fence, c.fence
-                ),
-            );
-        }
-    }
     // Replays: bytes of a possible completion, made for the same fingerprint, never changing.
     let fp_of_fence: BTreeMap<&str, &str> = grants
         .iter()
-        .map(|g| (g.fence.as_str(), g.fingerprint.as_str()))
+        .map(|g| (g.op.fence.as_str(), g.op.fingerprint.as_str()))
         .collect();
     let mut seen_replay: Option<&Op> = None;
-    for r in ops
-        .iter()
-        .filter(|o| o.call == Call::Reserve && o.outcome == Outcome::Replay)
-    {
+    for r in reserves().filter(|o| o.outcome == Outcome::Replay) {
         let source = possible_completes.iter().find(|c| c.value == r.value);
         match source {
             None => push(
@@ -208,15 +347,8 @@ fn check_key(key: &str, ops: &[&Op], skew: u64, out: &mut Vec<Violation>) {
         seen_replay = Some(r);
     }
     // MISMATCH only when some other fingerprint was used on the key.
-    let fps: BTreeSet<&str> = ops
-        .iter()
-        .filter(|o| o.call == Call::Reserve)
-        .map(|o| o.fingerprint.as_str())
-        .collect();
-    for m in ops
-        .iter()
-        .filter(|o| o.call == Call::Reserve && o.outcome == Outcome::Mismatch)
-    {
+    let fps: BTreeSet<&str> = reserves().map(|o| o.fingerprint.as_str()).collect();
+    for m in reserves().filter(|o| o.outcome == Outcome::Mismatch) {
         if fps.len() < 2 {
             push(
                 "mismatch",
@@ -225,21 +357,106 @@ fn check_key(key: &str, ops: &[&Op], skew: u64, out: &mut Vec<Violation>) {
             );
         }
     }
+    // The final read: every region answers, all the same, holding every known completion.
+    let reads: Vec<&Op> = ops
+        .iter()
+        .copied()
+        .filter(|o| o.call == Call::Read)
+        .collect();
+    if !reads.is_empty() {
+        let answered: Vec<&Op> = reads
+            .iter()
+            .copied()
+            .filter(|r| r.outcome == Outcome::Ok)
+            .collect();
+        for r in reads.iter().filter(|r| r.outcome != Outcome::Ok) {
+            v.unreachable
+                .push(format!("region {} for key {key}", r.region));
+        }
+        let states: BTreeSet<(&str, &str, &str)> = answered
+            .iter()
+            .map(|r| (r.phase.as_str(), r.fence.as_str(), r.value.as_str()))
+            .collect();
+        let out = &mut v.violations;
+        if states.len() > 1 {
+            out.push(Violation {
+                kind: "divergence",
+                key: key.to_string(),
+                ops: answered.iter().map(|r| r.id).collect(),
+                detail: format!(
+                    "regions read the key differently after healing: {}",
+                    answered
+                        .iter()
+                        .map(|r| format!("region {}: {} {}", r.region, r.phase, r.fence))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            });
+        }
+        for (c, _) in &stored_by {
+            for r in answered
+                .iter()
+                .filter(|r| r.phase != "completed-final" || r.value != c.value)
+            {
+                out.push(Violation {
+                    kind: "lost_completion",
+                    key: key.to_string(),
+                    ops: vec![c.id, r.id],
+                    detail: format!(
+                        "region {} reads {} {} after healing, not the completion by {}",
+                        r.region, r.phase, r.fence, c.fence
+                    ),
+                });
+            }
+        }
+    }
+    v.possible.extend(possible);
 }
 
-fn check_digests(history: &[Op], out: &mut Vec<Violation>) {
-    let digests: Vec<&Op> = history.iter().filter(|o| o.call == Call::Digest).collect();
-    let distinct: BTreeSet<&str> = digests.iter().map(|o| o.value.as_str()).collect();
-    if distinct.len() > 1 {
-        let regions: BTreeSet<u32> = digests.iter().map(|o| o.region).collect();
+/// One fence reported as NEW to two calls.
+fn check_fences(history: &[Op], out: &mut Vec<Violation>) {
+    let mut by_fence: BTreeMap<(&str, &str), Vec<u64>> = BTreeMap::new();
+    for o in history
+        .iter()
+        .filter(|o| o.call == Call::Reserve && o.outcome == Outcome::New)
+    {
+        by_fence
+            .entry((o.key.as_str(), o.fence.as_str()))
+            .or_default()
+            .push(o.id);
+    }
+    for ((key, fence), ids) in by_fence.into_iter().filter(|(_, ids)| ids.len() > 1) {
         out.push(Violation {
+            kind: "fence_reused",
+            key: key.to_string(),
+            detail: format!("fence {fence} granted to {} calls", ids.len()),
+            ops: ids,
+        });
+    }
+}
+
+fn check_digests(history: &[Op], v: &mut Verdict) {
+    let digests: Vec<&Op> = history.iter().filter(|o| o.call == Call::Digest).collect();
+    for d in digests.iter().filter(|d| d.outcome != Outcome::Ok) {
+        v.unreachable
+            .push(format!("{} (region {})", d.key, d.region));
+    }
+    let answered: Vec<&Op> = digests
+        .iter()
+        .copied()
+        .filter(|d| d.outcome == Outcome::Ok)
+        .collect();
+    let distinct: BTreeSet<&str> = answered.iter().map(|o| o.value.as_str()).collect();
+    if distinct.len() > 1 {
+        let regions: BTreeSet<u32> = answered.iter().map(|o| o.region).collect();
+        v.violations.push(Violation {
             kind: "divergence",
             key: String::new(),
-            ops: digests.iter().map(|o| o.id).collect(),
+            ops: answered.iter().map(|o| o.id).collect(),
             detail: format!(
                 "{} different record digests across {} nodes of {} regions",
                 distinct.len(),
-                digests.len(),
+                answered.len(),
                 regions.len()
             ),
         });
@@ -275,7 +492,10 @@ mod tests {
             outcome,
             fence: fence.into(),
             lease_expires_ms: lease,
+            trusted_until_ms: 0,
+            took_over: false,
             value: value.into(),
+            phase: String::new(),
         }
     }
 
@@ -579,5 +799,243 @@ mod tests {
             ),
         ];
         assert!(check(&h, 100).valid);
+    }
+
+    fn grant(id: u64, key: &str, t: (u64, u64), fence: &str, trusted_until: u64) -> Op {
+        Op {
+            trusted_until_ms: trusted_until,
+            ..op(id, Call::Reserve, key, "aa", t, Outcome::New, fence, 0, "")
+        }
+    }
+
+    #[test]
+    fn overlapping_trusted_windows_are_a_double_grant_in_any_generation() {
+        // Generation 3 granted while generation 2's holder still trusted its lease,
+        // the second NEW slower than the first's whole window.
+        let h = vec![
+            grant(1, "k", (0, 10), "2:a", 1_700),
+            grant(2, "k", (5, 1_600), "3:b", 3_300),
+        ];
+        let v = check(&h, 300);
+        assert_eq!(
+            v.by_kind().get("double_grant"),
+            Some(&1),
+            "{:?}",
+            v.violations
+        );
+        assert_eq!(v.status, "invalid");
+        // Windows that touch but do not overlap are fine...
+        let h = vec![
+            grant(1, "k", (0, 10), "2:a", 1_700),
+            grant(2, "k", (1_650, 1_900), "3:b", 3_600),
+        ];
+        let v = check(&h, 300);
+        assert!(v.valid, "{:?}", v.violations);
+        // ...but a grant before the first lease could have ended ate the margin.
+        assert_eq!(v.possible.len(), 1, "{:?}", v.possible);
+        // A Release invoked ends the holder's window.
+        let h = vec![
+            grant(1, "k", (0, 10), "2:a", 1_700),
+            op(
+                2,
+                Call::Release,
+                "k",
+                "",
+                (100, 400),
+                Outcome::Timeout,
+                "2:a",
+                0,
+                "",
+            ),
+            grant(3, "k", (200, 300), "3:b", 2_000),
+        ];
+        let v = check(&h, 300);
+        assert!(v.valid, "{:?}", v.violations);
+    }
+
+    #[test]
+    fn one_fence_granted_to_two_calls_is_rejected() {
+        let h = vec![
+            grant(1, "k", (0, 10), "2:a", 1_700),
+            grant(2, "k", (5_000, 5_010), "2:a", 6_700),
+        ];
+        let v = check(&h, 300);
+        assert_eq!(
+            v.by_kind().get("fence_reused"),
+            Some(&1),
+            "{:?}",
+            v.violations
+        );
+    }
+
+    #[test]
+    fn a_completion_proved_by_a_replay_must_never_be_followed_by_new() {
+        let h = vec![
+            grant(1, "k", (0, 10), "1:a", 1_700),
+            op(
+                2,
+                Call::Complete,
+                "k",
+                "",
+                (20, 3_000),
+                Outcome::Timeout,
+                "1:a",
+                0,
+                "beef",
+            ),
+            op(
+                3,
+                Call::Reserve,
+                "k",
+                "aa",
+                (3_100, 3_200),
+                Outcome::Replay,
+                "",
+                0,
+                "beef",
+            ),
+            grant(4, "k", (9_000, 9_010), "2:b", 10_700),
+        ];
+        let v = check(&h, 300);
+        assert_eq!(
+            v.by_kind().get("lost_completion"),
+            Some(&1),
+            "{:?}",
+            v.violations
+        );
+    }
+
+    fn read(id: u64, region: u32, phase: &str, fence: &str, value: &str) -> Op {
+        Op {
+            region,
+            phase: phase.into(),
+            ..op(
+                id,
+                Call::Read,
+                "k",
+                "",
+                (10_000, 10_001),
+                Outcome::Ok,
+                fence,
+                0,
+                value,
+            )
+        }
+    }
+
+    #[test]
+    fn the_final_read_must_hold_every_acknowledged_completion_in_every_region() {
+        let base = vec![
+            grant(1, "k", (0, 10), "1:a", 1_700),
+            op(
+                2,
+                Call::Complete,
+                "k",
+                "",
+                (20, 30),
+                Outcome::Ok,
+                "1:a",
+                0,
+                "beef",
+            ),
+        ];
+        let mut h = base.clone();
+        h.extend([
+            read(3, 0, "completed-final", "1:a", "beef"),
+            read(4, 1, "completed-final", "1:a", "beef"),
+            read(5, 2, "completed-final", "1:a", "beef"),
+        ]);
+        assert!(check(&h, 300).valid);
+        // One region holds it, but not as final: lost there, and the regions differ.
+        let mut h = base.clone();
+        h.extend([
+            read(3, 0, "completed-final", "1:a", "beef"),
+            read(4, 1, "completed", "1:a", "beef"),
+            read(5, 2, "completed-final", "1:a", "beef"),
+        ]);
+        let v = check(&h, 300);
+        assert_eq!(
+            v.by_kind().get("lost_completion"),
+            Some(&1),
+            "{:?}",
+            v.violations
+        );
+        assert_eq!(
+            v.by_kind().get("divergence"),
+            Some(&1),
+            "{:?}",
+            v.violations
+        );
+        // A region that did not answer is reported, never taken as equal.
+        let mut h = base;
+        h.extend([
+            read(3, 0, "completed-final", "1:a", "beef"),
+            Op {
+                outcome: Outcome::Timeout,
+                ..read(4, 1, "unreachable", "", "")
+            },
+        ]);
+        let v = check(&h, 300);
+        assert_eq!(v.status, "unknown", "{:?}", v);
+        assert_eq!(v.unreachable.len(), 1);
+    }
+
+    #[test]
+    fn a_run_with_too_little_activity_is_unknown_not_valid() {
+        let v = check_with(&valid_history(), 100, &Expect::run());
+        assert_eq!(v.status, "unknown");
+        assert!(!v.valid);
+        assert!(
+            v.unknown.iter().any(|u| u.contains("NEW")),
+            "{:?}",
+            v.unknown
+        );
+        // A violation still makes it invalid.
+        let mut h = valid_history();
+        h.push(op(
+            11,
+            Call::Reserve,
+            "k",
+            "aa",
+            (15, 25),
+            Outcome::New,
+            "2:c9",
+            2_000,
+            "",
+        ));
+        assert_eq!(check_with(&h, 100, &Expect::run()).status, "invalid");
+    }
+
+    #[test]
+    fn a_still_running_complete_may_be_replayed() {
+        let h = vec![
+            grant(1, "k", (0, 10), "1:a", 1_700),
+            Op {
+                end_ms: u64::MAX,
+                ..op(
+                    2,
+                    Call::Complete,
+                    "k",
+                    "",
+                    (20, 0),
+                    Outcome::Indeterminate,
+                    "1:a",
+                    0,
+                    "beef",
+                )
+            },
+            op(
+                3,
+                Call::Reserve,
+                "k",
+                "aa",
+                (40, 50),
+                Outcome::Replay,
+                "",
+                0,
+                "beef",
+            ),
+        ];
+        assert!(check(&h, 300).valid);
     }
 }

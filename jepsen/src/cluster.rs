@@ -174,6 +174,20 @@ impl Cluster {
         Ok(())
     }
 
+    /// How far node `i`'s wall clock reads from the harness's, in milliseconds (from
+    /// its `/status`, the round trip's midpoint taken as the reading's moment).
+    pub fn clock_offset_ms(&self, i: usize) -> Option<i64> {
+        let before = idem_client::now_ms();
+        let (code, body) = http_get(&self.nodes[i].http(), "/status")?;
+        let after = idem_client::now_ms();
+        if code != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let wall = v["clock"]["wall_ms"].as_u64()? as i64;
+        Some(wall - (before as i64 + after as i64) / 2)
+    }
+
     pub fn region_nodes(&self, r: usize) -> Vec<usize> {
         (0..self.nodes.len())
             .filter(|i| self.nodes[*i].region == r)

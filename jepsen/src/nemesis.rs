@@ -11,7 +11,7 @@
 //! | `kill` | SIGKILL of a random node, restarted when the window ends |
 //! | `kill-leader` | SIGKILL of a region's Raft leader, restarted when the window ends |
 //! | `pause` | SIGSTOP of a node, longer than the election timeout, then SIGCONT |
-//! | `clock` | one node's wall clock moved ahead or behind (within the skew bound) |
+//! | `clock` | one node's wall clock (often a group leader's, the node that stamps) moved ahead or behind: half the time within the skew margin, half the time 1 to 10 s |
 //! | `clock-strobe` | one node's clock jumping back and forth every 200 ms |
 //! | `loss` | 20 % of the packets between nodes dropped |
 //! | `restart` | a node stopped and started again (SIGTERM) |
@@ -45,6 +45,9 @@ pub struct Window {
     pub detail: String,
     pub start_ms: u64,
     pub end_ms: u64,
+    /// What showed that the fault took effect (`None`: nothing did; the run cannot
+    /// claim to have tested it).
+    pub observed: Option<String>,
 }
 
 /// What must be undone when the window ends.
@@ -52,9 +55,56 @@ pub enum Active {
     Network,
     Killed(usize),
     Paused(usize),
-    Clock(usize),
+    /// The node and the offset its wall clock was given, in milliseconds.
+    Clock(usize, i64),
     Strobe(usize, tokio::task::JoinHandle<()>),
     Restart(usize),
+}
+
+/// The order in which a run fires its nemeses: every named one in turn (the order
+/// shuffled by the seed), so that a run of `windows` faults fires each at least once
+/// when `windows >= names.len()`.
+pub fn schedule(names: &[String], windows: usize, rng: &mut StdRng) -> Vec<String> {
+    let mut order: Vec<String> = names.to_vec();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    (0..windows)
+        .filter_map(|i| order.get(i % order.len().max(1)).cloned())
+        .collect()
+}
+
+/// Look for the fault's effect: packets dropped by its rules, a node that no longer
+/// answers, a process that exited, a node whose clock reads the offset it was given.
+pub fn observe(a: &Active, c: &mut Cluster) -> Option<String> {
+    use crate::cluster::http_get;
+    match a {
+        Active::Network => {
+            let dropped = net::dropped_packets().ok()?;
+            (dropped > 0).then(|| format!("{dropped} packets dropped"))
+        }
+        Active::Killed(x) => (c.nodes[*x].child.is_none()
+            && http_get(&c.nodes[*x].http(), "/healthz").is_none())
+        .then(|| format!("node {} not answering", c.nodes[*x].id)),
+        Active::Paused(x) => http_get(&c.nodes[*x].http(), "/healthz")
+            .is_none()
+            .then(|| format!("node {} not answering", c.nodes[*x].id)),
+        Active::Restart(x) => {
+            let n = &mut c.nodes[*x];
+            let status = n.child.as_mut()?.try_wait().ok()??;
+            Some(format!("node {} exited ({status})", n.id))
+        }
+        Active::Clock(x, off) => {
+            let seen = c.clock_offset_ms(*x)?;
+            ((seen - off).abs() < 250)
+                .then(|| format!("node {} wall clock reads {seen:+} ms", c.nodes[*x].id))
+        }
+        Active::Strobe(x, _) => {
+            let seen = c.clock_offset_ms(*x)?;
+            (seen.unsigned_abs() >= SKEW_MARGIN_MS / 2)
+                .then(|| format!("node {} wall clock reads {seen:+} ms", c.nodes[*x].id))
+        }
+    }
 }
 
 /// Cut every link between the node sets `a` and `b`, both ways (or one way).
@@ -161,13 +211,24 @@ pub fn inject(name: &str, c: &mut Cluster, rng: &mut StdRng) -> anyhow::Result<(
             Ok((Active::Paused(x), format!("node {} paused", c.nodes[x].id)))
         }
         "clock" => {
-            let x = rng.random_range(0..nodes);
-            let bound = SKEW_MARGIN_MS as f64 / 1000.0;
-            let off =
-                if rng.random_bool(0.5) { bound } else { -bound } * rng.random_range(0.3..0.9);
+            // Half the time a group leader (the node whose clock stamps its group's
+            // entries), half the time any node; half the time within the margin, half
+            // the time 1 to 10 s; ahead or behind.
+            let x = if rng.random_bool(0.5) {
+                let r = rng.random_range(0..regions);
+                c.leader_of(r).unwrap_or_else(|| c.region_nodes(r)[0])
+            } else {
+                rng.random_range(0..nodes)
+            };
+            let size = if rng.random_bool(0.5) {
+                SKEW_MARGIN_MS as f64 / 1000.0 * rng.random_range(0.3..0.9)
+            } else {
+                rng.random_range(1.0..10.0)
+            };
+            let off = if rng.random_bool(0.5) { size } else { -size };
             c.set_clock_offset(x, off)?;
             Ok((
-                Active::Clock(x),
+                Active::Clock(x, (off * 1000.0).round() as i64),
                 format!("node {} clock {off:+.3} s", c.nodes[x].id),
             ))
         }
@@ -210,7 +271,7 @@ pub fn heal(a: Active, c: &mut Cluster) -> anyhow::Result<()> {
         Active::Network => net::heal()?,
         Active::Killed(x) => c.start(x)?,
         Active::Paused(x) => c.signal(x, "-CONT"),
-        Active::Clock(x) => c.set_clock_offset(x, 0.0)?,
+        Active::Clock(x, _) => c.set_clock_offset(x, 0.0)?,
         Active::Strobe(x, h) => {
             h.abort();
             c.set_clock_offset(x, 0.0)?;

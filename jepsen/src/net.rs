@@ -130,6 +130,16 @@ pub fn lossy(probability: f64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Packets the suite's rules have dropped since they were added.
+pub fn dropped_packets() -> anyhow::Result<u64> {
+    let out = sh("iptables", &["-w", "-L", "OUTPUT", "-v", "-x", "-n"])?;
+    Ok(out
+        .lines()
+        .filter(|l| l.contains("DROP"))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum())
+}
+
 /// Remove every rule.
 pub fn heal() -> anyhow::Result<()> {
     sh("iptables", &["-w", "-F", "OUTPUT"])?;

@@ -20,11 +20,19 @@ pub struct WindowStats {
     pub availability: f64,
     pub p50_ms: u64,
     pub p99_ms: u64,
+    /// What showed the fault took effect.
+    pub observed: Option<String>,
 }
 
 #[derive(Serialize)]
 pub struct Results {
+    /// "valid", "invalid" or "unknown" (nothing violated, but the run did too little,
+    /// or a fault never took effect, or the final read could not reach every region).
+    pub status: String,
     pub valid: bool,
+    pub unknown: Vec<String>,
+    pub possible: Vec<crate::checker::Violation>,
+    pub unreachable: Vec<String>,
     pub run: String,
     pub nemeses: Vec<String>,
     pub seed: u64,
@@ -71,6 +79,7 @@ fn stats(name: &str, detail: &str, s: u64, e: u64, ops: &[&Op]) -> WindowStats {
         },
         p50_ms: q(0.5),
         p99_ms: q(0.99),
+        observed: None,
     }
 }
 
@@ -83,13 +92,19 @@ pub fn build(
     windows: &[Window],
     verdict: &Verdict,
 ) -> Results {
-    let reserves: Vec<&Op> = history.iter().filter(|o| o.call == Call::Reserve).collect();
+    let reserves: Vec<&Op> = history
+        .iter()
+        .filter(|o| o.call == Call::Reserve && o.end_ms != u64::MAX)
+        .collect();
     let inside = |o: &Op, w: &Window| o.start_ms >= w.start_ms && o.start_ms < w.end_ms;
     let ws = windows
         .iter()
         .map(|w| {
             let ops: Vec<&Op> = reserves.iter().copied().filter(|o| inside(o, w)).collect();
-            stats(&w.nemesis, &w.detail, w.start_ms, w.end_ms, &ops)
+            WindowStats {
+                observed: w.observed.clone(),
+                ..stats(&w.nemesis, &w.detail, w.start_ms, w.end_ms, &ops)
+            }
         })
         .collect();
     let quiet_ops: Vec<&Op> = reserves
@@ -102,7 +117,11 @@ pub fn build(
         reserves.iter().map(|o| o.end_ms).max().unwrap_or(0),
     );
     Results {
+        status: verdict.status.to_string(),
         valid: verdict.valid,
+        unknown: verdict.unknown.clone(),
+        possible: verdict.possible.clone(),
+        unreachable: verdict.unreachable.clone(),
         run: run.into(),
         nemeses: nemeses.to_vec(),
         seed,
@@ -131,18 +150,23 @@ pub fn summary(r: &Results) -> String {
     );
     let _ = writeln!(
         out,
-        "\n| window | fault | reserves | available | p50 ms | p99 ms |"
+        "\n| window | fault | reserves | available | p50 ms | p99 ms | effect |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---|");
     let row = |w: &WindowStats| {
         format!(
-            "| {} | {} | {} | {:.1}% | {} | {} |",
+            "| {} | {} | {} | {:.1}% | {} | {} | {} |",
             w.nemesis,
             w.detail,
             w.reserves,
             w.availability * 100.0,
             w.p50_ms,
-            w.p99_ms
+            w.p99_ms,
+            if w.nemesis == "none" {
+                "-"
+            } else {
+                w.observed.as_deref().unwrap_or("NOT OBSERVED")
+            }
         )
     };
     let _ = writeln!(out, "{}", row(&r.quiet));
@@ -153,8 +177,23 @@ pub fn summary(r: &Results) -> String {
     for (k, v) in &r.outcomes {
         let _ = writeln!(out, "  {k:<24} {v}");
     }
+    if !r.possible.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{} possible double grant(s) (the margin was eaten; no two holders at once):",
+            r.possible.len()
+        );
+        for v in r.possible.iter().take(3) {
+            let _ = writeln!(out, "  e.g. key {:?} ops {:?}: {}", v.key, v.ops, v.detail);
+        }
+    }
     if r.valid {
         let _ = writeln!(out, "\nVALID: no violation in {} operations", r.ops);
+    } else if r.status == "unknown" {
+        let _ = writeln!(out, "\nUNKNOWN: no violation in {} operations, but:", r.ops);
+        for u in &r.unknown {
+            let _ = writeln!(out, "  {u}");
+        }
     } else {
         let _ = writeln!(out, "\nINVALID:");
         for (k, v) in &r.violations_by_kind {
@@ -173,7 +212,10 @@ pub fn summary(r: &Results) -> String {
 
 /// The timeline plot.
 pub fn svg(history: &[Op], windows: &[Window]) -> String {
-    let reserves: Vec<&Op> = history.iter().filter(|o| o.call == Call::Reserve).collect();
+    let reserves: Vec<&Op> = history
+        .iter()
+        .filter(|o| o.call == Call::Reserve && o.end_ms != u64::MAX)
+        .collect();
     let t0 = reserves.iter().map(|o| o.start_ms).min().unwrap_or(0);
     let t1 = reserves
         .iter()

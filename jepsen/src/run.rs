@@ -52,9 +52,14 @@ pub struct RunArgs {
     pub quiet_s: u64,
     #[arg(long, default_value_t = 6)]
     pub fault_s: u64,
-    /// Exit 0 only if the checker finds a violation (to prove a broken build is caught).
+    /// Exit 0 only if the checker finds a violation of this kind (`double_grant`,
+    /// `lost_completion`, ...; without a value: any violation), to prove that a broken
+    /// build is caught for its reason.
+    #[arg(long, num_args = 0..=1, default_missing_value = "any", value_name = "REASON")]
+    pub expect_invalid: Option<String>,
+    /// Ask nothing of the run's activity (a run for exploration, not for a verdict).
     #[arg(long)]
-    pub expect_invalid: bool,
+    pub no_activity_check: bool,
     /// Internal: the namespace this process already runs in.
     #[arg(long, hide = true)]
     pub inside: Option<String>,
@@ -69,6 +74,16 @@ fn default_bin() -> PathBuf {
 /// delete the namespace (and every process in it) whatever happens.
 pub fn outer(a: &RunArgs) -> anyhow::Result<bool> {
     nemesis::check_names(&names(a))?;
+    let enabled = names(a).into_iter().filter(|n| n != "none").count() as u64;
+    let windows = a.time_limit / (a.quiet_s + a.fault_s).max(1);
+    if windows < enabled {
+        anyhow::bail!(
+            "--time-limit {} fits {windows} fault windows of {} s (--quiet-s + --fault-s), \
+             fewer than the {enabled} nemeses named: each must fire",
+            a.time_limit,
+            a.quiet_s + a.fault_s
+        );
+    }
     if a.regions < 1 || a.regions > 5 || a.nodes_per_region < 1 || a.nodes_per_region > 9 {
         anyhow::bail!("--regions must be 1 to 5 and --nodes-per-region 1 to 9");
     }
@@ -110,8 +125,11 @@ pub fn outer(a: &RunArgs) -> anyhow::Result<bool> {
     opt("quiet-s", a.quiet_s.to_string());
     opt("fault-s", a.fault_s.to_string());
     opt("inside", ns.clone());
-    if a.expect_invalid {
-        args.push("--expect-invalid".into());
+    if let Some(reason) = &a.expect_invalid {
+        args.push(format!("--expect-invalid={reason}"));
+    }
+    if a.no_activity_check {
+        args.push("--no-activity-check".into());
     }
     let status = std::process::Command::new("ip")
         .args(["netns", "exec", &ns])
@@ -183,11 +201,11 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
         clients: a.clients,
         keys: a.keys,
         window_every: Duration::from_secs(1),
-        endpoints,
+        endpoints: endpoints.clone(),
         seed: a.seed,
         flip: 0.1,
     };
-    let epoch = idem_client::now_ms();
+    let epoch = crate::history::now_ms();
     let client_stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for id in 0..wl.clients {
@@ -200,38 +218,62 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
         )));
     }
 
-    // The nemesis schedule.
+    // The nemesis schedule: every named nemesis in turn, each fault observed.
     let enabled: Vec<String> = names(&a).into_iter().filter(|n| n != "none").collect();
     let mut rng = StdRng::seed_from_u64(a.seed);
+    let slots = (a.time_limit / (a.quiet_s + a.fault_s).max(1)) as usize;
+    let plan = nemesis::schedule(&enabled, slots, &mut rng);
     let mut windows: Vec<Window> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(a.time_limit);
-    while Instant::now() + Duration::from_secs(a.quiet_s) < deadline {
+    for name in plan {
         tokio::time::sleep(Duration::from_secs(a.quiet_s)).await;
-        if enabled.is_empty() || Instant::now() >= deadline {
-            continue;
+        if Instant::now() >= deadline {
+            break;
         }
-        let name = nemesis::pick(&enabled, &mut rng).to_string();
-        let start_ms = idem_client::now_ms();
+        let start_ms = crate::history::now_ms();
         let (active, detail) = nemesis::inject(&name, &mut cluster, &mut rng)
             .with_context(|| format!("inject {name}"))?;
+        let fault_end = Instant::now()
+            + Duration::from_secs(a.fault_s)
+                .min(deadline.saturating_duration_since(Instant::now()));
+        let mut observed = None;
+        while Instant::now() < fault_end {
+            tokio::time::sleep(
+                Duration::from_millis(300).min(fault_end.saturating_duration_since(Instant::now())),
+            )
+            .await;
+            if observed.is_none() {
+                observed = nemesis::observe(&active, &mut cluster);
+            }
+        }
+        if observed.is_none() {
+            observed = nemesis::observe(&active, &mut cluster);
+        }
         println!(
-            "  {:>5.1}s  {name}: {detail}",
-            (start_ms - epoch) as f64 / 1000.0
+            "  {:>5.1}s  {name}: {detail} ({})",
+            (start_ms - epoch) as f64 / 1000.0,
+            observed.as_deref().unwrap_or("NO EFFECT OBSERVED")
         );
-        let left = deadline.saturating_duration_since(Instant::now());
-        tokio::time::sleep(Duration::from_secs(a.fault_s).min(left)).await;
         nemesis::heal(active, &mut cluster)?;
         windows.push(Window {
             nemesis: name,
             detail,
             start_ms,
-            end_ms: idem_client::now_ms(),
+            end_ms: crate::history::now_ms(),
+            observed,
         });
     }
     tokio::time::sleep(deadline.saturating_duration_since(Instant::now())).await;
     client_stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        let _ = tokio::time::timeout(Duration::from_secs(15), c).await;
+    // A call still running after 15 s stays indeterminate in the history.
+    for mut c in clients {
+        if tokio::time::timeout(Duration::from_secs(15), &mut c)
+            .await
+            .is_err()
+        {
+            c.abort();
+            eprintln!("a client was still running 15 s after the end; its call is indeterminate");
+        }
     }
 
     // Heal everything, let every lease end, and wait for the regions to converge.
@@ -257,7 +299,8 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
         eprintln!("regions did not converge within 90 s after healing");
     }
     for i in 0..n {
-        let now = idem_client::now_ms();
+        let now = crate::history::now_ms();
+        let digest = cluster.digest(i);
         rec.push(Op {
             id: 0,
             client: 0,
@@ -267,26 +310,49 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
             fingerprint: String::new(),
             start_ms: now,
             end_ms: now,
-            outcome: Outcome::Ok,
+            outcome: if digest.is_some() {
+                Outcome::Ok
+            } else {
+                Outcome::Timeout
+            },
             fence: String::new(),
             lease_expires_ms: 0,
-            value: cluster
-                .digest(i)
-                .map(|d| d.1)
-                .unwrap_or_else(|| "unreachable".into()),
+            trusted_until_ms: 0,
+            took_over: false,
+            phase: if digest.is_some() {
+                String::new()
+            } else {
+                "unreachable".into()
+            },
+            value: digest.map(|d| d.1).unwrap_or_default(),
         });
     }
+    final_read(&rec, &endpoints).await;
     stop.store(true, Ordering::SeqCst);
     cluster.stop_all();
 
-    let history = rec.ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut text = String::new();
-    for op in &history {
-        text.push_str(&serde_json::to_string(op)?);
-        text.push('\n');
+    let history = rec.ops();
+    std::fs::write(
+        dir.join("history.jsonl"),
+        crate::history::render(&rec.events.lock().unwrap_or_else(|p| p.into_inner())),
+    )?;
+    let expect = if a.no_activity_check {
+        crate::checker::Expect::default()
+    } else {
+        crate::checker::Expect::run()
+    };
+    let mut verdict = crate::checker::check_with(&history, SKEW_MARGIN_MS, &expect);
+    for name in &enabled {
+        if !windows
+            .iter()
+            .any(|w| &w.nemesis == name && w.observed.is_some())
+        {
+            verdict.add_unknown(format!("nemesis {name} never took effect"));
+        }
     }
-    std::fs::write(dir.join("history.jsonl"), text)?;
-    let verdict = crate::checker::check(&history, SKEW_MARGIN_MS);
+    if !converged {
+        verdict.add_unknown("the regions did not converge within 90 s after healing".into());
+    }
     let results = crate::report::build(
         &run,
         &names(&a),
@@ -306,11 +372,91 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
     )?;
     print!("{}", crate::report::summary(&results));
     println!("\nstored in {}", dir.display());
-    Ok(if a.expect_invalid {
-        !results.valid
-    } else {
-        results.valid
+    Ok(match &a.expect_invalid {
+        Some(reason) if reason == "any" => verdict.status == "invalid",
+        Some(reason) => {
+            let caught = verdict.violations.iter().any(|v| v.kind == reason);
+            if !caught {
+                println!("expected a violation of kind {reason}; none was found");
+            }
+            caught
+        }
+        None => verdict.valid,
     })
+}
+
+/// After healing: every key the clients touched, read through each region's group
+/// (from the first node of the region that answers).
+async fn final_read(rec: &Recorder, endpoints: &[Vec<String>]) {
+    use idem_client::{Client, ClientConfig, RetryPolicy};
+    use idem_proto::v1::Phase;
+    let keys: std::collections::BTreeSet<String> = rec
+        .ops()
+        .into_iter()
+        .filter(|o| o.call == Call::Reserve)
+        .map(|o| o.key)
+        .collect();
+    for (region, eps) in endpoints.iter().enumerate() {
+        let mut clients = Vec::new();
+        for ep in eps {
+            let mut cc = ClientConfig::new(ep.clone());
+            cc.timeout = Duration::from_secs(3);
+            cc.retry = RetryPolicy {
+                max_attempts: 3,
+                ..RetryPolicy::default()
+            };
+            if let Ok(c) = Client::connect(cc).await {
+                clients.push(c);
+            }
+        }
+        for key in &keys {
+            let mut op = Op {
+                id: 0,
+                client: 0,
+                region: region as u32,
+                call: Call::Read,
+                key: key.clone(),
+                fingerprint: String::new(),
+                start_ms: crate::history::now_ms(),
+                end_ms: 0,
+                outcome: Outcome::Timeout,
+                fence: String::new(),
+                lease_expires_ms: 0,
+                trusted_until_ms: 0,
+                took_over: false,
+                value: String::new(),
+                phase: "unreachable".into(),
+            };
+            for c in &clients {
+                match c.get("jepsen", key.as_bytes()).await {
+                    Ok(r) => {
+                        let phase = match r.phase() {
+                            Phase::Reserved => "reserved",
+                            Phase::Released => "released",
+                            Phase::Completed if r.r#final => "completed-final",
+                            Phase::Completed => "completed",
+                            Phase::Unspecified => "unspecified",
+                        };
+                        op.outcome = Outcome::Ok;
+                        op.phase = phase.into();
+                        op.fence = idem_proto::convert::fence(r.fence.as_ref())
+                            .map(|f| f.to_string())
+                            .unwrap_or_default();
+                        op.value = r.response.map(|x| hex::encode(x.body)).unwrap_or_default();
+                        break;
+                    }
+                    Err(idem_client::Error::NotFound(_)) => {
+                        op.outcome = Outcome::Ok;
+                        op.phase = "absent".into();
+                        break;
+                    }
+                    Err(_) => continue,
+                }
+            }
+            op.end_ms = crate::history::now_ms();
+            rec.push(op);
+        }
+    }
 }
 
 /// UTC time as YYYYMMDDTHHMMSS, without a date crate.

@@ -5,7 +5,7 @@
 //! answer, so retries really land elsewhere. Every call and its result (or timeout) is
 //! one history entry.
 
-use crate::history::{Call, Op, Outcome};
+use crate::history::{Call, Event, Op, Outcome};
 use idem_client::StoredResponse;
 use idem_client::{
     Client, ClientConfig, Error, Fingerprint, Reservation, ReserveRequest, RetryPolicy,
@@ -31,27 +31,75 @@ pub struct WorkloadConfig {
     pub flip: f64,
 }
 
+/// The history as it happens: an invocation event when a call is sent, a completion
+/// event when it returns.
 pub struct Recorder {
-    pub ops: Mutex<Vec<Op>>,
+    pub events: Mutex<Vec<Event>>,
     next: AtomicU64,
 }
 
 impl Recorder {
     pub fn new() -> Arc<Recorder> {
         Arc::new(Recorder {
-            ops: Mutex::new(Vec::new()),
+            events: Mutex::new(Vec::new()),
             next: AtomicU64::new(1),
         })
     }
 
-    pub fn push(&self, mut op: Op) {
+    fn log(&self, e: Event) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(e);
+    }
+
+    /// Record the invocation of `op` (its outcome is ignored); returns its id.
+    pub fn invoke(&self, op: &mut Op) -> u64 {
         op.id = self.next.fetch_add(1, Ordering::SeqCst);
-        self.ops.lock().unwrap_or_else(|p| p.into_inner()).push(op);
+        op.outcome = Outcome::Indeterminate;
+        self.log(Event::Invoke(op.clone()));
+        op.id
+    }
+
+    /// Record the completion of an invoked op.
+    pub fn complete(&self, op: Op) {
+        self.log(Event::Complete(op));
+    }
+
+    /// An op invoked and completed at once (digests, final reads).
+    pub fn push(&self, mut op: Op) {
+        let outcome = op.outcome.clone();
+        self.invoke(&mut op);
+        op.outcome = outcome;
+        self.complete(op);
+    }
+
+    pub fn ops(&self) -> Vec<Op> {
+        let text = crate::history::render(&self.events.lock().unwrap_or_else(|p| p.into_inner()));
+        crate::history::parse(&text).unwrap_or_default()
     }
 }
 
 fn now_ms() -> u64 {
-    idem_client::now_ms()
+    crate::history::now_ms()
+}
+
+/// How a failed call is recorded: whether it may have taken effect.
+pub fn classify(e: &Error) -> Outcome {
+    match e {
+        Error::LeaseLost(_) => Outcome::LeaseLost,
+        Error::Unavailable { .. } | Error::Connect(_) => Outcome::Unavailable,
+        Error::Server(st) => match st.code() {
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => Outcome::Timeout,
+            _ => Outcome::Unavailable,
+        },
+        // A retried Complete whose first attempt was stored answers ALREADY_COMPLETED.
+        Error::AlreadyCompleted => Outcome::Timeout,
+        Error::InvalidArgument { .. }
+        | Error::KeyTooOld(_)
+        | Error::NotFound(_)
+        | Error::Unauthenticated(_) => Outcome::Error,
+    }
 }
 
 fn fp_of(key: &str, variant: u8) -> Fingerprint {
@@ -121,9 +169,6 @@ pub async fn client(
         let c = &clients[region].1;
         let mut req = ReserveRequest::new("jepsen", key.clone().into_bytes(), fp);
         req.lease_ms = LEASE_MS;
-        let start = now_ms();
-        let res = c.reserve(&req).await;
-        let end = now_ms();
         let mut op = Op {
             id: 0,
             client: id as u32,
@@ -131,18 +176,29 @@ pub async fn client(
             call: Call::Reserve,
             key: key.clone(),
             fingerprint: hex::encode(fp.0),
-            start_ms: start,
-            end_ms: end,
-            outcome: Outcome::Error,
+            start_ms: now_ms(),
+            end_ms: 0,
+            outcome: Outcome::Indeterminate,
             fence: String::new(),
             lease_expires_ms: 0,
+            trusted_until_ms: 0,
+            took_over: false,
             value: String::new(),
+            phase: String::new(),
         };
+        rec.invoke(&mut op);
+        let res = c.reserve(&req).await;
+        op.end_ms = now_ms();
         let lease = match &res {
             Ok(Reservation::New(l)) => {
                 op.outcome = Outcome::New;
                 op.fence = l.fence.to_string();
                 op.lease_expires_ms = l.expires_at_ms;
+                op.trusted_until_ms = op.end_ms
+                    + l.trusted_for()
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or_default();
+                op.took_over = l.took_over.is_some();
                 Some(l.clone())
             }
             Ok(Reservation::InFlight { .. }) => {
@@ -160,21 +216,14 @@ pub async fn client(
             }
             Err(e) => {
                 // A Reserve that failed may still have been granted by a majority after
-                // the client gave up: a possible grant, which the checker treats as one.
-                op.outcome = if matches!(
-                    e,
-                    Error::Unavailable { .. } | Error::Connect(_) | Error::Server(_)
-                ) {
-                    Outcome::Timeout
-                } else {
-                    Outcome::Error
-                };
+                // the client gave up: a possible grant (unknown fence, never acted on).
+                op.outcome = classify(e);
                 // Its region did not answer: the next call goes elsewhere.
                 region = (region + 1 + rng.random_range(0..regions.max(2) - 1)) % regions;
                 None
             }
         };
-        rec.push(op);
+        rec.complete(op);
         let Some(lease) = lease else {
             tokio::time::sleep(Duration::from_millis(rng.random_range(5..50))).await;
             continue;
@@ -195,7 +244,10 @@ pub async fn client(
             outcome: Outcome::Error,
             fence,
             lease_expires_ms: lease.expires_at_ms,
+            trusted_until_ms: 0,
+            took_over: false,
             value: String::new(),
+            phase: String::new(),
         };
         if choice < 0.6 {
             let body = format!("c{id}-{}-{}", key, now_ms()).into_bytes();
@@ -204,36 +256,33 @@ pub async fn client(
                 headers: vec![],
                 body: body.clone(),
             };
-            let start = now_ms();
-            let r = c.complete(&lease, &resp).await;
             let mut op = base;
-            op.start_ms = start;
-            op.end_ms = now_ms();
+            op.start_ms = now_ms();
             op.value = hex::encode(&body);
+            rec.invoke(&mut op);
+            let r = c.complete(&lease, &resp).await;
+            op.end_ms = now_ms();
             op.outcome = match r {
                 Ok(()) => Outcome::Ok,
-                Err(Error::LeaseLost(_)) => Outcome::LeaseLost,
-                // Not acknowledged, but it may have been stored by some regions.
-                Err(_) => Outcome::Timeout,
+                Err(e) => classify(&e),
             };
             if op.outcome == Outcome::Ok && variant == 0 && redeliver.len() < 64 {
                 let at = now_ms() + rng.random_range(2_500..6_000);
                 redeliver.push_back((at, key.clone(), region));
             }
-            rec.push(op);
+            rec.complete(op);
         } else if choice < 0.8 {
-            let start = now_ms();
-            let r = c.release(&lease).await;
             let mut op = base;
             op.call = Call::Release;
-            op.start_ms = start;
+            op.start_ms = now_ms();
+            rec.invoke(&mut op);
+            let r = c.release(&lease).await;
             op.end_ms = now_ms();
             op.outcome = match r {
                 Ok(()) => Outcome::Ok,
-                Err(Error::LeaseLost(_)) => Outcome::LeaseLost,
-                Err(_) => Outcome::Timeout,
+                Err(e) => classify(&e),
             };
-            rec.push(op);
+            rec.complete(op);
         }
         // Else: the client "crashed" holding the lease; it expires.
     }

@@ -151,6 +151,9 @@ pub struct Geo {
     inner: Arc<Inner>,
 }
 
+/// How often every region link's clock offset is measured when no call measured it.
+const CLOCK_PROBE_EVERY: Duration = Duration::from_secs(1);
+
 /// Most merges waiting to be offered again on one node; beyond, anti-entropy repairs.
 const MAX_DEFERRED: usize = 10_000;
 
@@ -165,7 +168,7 @@ impl Geo {
         let mut regions = cfg.regions.clone();
         regions.sort_by_key(|r| r.id);
         let index = regions.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
-        let links = regions
+        let links: BTreeMap<u16, Arc<RegionLink>> = regions
             .iter()
             .filter(|r| r.id != cfg.my_region)
             .map(|r| {
@@ -181,11 +184,29 @@ impl Geo {
                         cfg.emulated_rtt,
                         cfg.round_timeout,
                         cfg.max_response_bytes,
+                        stamper.clone(),
                     ),
                 )
             })
             .collect();
         let cfg = GeoConfig { regions, ..cfg };
+        stamper.expect_peers(cfg.regions.len() > 1);
+        let probes: Vec<std::sync::Weak<RegionLink>> = links.values().map(Arc::downgrade).collect();
+        let probe_timeout = cfg.round_timeout;
+        tokio::spawn(async move {
+            // Every link's clock, measured once a second even without traffic.
+            let mut tick = tokio::time::interval(CLOCK_PROBE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let live: Vec<Arc<RegionLink>> =
+                    probes.iter().filter_map(|w| w.upgrade()).collect();
+                if live.is_empty() {
+                    return;
+                }
+                futures::future::join_all(live.iter().map(|l| l.probe_clock(probe_timeout))).await;
+            }
+        });
         Geo {
             inner: Arc::new(Inner {
                 cfg,
@@ -216,6 +237,15 @@ impl Geo {
 
     pub(crate) fn link(&self, region: u16) -> Option<&RegionLink> {
         self.inner.links.get(&region).map(|l| l.as_ref())
+    }
+
+    /// A node whose clock its peers do not confirm neither proposes nor acknowledges:
+    /// its lease ends would be measured on that clock.
+    fn clock_gate(&self) -> Result<(), GeoError> {
+        match self.inner.stamper.clock_fault() {
+            Some(why) => Err(GeoError::Unavailable(why)),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn stamper(&self) -> &Arc<Stamper> {
@@ -277,16 +307,16 @@ impl Geo {
             .get(&region)
             .ok_or_else(|| format!("unknown region {region}"))?;
         let (hlc_now, _) = self.inner.stamper.mint();
-        let (remote_hlc, result) = link
+        let answer = link
             .apply(idem_core::Hlc::compose(hlc_now, 0), Call { shard, key, op })
             .await
             .map_err(|e: LinkError| e.to_string())?;
         // An answer stamped by a clock beyond the bound is not counted.
-        self.inner
-            .stamper
-            .observe(remote_hlc)
-            .map_err(|e| format!("region {region}'s clock: {e}"))?;
-        result.map_err(|e| e.to_string())
+        if let Err(e) = self.inner.stamper.observe(answer.hlc) {
+            self.inner.stamper.note_refused(answer.node);
+            return Err(format!("region {region}'s clock: {e}"));
+        }
+        answer.result.map_err(|e| e.to_string())
     }
 
     /// Send `op` to every region at once; the replies arrive as a stream of
@@ -411,6 +441,8 @@ impl Geo {
                 return Ok((answer, false));
             }
         }
+        // Proposing measures the lease on this node's clock: not while it is in doubt.
+        self.clock_gate()?;
         // The generation to propose: the local record's, or the next one when it is
         // not held by a live lease (a stale guess costs one StaleGen round).
         let mut generation = match &rec {
@@ -590,6 +622,7 @@ impl Geo {
         fence: Fence,
         response: idem_core::StoredResponse,
     ) -> Result<Result<(), CompleteError>, GeoError> {
+        self.clock_gate()?;
         let op = Op::Complete {
             fence,
             response,
@@ -651,6 +684,7 @@ impl Geo {
         key: Key,
         fence: Fence,
     ) -> Result<Result<(), ReleaseError>, GeoError> {
+        self.clock_gate()?;
         let (ok, others, answered) = self
             .majority_call(&key, Op::Release { fence }, self.majority(), |r| {
                 matches!(r, CommandResult::Release(Ok(()))).then_some(())
@@ -677,6 +711,7 @@ impl Geo {
         fence: Fence,
         lease_ms: u64,
     ) -> Result<Result<u64, ExtendError>, GeoError> {
+        self.clock_gate()?;
         let until = self.inner.stamper.now_ms().saturating_add(lease_ms);
         let op = Op::Extend {
             fence,

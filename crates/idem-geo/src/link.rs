@@ -9,7 +9,7 @@ use idem_core::CommandResult;
 use idem_proto::internal::geo_client::GeoClient;
 use idem_proto::internal::GeoMessage;
 use idem_raft::codec::{decode, encode};
-use idem_raft::{Channels, GroupError};
+use idem_raft::{Channels, GroupError, Stamper};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -21,8 +21,16 @@ const MAX_BATCH: usize = 256;
 /// Batches in flight to one region at once.
 const BATCHES_IN_FLIGHT: usize = 16;
 
-/// The answer to one batched call: the remote clock, and the group's result.
-pub type ApplyReply = Result<(u64, Result<CommandResult, GroupError>), LinkError>;
+/// The answer to one batched call.
+pub type ApplyReply = Result<Answer, LinkError>;
+
+#[derive(Debug)]
+pub struct Answer {
+    /// The answering node's hybrid logical clock, and the node (0: unknown).
+    pub hlc: u64,
+    pub node: u64,
+    pub result: Result<CommandResult, GroupError>,
+}
 
 struct PendingCall {
     hlc: u64,
@@ -62,6 +70,8 @@ pub struct RegionLink {
     my_region: u16,
     /// Calls waiting for the batcher (bounded: a full queue refuses new calls).
     queue: mpsc::Sender<PendingCall>,
+    /// This node's clocks: every exchange measures the peer's offset.
+    stamper: Arc<Stamper>,
 }
 
 impl RegionLink {
@@ -77,6 +87,7 @@ impl RegionLink {
         emulated_rtt: Duration,
         timeout: Duration,
         max_response_bytes: usize,
+        stamper: Arc<Stamper>,
     ) -> Arc<RegionLink> {
         let (queue, rx) = mpsc::channel(max_in_flight.max(1));
         let link = Arc::new(RegionLink {
@@ -89,6 +100,7 @@ impl RegionLink {
             emulated_rtt,
             my_region,
             queue,
+            stamper,
         });
         tokio::spawn(batcher(
             Arc::downgrade(&link),
@@ -115,6 +127,46 @@ impl RegionLink {
             region: self.region,
             detail: "the batch was dropped".into(),
         })?
+    }
+
+    /// Send an `Apply` and measure the answering node's clock offset from ours.
+    async fn apply_measured(
+        &self,
+        req: &ApplyRequest,
+        timeout: Duration,
+    ) -> Result<ApplyResponse, LinkError> {
+        let sent = self.stamper.now_ms();
+        let bytes = self.call(Kind::Apply, encode(req), timeout).await?;
+        let received = self.stamper.now_ms();
+        let resp = decode::<ApplyResponse>(&bytes).map_err(|e| LinkError::Refused {
+            region: self.region,
+            detail: e.to_string(),
+        })?;
+        if resp.node != 0 && resp.clock_ms != 0 {
+            self.stamper
+                .record_peer_clock(resp.node, resp.clock_ms, sent, received);
+        }
+        Ok(resp)
+    }
+
+    /// An `Apply` with no calls: only the clocks are exchanged (the geo layer probes
+    /// every link this way, so offsets are known without traffic).
+    pub async fn probe_clock(&self, timeout: Duration) -> Result<(), LinkError> {
+        let (hlc, _) = self.stamper.mint();
+        let req = ApplyRequest {
+            hlc: idem_core::Hlc::compose(hlc, 0),
+            calls: Vec::new(),
+            from_node: self.stamper.identity().node_id,
+        };
+        let resp = self.apply_measured(&req, timeout).await?;
+        if let Err(e) = self.stamper.observe(resp.hlc) {
+            self.stamper.note_refused(resp.node);
+            return Err(LinkError::Refused {
+                region: self.region,
+                detail: format!("clock: {e}"),
+            });
+        }
+        Ok(())
     }
 
     /// Send one message and wait for the answer, trying the region's nodes in turn.
@@ -248,18 +300,19 @@ async fn batcher(
             let (calls, replies): (Vec<Call>, Vec<oneshot::Sender<ApplyReply>>) =
                 batch.into_iter().map(|p| (p.call, p.reply)).unzip();
             let n = calls.len();
-            let req = ApplyRequest { hlc, calls };
-            let res = link.call(Kind::Apply, encode(&req), timeout).await;
-            let decoded = res.and_then(|bytes| {
-                decode::<ApplyResponse>(&bytes).map_err(|e| LinkError::Refused {
-                    region: link.region,
-                    detail: e.to_string(),
-                })
-            });
-            match decoded {
+            let req = ApplyRequest {
+                hlc,
+                calls,
+                from_node: link.stamper.identity().node_id,
+            };
+            match link.apply_measured(&req, timeout).await {
                 Ok(resp) if resp.results.len() == n => {
                     for (r, tx) in resp.results.into_iter().zip(replies) {
-                        let _ = tx.send(Ok((resp.hlc, r)));
+                        let _ = tx.send(Ok(Answer {
+                            hlc: resp.hlc,
+                            node: resp.node,
+                            result: r,
+                        }));
                     }
                 }
                 Ok(resp) => {

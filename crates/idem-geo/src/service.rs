@@ -142,6 +142,7 @@ impl GeoRpc for GeoService {
         // A peer whose clock is further ahead than the bound is not served: its
         // proposals' lease ends are measured on that clock.
         if let Err(e) = stamper.observe(r.hlc) {
+            stamper.note_refused(r.from_node);
             tracing::warn!(from_region = req.get_ref().from_region, error = %e, "peer clock refused; its calls are not run");
             return Err(Status::failed_precondition(format!(
                 "clock: {e}; none of the {} calls was run",
@@ -165,6 +166,8 @@ impl GeoRpc for GeoService {
         let resp = ApplyResponse {
             hlc: idem_core::Hlc::compose(now, 0),
             results,
+            node: stamper.identity().node_id,
+            clock_ms: stamper.now_ms(),
         };
         Ok(reply(self.geo.my_region(), encode(&resp)))
     }

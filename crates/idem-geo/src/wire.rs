@@ -19,12 +19,21 @@ pub struct ApplyRequest {
     /// The sender's hybrid logical clock, to advance the receiver's.
     pub hlc: u64,
     pub calls: Vec<Call>,
+    /// The sending node (0: a node of an earlier release).
+    #[serde(default)]
+    pub from_node: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ApplyResponse {
     pub hlc: u64,
     pub results: Vec<Result<CommandResult, GroupError>>,
+    /// The answering node, and its stamp clock when it answered (0: a node of an
+    /// earlier release): the sender measures its clock offset from them.
+    #[serde(default)]
+    pub node: u64,
+    #[serde(default)]
+    pub clock_ms: u64,
 }
 
 /// Record changes for the group of `shard`: encoded `Shipped` entries (versioned).
@@ -144,6 +153,7 @@ mod tests {
                     key: key.clone(),
                     op: Op::Complete { fence: Fence::default(), response: resp.clone(), quorum: 2 },
                 }],
+                from_node: 1,
             };
             let answer = ApplyResponse {
                 hlc: 1,
@@ -152,6 +162,8 @@ mod tests {
                     attempt: 1,
                     since_previous_ms: None,
                 })],
+                node: 4,
+                clock_ms: 1,
             };
             let merge = MergeRequest { shard: 0, entries: vec![shipped.clone()] };
             let fetch = FetchResponse { records: vec![shipped.clone()], next: Some(key.key.clone()) };

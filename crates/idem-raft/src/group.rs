@@ -59,10 +59,10 @@ pub struct NodeIdentity {
 
 /// The time a leader stamps on each command, by which every acceptor judges leases.
 ///
-/// It follows the wall clock, except that it never moves faster than the monotonic
-/// clock by more than `max_step_ms` between two readings: a forward jump of the wall
-/// clock larger than that is not followed (the stamp keeps advancing at the monotonic
-/// rate from the last accepted reading), and it never goes backwards. Peers' timestamps
+/// It follows the wall clock, except that it never moves away from the monotonic
+/// clock by more than `max_step_ms` between two readings: a jump of the wall clock
+/// larger than that, forward or back, is not followed (the stamp keeps advancing at the
+/// monotonic rate from the last accepted reading), and it never goes backwards. Peers' timestamps
 /// never move it: a node with a fast clock cannot make others end leases early.
 struct StampClock {
     anchor_wall_ms: u64,
@@ -75,7 +75,11 @@ impl StampClock {
     fn read(&mut self, wall_ms: u64, mono: Instant) -> u64 {
         let elapsed = mono.saturating_duration_since(self.anchor_mono).as_millis() as u64;
         let projected = self.anchor_wall_ms.saturating_add(elapsed);
-        let t = if wall_ms <= projected.saturating_add(self.max_step_ms) {
+        // A step of the wall clock beyond the bound, either way, is not followed: the
+        // stamp keeps the monotonic rate from the last reading within the bound.
+        let t = if wall_ms <= projected.saturating_add(self.max_step_ms)
+            && wall_ms.saturating_add(self.max_step_ms) >= projected
+        {
             self.anchor_wall_ms = wall_ms;
             self.anchor_mono = mono;
             wall_ms
@@ -84,6 +88,19 @@ impl StampClock {
         };
         self.last_ms = self.last_ms.max(t);
         self.last_ms
+    }
+
+    /// Follow the wall clock from now on, whatever the jump (peers confirmed it). Never
+    /// backwards: after a backward correction the stamp waits for the wall clock.
+    fn reanchor(&mut self, wall_ms: u64, mono: Instant) {
+        self.anchor_wall_ms = wall_ms;
+        self.anchor_mono = mono;
+    }
+
+    /// How far the stamp is ahead of the wall clock it follows (after a backward
+    /// correction): while beyond the bound, the node must not stamp.
+    fn ahead_of_wall_ms(&self, wall_ms: u64) -> u64 {
+        self.last_ms.saturating_sub(wall_ms)
     }
 }
 
@@ -94,6 +111,8 @@ pub struct Stamper {
     skew_margin_ms: u64,
     hlc: Mutex<Hlc>,
     clock: Mutex<StampClock>,
+    health: Mutex<crate::clock_health::ClockHealth>,
+    bound_ms: u64,
     /// Test-only offset added to the wall clock, to emulate a skewed node.
     clock_offset_ms: std::sync::atomic::AtomicI64,
 }
@@ -113,6 +132,8 @@ impl Stamper {
                 last_ms: 0,
                 max_step_ms: max_clock_ahead_ms,
             }),
+            health: Mutex::new(crate::clock_health::ClockHealth::new(max_clock_ahead_ms)),
+            bound_ms: max_clock_ahead_ms,
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
         };
         {
@@ -156,6 +177,85 @@ impl Stamper {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .read(wall, Instant::now())
+    }
+
+    /// Whether this node has peers in other regions whose clocks it must agree with
+    /// before it stamps (set by the geo layer when there are other regions).
+    pub fn expect_peers(&self, yes: bool) {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .expect_peers(yes);
+    }
+
+    /// One exchange with peer node `peer`: its stamp clock read `peer_ms`, between our
+    /// readings `sent_ms` and `received_ms`. When a majority of peers see this clock
+    /// beyond the bound and the wall clock now agrees with them, the stamp clock
+    /// follows the wall clock again (and must be confirmed afresh).
+    pub fn record_peer_clock(&self, peer: u64, peer_ms: u64, sent_ms: u64, received_ms: u64) {
+        let now = Instant::now();
+        let mid = (sent_ms as i64 + received_ms as i64) / 2;
+        let clock = crate::clock_health::PeerClock {
+            offset_ms: peer_ms as i64 - mid,
+            rtt_ms: received_ms.saturating_sub(sent_ms),
+            at: now,
+        };
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.record(peer, clock);
+        if let Some(median) = h.majority_beyond(now) {
+            let wall = self.wall_ms() as i64;
+            let peers_now = self.now_ms() as i64 + median;
+            if (wall - peers_now).unsigned_abs() <= self.bound_ms / 2 {
+                tracing::warn!(
+                    offset_ms = median,
+                    "the wall clock agrees with the peers again; the stamp clock follows it"
+                );
+                self.clock
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .reanchor(wall.max(0) as u64, now);
+                h.reset();
+            }
+        }
+    }
+
+    /// A timestamp from peer node `peer` was refused.
+    pub fn note_refused(&self, peer: u64) {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused(peer);
+    }
+
+    /// Why this node must not grant, accept or acknowledge now (`None`: it may).
+    pub fn clock_fault(&self) -> Option<String> {
+        let wall = self.wall_ms();
+        let ahead = {
+            let mut c = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+            c.read(wall, Instant::now());
+            c.ahead_of_wall_ms(wall)
+        };
+        if ahead > self.bound_ms {
+            return Some(format!(
+                "the stamp clock is {ahead} ms ahead of the corrected wall clock; waiting for it"
+            ));
+        }
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fault(Instant::now())
+    }
+
+    /// Each measured peer node's clock offset from ours, in milliseconds.
+    pub fn peer_offsets(&self) -> Vec<(u64, i64)> {
+        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.peers().iter().map(|(p, c)| (*p, c.offset_ms)).collect()
+    }
+
+    /// Timestamps refused, per peer node.
+    pub fn clock_refusals(&self) -> Vec<(u64, u64)> {
+        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.refusals().iter().map(|(p, n)| (*p, *n)).collect()
     }
 
     /// A fresh claim id (ordered by the hybrid logical clock) and its HLC time.
@@ -429,6 +529,11 @@ impl Group {
     pub(crate) async fn handle_local(&self, req: Forwarded) -> Result<ForwardedReply, GroupError> {
         match req {
             Forwarded::Write { key, op } => {
+                // A leader whose clock its peers do not confirm stamps nothing: every
+                // acceptor decision of the group is judged by that stamp.
+                if let Some(why) = self.stamper.clock_fault() {
+                    return Err(GroupError::Unavailable(why));
+                }
                 let cmd = self.stamper.stamp(key, op);
                 let fut = self.raft.client_write(cmd);
                 match tokio::time::timeout(self.timeout, fut).await {
@@ -570,11 +675,25 @@ mod clock_tests {
     }
 
     #[test]
-    fn stamps_never_go_backwards_when_the_wall_clock_does() {
+    fn a_backward_jump_beyond_the_bound_is_not_followed_and_time_keeps_running() {
         let s = stamper();
         let a = s.now_ms();
         s.set_clock_offset_ms(-5_000);
         let b = s.now_ms();
-        assert!(b >= a);
+        assert!(b >= a, "never backwards");
+        // A stamp clock that froze until the wall caught up would make this node's
+        // proposals carry lease ends 5 s in the past: others would end them early.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let c = s.now_ms();
+        assert!(
+            c >= b + 190,
+            "the stamp clock stood still for {} of 200 ms",
+            200 - (c - b)
+        );
+        assert!(c + 20 >= real_wall_ms(), "fell behind true time");
+        // The wall clock coming back is followed again.
+        s.set_clock_offset_ms(0);
+        let d = s.now_ms();
+        assert!(d + 20 >= real_wall_ms() && d <= real_wall_ms() + 20);
     }
 }

@@ -12,6 +12,7 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 64 << 20;
 pub const MAX_BATCH_BYTES: usize = MAX_PEER_MESSAGE_BYTES / 2;
 
 pub mod batch;
+pub mod clock_health;
 pub mod codec;
 mod forward;
 mod group;

@@ -1,0 +1,189 @@
+//! This node's clock as its peers see it: the offset of each peer's stamp clock from
+//! ours, measured on every region-link exchange (the peer's reading against the
+//! midpoint of our send and receive, uncertain by half the round trip), the timestamps
+//! refused per peer, and the verdict: a node whose offset to a majority of its recently
+//! measured peers is beyond the clock bound, or that no majority has confirmed since it
+//! started, must stop granting, accepting and acknowledging (CockroachDB's rule: a node
+//! that cannot trust its clock stops serving rather than break leases).
+//!
+//! Pure: every reading comes with the `Instant` it was taken at.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// A measurement older than this no longer counts.
+pub const FRESH: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerClock {
+    /// The peer's stamp clock minus ours, in milliseconds.
+    pub offset_ms: i64,
+    /// The round trip the measurement took (its uncertainty is half of it).
+    pub rtt_ms: u64,
+    pub at: Instant,
+}
+
+#[derive(Debug)]
+pub struct ClockHealth {
+    bound_ms: u64,
+    /// Whether this node has peers to measure (a cluster of one region has none).
+    expect_peers: bool,
+    peers: BTreeMap<u64, PeerClock>,
+    refused: BTreeMap<u64, u64>,
+    /// A majority of fresh peers agreed with this clock since it was last anchored.
+    confirmed: bool,
+}
+
+impl ClockHealth {
+    pub fn new(bound_ms: u64) -> ClockHealth {
+        ClockHealth {
+            bound_ms,
+            expect_peers: false,
+            peers: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            confirmed: false,
+        }
+    }
+
+    pub fn expect_peers(&mut self, yes: bool) {
+        self.expect_peers = yes;
+    }
+
+    pub fn record(&mut self, peer: u64, clock: PeerClock) {
+        self.peers.insert(peer, clock);
+        let (within, beyond, fresh) = self.tally(clock.at);
+        if fresh > 0 && within * 2 > fresh {
+            self.confirmed = true;
+        }
+        if beyond * 2 > fresh {
+            self.confirmed = false;
+        }
+    }
+
+    pub fn refused(&mut self, peer: u64) {
+        *self.refused.entry(peer).or_default() += 1;
+    }
+
+    pub fn refusals(&self) -> &BTreeMap<u64, u64> {
+        &self.refused
+    }
+
+    pub fn peers(&self) -> &BTreeMap<u64, PeerClock> {
+        &self.peers
+    }
+
+    /// Forget the measurements (they were taken against a clock that has been
+    /// re-anchored): the clock must be confirmed again.
+    pub fn reset(&mut self) {
+        self.peers.clear();
+        self.confirmed = false;
+    }
+
+    /// (peers surely within the bound, peers surely beyond it, fresh peers).
+    fn tally(&self, now: Instant) -> (usize, usize, usize) {
+        let fresh: Vec<&PeerClock> = self
+            .peers
+            .values()
+            .filter(|p| now.saturating_duration_since(p.at) < FRESH)
+            .collect();
+        let half = |p: &PeerClock| (p.rtt_ms / 2) as i64;
+        let bound = self.bound_ms as i64;
+        let within = fresh
+            .iter()
+            .filter(|p| p.offset_ms.abs() + half(p) <= bound)
+            .count();
+        let beyond = fresh
+            .iter()
+            .filter(|p| p.offset_ms.abs() - half(p) > bound)
+            .count();
+        (within, beyond, fresh.len())
+    }
+
+    /// The median offset of the fresh peers, if a majority of them is beyond the bound.
+    pub fn majority_beyond(&self, now: Instant) -> Option<i64> {
+        let (_, beyond, fresh) = self.tally(now);
+        if fresh == 0 || beyond * 2 <= fresh {
+            return None;
+        }
+        let mut offs: Vec<i64> = self
+            .peers
+            .values()
+            .filter(|p| now.saturating_duration_since(p.at) < FRESH)
+            .map(|p| p.offset_ms)
+            .collect();
+        offs.sort_unstable();
+        Some(offs[offs.len() / 2])
+    }
+
+    /// Why this node must not serve writes now (`None`: it may).
+    pub fn fault(&self, now: Instant) -> Option<String> {
+        if !self.expect_peers {
+            return None;
+        }
+        if let Some(median) = self.majority_beyond(now) {
+            let (_, beyond, fresh) = self.tally(now);
+            return Some(format!(
+                "this node's clock is {}{} ms off {beyond} of its {fresh} peers (bound {} ms)",
+                if median > 0 { "-" } else { "+" },
+                median.abs(),
+                self.bound_ms
+            ));
+        }
+        if !self.confirmed {
+            return Some(format!(
+                "this node's clock is not yet confirmed within {} ms by a majority of its peers",
+                self.bound_ms
+            ));
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(t0: Instant, offset_ms: i64) -> PeerClock {
+        PeerClock {
+            offset_ms,
+            rtt_ms: 70,
+            at: t0,
+        }
+    }
+
+    #[test]
+    fn a_node_stops_when_a_majority_of_peers_see_its_clock_beyond_the_bound_and_resumes_when_back()
+    {
+        let t0 = Instant::now();
+        let mut h = ClockHealth::new(250);
+        h.expect_peers(true);
+        assert!(h.fault(t0).unwrap().contains("not yet confirmed"));
+        h.record(4, at(t0, 20));
+        h.record(5, at(t0, -30));
+        h.record(7, at(t0, 10));
+        assert_eq!(h.fault(t0), None);
+        // Peers now read 2 s ahead of us: our clock is 2 s slow.
+        h.record(4, at(t0, 2_000));
+        assert_eq!(h.fault(t0), None, "one of three is not a majority");
+        h.record(5, at(t0, 2_010));
+        let why = h.fault(t0).unwrap();
+        assert!(why.contains("-2000 ms off 2 of its 3 peers"), "{why}");
+        assert_eq!(h.majority_beyond(t0), Some(2_000));
+        // Within the bound plus the measurement's uncertainty: not beyond.
+        h.record(4, at(t0, 270));
+        h.record(5, at(t0, 270));
+        assert!(h.fault(t0).is_some(), "not confirmed again yet");
+        h.record(4, at(t0, 5));
+        h.record(5, at(t0, 5));
+        assert_eq!(h.fault(t0), None);
+        // Old measurements stop counting.
+        let later = t0 + FRESH + Duration::from_secs(1);
+        assert_eq!(h.majority_beyond(later), None);
+    }
+
+    #[test]
+    fn a_single_region_node_has_no_peers_to_wait_for() {
+        let h = ClockHealth::new(250);
+        assert_eq!(h.fault(Instant::now()), None);
+    }
+}
