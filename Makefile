@@ -6,7 +6,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages the build and the tests need.
 # prometheus brings promtool, which checks the alert rules and the dashboard's queries.
-APT_PACKAGES := libclang-dev clang pkg-config build-essential prometheus
+# faketime (libfaketime) runs a test node with its wall clock off.
+APT_PACKAGES := libclang-dev clang pkg-config build-essential prometheus faketime
 # The fault suite: network namespaces, firewall rules, a faked wall clock.
 JEPSEN_PACKAGES := iproute2 iptables faketime
 

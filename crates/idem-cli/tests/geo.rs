@@ -342,3 +342,108 @@ async fn one_mib_responses_replicate_to_a_lagging_follower_and_region_and_replay
         panic!("a fresh key after the large ones was not NEW");
     };
 }
+
+/// One node's wall clock runs 2 s fast from its start (libfaketime), and calls go
+/// through every node: the node must stop serving writes (not ready, with the reason,
+/// still live), no key may be granted a second time while its holder trusts its lease
+/// (a peer's fast clock once ended leases 2 s early everywhere), and the node must serve
+/// again once its clock is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_2_s_fast_is_fenced_no_lease_ends_early_and_it_resumes_when_its_clock_is_back() {
+    use common::{http_get, series_value};
+    use std::time::Instant;
+    let fast = 4; // the second node of region 1
+    let c = GeoCluster::start(GeoOptions {
+        fake_clocks: vec![(fast, 2.0)],
+        ..GeoOptions::default()
+    });
+    let node = &c.nodes[fast];
+    let t = Instant::now();
+    loop {
+        let (code, text) = http_get(&node.http, "/healthz").unwrap_or((0, String::new()));
+        if code == 503 && text.contains("clock") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the fast node is not fenced: {code} {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(http_get(&node.http, "/livez").map(|r| r.0), Some(200));
+    let m = c.metrics(fast);
+    assert_eq!(series_value(&m, "idem_clock_fault"), Some(1.0), "{m}");
+    let offsets: Vec<f64> = m
+        .lines()
+        .filter(|l| l.starts_with("idem_peer_clock_offset_seconds{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        offsets.iter().filter(|o| (**o + 2.0).abs() < 0.5).count() * 2 > offsets.len(),
+        "the fast node sees its peers about 2 s behind: {offsets:?}"
+    );
+
+    // Five keys granted through region 0 with a 4 s lease, then, 3 s into the lease,
+    // the same requests through every node of every region.
+    let holder = c.client(0).await;
+    let grants = futures::future::join_all((0..5).map(|i| {
+        let holder = holder.clone();
+        async move {
+            let mut r = req("clock", &format!("fast-{i}"));
+            r.lease_ms = 4_000;
+            match holder.reserve(&r).await {
+                Ok(Reservation::New(l)) => (r, l),
+                other => panic!("fast-{i}: {other:?}"),
+            }
+        }
+    }))
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..c.nodes.len() {
+        clients.push(c.client_once(i).await);
+    }
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // Each answer with whether its key's holder still trusted its lease when it came.
+    let answers = futures::future::join_all(clients.iter().enumerate().flat_map(|(n, cl)| {
+        grants.iter().map(move |(r, lease)| {
+            let (cl, r) = (cl.clone(), r.clone());
+            async move {
+                let a = cl.reserve(&r).await;
+                (n, lease.is_trusted(), a)
+            }
+        })
+    }))
+    .await;
+    let inside: Vec<_> = answers.iter().filter(|(_, trusted, _)| *trusted).collect();
+    assert!(
+        inside.len() >= 20,
+        "only {} of {} answers came while the leases were trusted",
+        inside.len(),
+        answers.len()
+    );
+    let second: Vec<_> = inside
+        .iter()
+        .filter(|(_, _, a)| matches!(a, Ok(Reservation::New(_))))
+        .collect();
+    assert!(
+        second.is_empty(),
+        "granted again inside the lease: {second:?}"
+    );
+
+    // The clock comes back: the node resumes by itself.
+    c.set_clock(fast, 0.0);
+    let t = Instant::now();
+    while http_get(&node.http, "/healthz").is_none_or(|(code, _)| code != 200) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the node did not resume: {:?}",
+            http_get(&node.http, "/healthz")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let again = c.client(fast).await;
+    assert!(matches!(
+        again.reserve(&req("clock", "after")).await,
+        Ok(Reservation::New(_))
+    ));
+}

@@ -208,6 +208,14 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
                 ..good.clone()
             },
         ),
+        // A first attempt in the far future would make the key look fresh forever.
+        (
+            "first_attempt_ms",
+            v1::ReserveRequest {
+                first_attempt_ms: 1 << 63,
+                ..good.clone()
+            },
+        ),
     ];
     for (field, req) in cases {
         let st = raw.reserve(req).await.unwrap_err();

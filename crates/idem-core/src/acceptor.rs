@@ -359,6 +359,19 @@ pub fn finalize(stored: Option<&Record>, fence: Fence, now_ms: u64) -> Option<Re
     None
 }
 
+/// What a `Final` notice answers: whether, once applied, the record holds the
+/// completion of `fence` as final (`Ok`), holds another grant or completion
+/// (`LeaseLost`), or nothing (`NotFound`).
+pub fn final_here(stored: Option<&Record>, fence: Fence, now_ms: u64) -> Result<(), CompleteError> {
+    match stored.filter(|r| !r.is_expired(now_ms)) {
+        None => Err(CompleteError::NotFound),
+        Some(r) if r.phase == Phase::Completed && r.fence() == fence => Ok(()),
+        Some(r) => Err(CompleteError::LeaseLost {
+            current: Some(r.fence()),
+        }),
+    }
+}
+
 /// A failed proposal takes its accept back: a `Reserved` record of that claim becomes
 /// `Released`, so a later proposal with a higher generation may take the key at once.
 pub fn withdraw(stored: Option<&Record>, claim: crate::ClaimId, now_ms: u64) -> Option<Record> {

@@ -170,7 +170,9 @@ pub enum CommandResult {
         outcome: MergeOutcome,
         conflict: Option<Conflict>,
     },
-    /// Withdraw, Final and OutboxAck: applied (they answer nothing else).
+    /// Withdraw, Touch and OutboxAck (and a membership change): applied (they answer
+    /// nothing else). `Final` answers `Complete`: `Ok` when the record holds that
+    /// completion and it is final there (now, or already), an error otherwise.
     Done,
 }
 
@@ -251,7 +253,10 @@ pub fn apply(stored: Option<&Record>, cmd: &Command) -> (CommandResult, Option<R
         // Applied by the state engine itself (many keys in one entry).
         Op::Touch { .. } => (CommandResult::Done, None),
         Op::Withdraw { claim } => (CommandResult::Done, acceptor::withdraw(stored, *claim, now)),
-        Op::Final { fence } => (CommandResult::Done, acceptor::finalize(stored, *fence, now)),
+        Op::Final { fence } => (
+            CommandResult::Complete(acceptor::final_here(stored, *fence, now)),
+            acceptor::finalize(stored, *fence, now),
+        ),
         Op::Merge {
             record,
             guarded,

@@ -151,6 +151,16 @@ pub struct Geo {
     inner: Arc<Inner>,
 }
 
+/// The pause before the `round`-th retry of a proposal that lost to contention:
+/// randomized ("full jitter") over a window that doubles every round, from 20 ms up to
+/// 320 ms, so proposers that collided spread out instead of colliding again.
+fn contention_pause(round: u32, random: u64) -> Duration {
+    let window = CONTENTION_BASE_MS << round.saturating_sub(1).min(4);
+    Duration::from_millis(random % (window + 1))
+}
+
+const CONTENTION_BASE_MS: u64 = 20;
+
 /// How often every region link's clock offset is measured when no call measured it.
 const CLOCK_PROBE_EVERY: Duration = Duration::from_secs(1);
 
@@ -204,7 +214,7 @@ impl Geo {
                 if live.is_empty() {
                     return;
                 }
-                futures::future::join_all(live.iter().map(|l| l.probe_clock(probe_timeout))).await;
+                futures::future::join_all(live.iter().map(|l| l.probe_clocks(probe_timeout))).await;
             }
         });
         Geo {
@@ -409,14 +419,15 @@ impl Geo {
     /// random pause: at most `max_retries` times.
     pub async fn reserve(&self, key: Key, req: ReserveRequest) -> Result<ReserveAnswer, GeoError> {
         let mut left = self.inner.cfg.max_retries;
+        let mut round = 0u32;
         loop {
             let (answer, contended) = self.propose(&key, &req).await?;
             if !contended || left == 0 {
                 return Ok(answer);
             }
             left -= 1;
-            let pause = 5 + rand::random::<u64>() % 45;
-            tokio::time::sleep(Duration::from_millis(pause)).await;
+            round += 1;
+            tokio::time::sleep(contention_pause(round, rand::random())).await;
         }
     }
 
@@ -649,8 +660,9 @@ impl Geo {
             let wait = self.inner.cfg.round_timeout / 3;
             let told = tokio::time::timeout(
                 wait,
+                // Counted only where the record holds this completion as final.
                 self.majority_call(&key, Op::Final { fence }, self.majority(), |r| {
-                    matches!(r, CommandResult::Done).then_some(())
+                    matches!(r, CommandResult::Complete(Ok(()))).then_some(())
                 }),
             )
             .await
@@ -828,4 +840,30 @@ impl Geo {
 /// Errors from a local group, as a region's reply.
 pub fn group_unavailable(e: &GroupError) -> bool {
     !matches!(e, GroupError::Fatal(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contention_pauses_are_random_within_a_window_that_doubles_and_is_capped() {
+        let max = |round| {
+            (0..2_000u64)
+                .map(|r| contention_pause(round, r * 7919))
+                .max()
+                .unwrap()
+        };
+        assert_eq!(max(1), Duration::from_millis(20));
+        assert_eq!(max(2), Duration::from_millis(40));
+        assert_eq!(max(5), Duration::from_millis(320));
+        assert_eq!(max(9), Duration::from_millis(320), "capped");
+        let distinct: std::collections::BTreeSet<Duration> = (0..100u64)
+            .map(|r| contention_pause(3, r * 104_729))
+            .collect();
+        assert!(
+            distinct.len() > 20,
+            "spread, not a fixed pause: {distinct:?}"
+        );
+    }
 }

@@ -149,24 +149,35 @@ impl RegionLink {
         Ok(resp)
     }
 
-    /// An `Apply` with no calls: only the clocks are exchanged (the geo layer probes
-    /// every link this way, so offsets are known without traffic).
-    pub async fn probe_clock(&self, timeout: Duration) -> Result<(), LinkError> {
-        let (hlc, _) = self.stamper.mint();
-        let req = ApplyRequest {
-            hlc: idem_core::Hlc::compose(hlc, 0),
-            calls: Vec::new(),
-            from_node: self.stamper.identity().node_id,
-        };
-        let resp = self.apply_measured(&req, timeout).await?;
-        if let Err(e) = self.stamper.observe(resp.hlc) {
-            self.stamper.note_refused(resp.node);
-            return Err(LinkError::Refused {
-                region: self.region,
-                detail: format!("clock: {e}"),
-            });
-        }
-        Ok(())
+    /// An `Apply` with no calls to every node of the region: only the clocks are
+    /// exchanged, so that each peer node's offset is known without traffic (the geo
+    /// layer probes every link this way once a second). The answers' HLCs are not
+    /// adopted (nothing they order), so a probe works whichever side's clock is off.
+    pub async fn probe_clocks(&self, timeout: Duration) {
+        let from_node = self.stamper.identity().node_id;
+        futures::future::join_all(self.addrs.iter().map(|addr| async move {
+            let (hlc, _) = self.stamper.mint();
+            let req = ApplyRequest {
+                hlc: idem_core::Hlc::compose(hlc, 0),
+                calls: Vec::new(),
+                from_node,
+            };
+            let sent = self.stamper.now_ms();
+            let Ok(bytes) = self
+                .call_node(addr, Kind::Apply, encode(&req), timeout)
+                .await
+            else {
+                return;
+            };
+            let received = self.stamper.now_ms();
+            if let Ok(resp) = decode::<ApplyResponse>(&bytes) {
+                if resp.node != 0 && resp.clock_ms != 0 {
+                    self.stamper
+                        .record_peer_clock(resp.node, resp.clock_ms, sent, received);
+                }
+            }
+        }))
+        .await;
     }
 
     /// Send one message and wait for the answer, trying the region's nodes in turn.

@@ -40,6 +40,61 @@ impl GeoService {
     }
 }
 
+/// Largest key (tenant, scope and key bytes) a peer may send: far above any configured
+/// `limits.max_key_bytes`, so only a corrupt or hostile call meets it.
+const MAX_PEER_KEY_BYTES: usize = 64 << 10;
+
+impl Geo {
+    /// What a peer may ask of this region's groups: its part of a proposal, of a
+    /// holder's call, or the withdraws and final notices that follow; for the key's own
+    /// shard; within the sizes any node of the cluster sends. Anything else (a Merge, an
+    /// OutboxAck, a Touch or a Reserve, a completion with a quorum of the sender's
+    /// choosing, an Extend without the proposer's lease end) is refused.
+    pub(crate) fn check_peer_call(&self, c: &crate::wire::Call) -> Result<(), String> {
+        let shards = self.config().shards;
+        let expected = idem_core::shard::shard_of(&c.key, shards);
+        if c.shard != expected {
+            return Err(format!(
+                "shard {} does not hold this key (its shard is {expected})",
+                c.shard
+            ));
+        }
+        if c.key.tenant.is_empty() {
+            return Err("a key without a tenant".into());
+        }
+        if c.key.approx_bytes() > MAX_PEER_KEY_BYTES {
+            return Err(format!("a key of {} bytes", c.key.approx_bytes()));
+        }
+        let majority = (self.config().regions.len() / 2 + 1) as u32;
+        match &c.op {
+            Op::Propose { .. } | Op::Release { .. } | Op::Withdraw { .. } | Op::Final { .. } => {
+                Ok(())
+            }
+            Op::Complete {
+                quorum, response, ..
+            } => {
+                if *quorum != majority {
+                    return Err(format!(
+                        "a completion with quorum {quorum}; this cluster's is {majority}"
+                    ));
+                }
+                if response.size() > self.config().max_response_bytes {
+                    return Err(format!(
+                        "a response of {} bytes, above limits.max_response_bytes ({})",
+                        response.size(),
+                        self.config().max_response_bytes
+                    ));
+                }
+                Ok(())
+            }
+            Op::Extend {
+                until_ms: Some(_), ..
+            } => Ok(()),
+            other => Err(format!("a peer may not send `{}`", other.name())),
+        }
+    }
+}
+
 fn bad(what: &str, e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{what}: {e}"))
 }
@@ -138,7 +193,27 @@ impl GeoRpc for GeoService {
                 format!("{} calls, at most {MAX_BATCH}", r.calls.len()),
             ));
         }
+        for (i, c) in r.calls.iter().enumerate() {
+            if let Err(e) = self.geo.check_peer_call(c) {
+                tracing::warn!(from_region = req.get_ref().from_region, call = i, error = %e, "refused a peer's call");
+                return Err(bad(
+                    "apply",
+                    format!("call {i}: {e}; none of the {} calls was run", r.calls.len()),
+                ));
+            }
+        }
         let stamper = self.geo.stamper();
+        // A clock probe (no calls) is always answered, so that a node whose clock is
+        // off can measure by how much, and see when it is back.
+        if r.calls.is_empty() {
+            let resp = ApplyResponse {
+                hlc: idem_core::Hlc::compose(stamper.mint().0, 0),
+                results: Vec::new(),
+                node: stamper.identity().node_id,
+                clock_ms: stamper.now_ms(),
+            };
+            return Ok(reply(self.geo.my_region(), encode(&resp)));
+        }
         // A peer whose clock is further ahead than the bound is not served: its
         // proposals' lease ends are measured on that clock.
         if let Err(e) = stamper.observe(r.hlc) {
@@ -187,6 +262,9 @@ impl GeoRpc for GeoService {
                     Err(e) => EntryResult::Invalid(e.to_string()),
                     Ok(s) if s.key.tenant.is_empty() => {
                         EntryResult::Invalid("entry without a tenant".into())
+                    }
+                    Ok(s) if idem_core::shard::shard_of(&s.key, geo.config().shards) != r.shard => {
+                        EntryResult::Invalid(format!("the key is not in shard {}", r.shard))
                     }
                     Ok(s) => geo.merge_record(r.shard, s.key, s.record).await,
                 }

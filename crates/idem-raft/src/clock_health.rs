@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 /// A measurement older than this no longer counts.
 pub const FRESH: Duration = Duration::from_secs(30);
+/// A measurement whose round trip took longer than this confirms nothing.
+pub const MAX_CONFIRMING_RTT_MS: u64 = 2_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerClock {
@@ -79,7 +81,9 @@ impl ClockHealth {
         self.confirmed = false;
     }
 
-    /// (peers surely within the bound, peers surely beyond it, fresh peers).
+    /// (peers that confirm this clock, peers surely beyond the bound, fresh peers). A
+    /// peer confirms when the offset, less the measurement's uncertainty, is within the
+    /// bound and the round trip was short enough to mean something.
     fn tally(&self, now: Instant) -> (usize, usize, usize) {
         let fresh: Vec<&PeerClock> = self
             .peers
@@ -90,7 +94,7 @@ impl ClockHealth {
         let bound = self.bound_ms as i64;
         let within = fresh
             .iter()
-            .filter(|p| p.offset_ms.abs() + half(p) <= bound)
+            .filter(|p| p.offset_ms.abs() - half(p) <= bound && p.rtt_ms <= MAX_CONFIRMING_RTT_MS)
             .count();
         let beyond = fresh
             .iter()
@@ -169,13 +173,20 @@ mod tests {
         let why = h.fault(t0).unwrap();
         assert!(why.contains("-2000 ms off 2 of its 3 peers"), "{why}");
         assert_eq!(h.majority_beyond(t0), Some(2_000));
-        // Within the bound plus the measurement's uncertainty: not beyond.
+        // Beyond the bound by less than the measurement's uncertainty: confirmed.
         h.record(4, at(t0, 270));
         h.record(5, at(t0, 270));
-        assert!(h.fault(t0).is_some(), "not confirmed again yet");
-        h.record(4, at(t0, 5));
-        h.record(5, at(t0, 5));
         assert_eq!(h.fault(t0), None);
+        // A round trip too slow to mean anything confirms nothing.
+        let mut h = ClockHealth::new(250);
+        h.expect_peers(true);
+        let slow = PeerClock {
+            rtt_ms: 5_000,
+            ..at(t0, 0)
+        };
+        h.record(4, slow);
+        h.record(5, slow);
+        assert!(h.fault(t0).is_some());
         // Old measurements stop counting.
         let later = t0 + FRESH + Duration::from_secs(1);
         assert_eq!(h.majority_beyond(later), None);

@@ -97,10 +97,14 @@ impl StampClock {
         self.anchor_mono = mono;
     }
 
-    /// How far the stamp is ahead of the wall clock it follows (after a backward
-    /// correction): while beyond the bound, the node must not stamp.
-    fn ahead_of_wall_ms(&self, wall_ms: u64) -> u64 {
-        self.last_ms.saturating_sub(wall_ms)
+    /// How far the stamp is ahead of the time it follows (after a backward correction,
+    /// it waits for that time to catch up): while beyond the bound, the node must not
+    /// stamp. A wall-clock jump that was not followed leaves the followed time where the
+    /// stamp is, so it does not count here.
+    fn ahead_of_followed_ms(&self, mono: Instant) -> u64 {
+        let elapsed = mono.saturating_duration_since(self.anchor_mono).as_millis() as u64;
+        self.last_ms
+            .saturating_sub(self.anchor_wall_ms.saturating_add(elapsed))
     }
 }
 
@@ -152,6 +156,11 @@ impl Stamper {
         self.skew_margin_ms
     }
 
+    /// The bound on clock differences (`cluster.max_clock_ahead_ms`).
+    pub fn clock_bound_ms(&self) -> u64 {
+        self.bound_ms
+    }
+
     pub fn set_clock_offset_ms(&self, offset: i64) {
         self.clock_offset_ms
             .store(offset, std::sync::atomic::Ordering::Relaxed);
@@ -177,6 +186,16 @@ impl Stamper {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .read(wall, Instant::now())
+    }
+
+    /// Anchor the stamp clock on the wall clock as it reads now (as at start-up).
+    #[cfg(test)]
+    fn anchor_now(&self) {
+        let wall = self.wall_ms();
+        let mut c = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+        c.anchor_wall_ms = wall;
+        c.anchor_mono = Instant::now();
+        c.last_ms = wall;
     }
 
     /// Whether this node has peers in other regions whose clocks it must agree with
@@ -232,8 +251,9 @@ impl Stamper {
         let wall = self.wall_ms();
         let ahead = {
             let mut c = self.clock.lock().unwrap_or_else(|p| p.into_inner());
-            c.read(wall, Instant::now());
-            c.ahead_of_wall_ms(wall)
+            let now = Instant::now();
+            c.read(wall, now);
+            c.ahead_of_followed_ms(now)
         };
         if ahead > self.bound_ms {
             return Some(format!(
@@ -672,6 +692,51 @@ mod clock_tests {
             t + 5 >= real_wall_ms() + 100,
             "a 100 ms step was not followed"
         );
+    }
+
+    #[test]
+    fn a_node_started_with_a_slow_clock_is_fenced_until_peers_confirm_it_then_resumes() {
+        let s = stamper();
+        s.expect_peers(true);
+        // As if started with its wall clock 3 s slow.
+        s.set_clock_offset_ms(-3_000);
+        s.anchor_now();
+        assert!(s.clock_fault().unwrap().contains("not yet confirmed"));
+        let mine = s.now_ms();
+        for p in [4, 5, 6] {
+            s.record_peer_clock(p, mine + 3_000, mine, mine + 2);
+        }
+        let why = s.clock_fault().unwrap();
+        assert!(why.contains("ms off 3 of its 3 peers"), "{why}");
+        // Its wall clock is fixed: the stamp clock does not follow a 3 s jump alone...
+        s.set_clock_offset_ms(0);
+        assert!(s.now_ms() + 2_000 < real_wall_ms());
+        assert!(s.clock_fault().is_some());
+        // ...but once the peers' readings agree with the wall clock it re-anchors, and
+        // must be confirmed afresh.
+        let mine = s.now_ms();
+        s.record_peer_clock(4, mine + 3_000, mine, mine + 2);
+        assert!(
+            s.now_ms() + 20 >= real_wall_ms(),
+            "re-anchored on the wall clock"
+        );
+        assert!(s.clock_fault().unwrap().contains("not yet confirmed"));
+        let mine = s.now_ms();
+        for p in [4, 5, 6] {
+            s.record_peer_clock(p, mine, mine, mine + 2);
+        }
+        assert_eq!(s.clock_fault(), None);
+    }
+
+    #[test]
+    fn a_wall_clock_jump_that_is_not_followed_is_no_fault() {
+        let s = stamper();
+        s.set_clock_offset_ms(-5_000);
+        let _ = s.now_ms();
+        assert_eq!(s.clock_fault(), None);
+        s.set_clock_offset_ms(5_000);
+        let _ = s.now_ms();
+        assert_eq!(s.clock_fault(), None);
     }
 
     #[test]

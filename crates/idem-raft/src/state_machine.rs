@@ -64,11 +64,29 @@ impl StateMachine {
         drop(items);
         self.applied = applied;
         self.membership = membership;
-        for ((_, responder), result) in batch.into_iter().zip(results) {
-            if let Some(r) = responder {
-                // Entries with a responder are client writes, hence commands.
-                r.send(result.unwrap_or(CommandResult::Release(Ok(()))));
-            }
+        if results.len() != batch.len() {
+            return Err(io::Error::other(format!(
+                "apply answered {} results for {} entries",
+                results.len(),
+                batch.len()
+            )));
+        }
+        for ((entry, responder), result) in batch.into_iter().zip(results) {
+            let Some(r) = responder else { continue };
+            let answer = match (&entry.payload, result) {
+                (EntryPayload::Normal(_), Some(result)) => result,
+                // A command that apply did not answer: never make an answer up.
+                (EntryPayload::Normal(cmd), None) => {
+                    return Err(io::Error::other(format!(
+                        "apply produced no result for {cmd} at {}",
+                        entry.log_id
+                    )))
+                }
+                // A membership change (or blank entry) someone waits for: it was
+                // applied, and that is all it answers.
+                _ => CommandResult::Done,
+            };
+            r.send(answer);
         }
         Ok(())
     }

@@ -58,10 +58,38 @@ impl Admin for AdminService {
         &self,
         _req: Request<CompactRequest>,
     ) -> Result<Response<CompactResponse>, Status> {
-        let state = self.info.state.clone();
-        tokio::task::spawn_blocking(move || state.compact())
+        // Records are dropped once expired at a group's durable applied stamp, which
+        // only commands advance: first let every group on this node apply one entry
+        // stamped now (an empty Touch), then make the stamps durable and compact.
+        let before = self
+            .info
+            .stamper
+            .now_ms()
+            .saturating_sub(self.info.stamper.clock_bound_ms());
+        for g in self.info.router.all() {
+            g.submit(
+                idem_core::Key::default(),
+                idem_core::Op::Touch { items: Vec::new() },
+            )
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| Status::unavailable(format!("group {}: {e}", g.id())))?;
+            let shard = g.id().shard;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while self.info.state.applied_stamp(shard).unwrap_or(0) < before
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        let state = self.info.state.clone();
+        tokio::task::spawn_blocking(move || {
+            state.publish_horizon()?;
+            state.compact();
+            Ok::<_, idem_storage::StorageError>(())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(CompactResponse {}))
     }
 }

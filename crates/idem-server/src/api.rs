@@ -28,6 +28,8 @@ pub struct IdemService {
     pub metrics: Arc<Metrics>,
     pub skew_margin_ms: u64,
     pub geo: idem_geo::Geo,
+    /// This node's clocks: a first attempt claimed to lie in the future is refused.
+    pub stamper: Arc<idem_raft::Stamper>,
 }
 
 pub fn geo_error(e: idem_geo::GeoError) -> Status {
@@ -179,6 +181,22 @@ impl IdemService {
     ) -> Result<(Response<v1::ReserveResponse>, &'static str), Status> {
         let tenant = self.auth.tenant(req.metadata())?;
         let r = convert::reserve(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
+        // A first attempt later than now (beyond what clocks may differ by) is a client
+        // bug, or an attempt to make a key look fresh forever.
+        let latest = self
+            .stamper
+            .now_ms()
+            .saturating_add(self.stamper.clock_bound_ms());
+        if r.first_attempt_ms > latest {
+            return Err(invalid(&idem_core::ValidationError::new(
+                "first_attempt_ms",
+                format!(
+                    "{} ms lies in the future (this server's time is about {} ms)",
+                    r.first_attempt_ms,
+                    self.stamper.now_ms()
+                ),
+            )));
+        }
         // The client's own attempt number: the request field, or `idem-attempt` metadata
         // (for middleware that cannot change the message).
         let client_attempt = match r.client_attempt {
@@ -358,7 +376,7 @@ impl Idem for IdemService {
             match self.run(req.metadata(), c.scope, c.key, op).await? {
                 CommandResult::Complete(Ok(())) => Ok(Response::new(v1::CompleteResponse {})),
                 CommandResult::Complete(Err(CompleteError::LeaseLost { current })) => Err(self.lease_lost(
-                    "the lease is over or the key was granted to another attempt; the completion was not stored",
+                    "the lease is over or the key was granted to another attempt: this completion was not acknowledged, and whether it was stored is unknown (a region may have stored it before the lease ended, and it may still become the key's answer); do not retry it with this fence: reconcile the side effect, then read the key (Get) or Reserve again, which replays it if it was kept",
                     current,
                 )),
                 CommandResult::Complete(Err(CompleteError::NotFound)) => Err(not_found()),

@@ -341,6 +341,17 @@ impl Config {
             .find(|r| r.name == self.node.region)
     }
 
+    /// The limits requests are checked against: the shortest lease granted is at least
+    /// twice the skew margin (the holder trusts a lease for its length minus the margin
+    /// from the send, and the SDK refuses a NEW with less than the margin left, so a
+    /// shorter lease could never be acted on safely).
+    pub fn effective_limits(&self) -> idem_core::Limits {
+        let mut l = self.limits.clone();
+        l.min_lease_ms = l.min_lease_ms.max(2 * self.cluster.skew_margin_ms);
+        l.max_lease_ms = l.max_lease_ms.max(l.min_lease_ms);
+        l
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node.id == 0 || self.node.id > u64::from(u16::MAX) {
             return Err(invalid("node.id", "must be between 1 and 65535"));
@@ -450,6 +461,15 @@ impl Config {
         self.limits
             .check()
             .map_err(|e| invalid(e.field, e.reason))?;
+        if self.limits.default_lease_ms < 2 * self.cluster.skew_margin_ms {
+            return Err(invalid(
+                "limits.default_lease_ms",
+                format!(
+                    "{} ms is below twice cluster.skew_margin_ms ({} ms): such a lease ends before its holder could act on it",
+                    self.limits.default_lease_ms, self.cluster.skew_margin_ms
+                ),
+            ));
+        }
         // A response travels whole in one message on every path: a client's Complete and
         // REPLAY (the public API's message limit), and alone in a batch between nodes.
         let largest = self.limits.max_response_bytes
@@ -614,6 +634,32 @@ mod tests {
         .unwrap();
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("namespaces[0].mode"), "{e}");
+    }
+
+    #[test]
+    fn the_shortest_lease_is_twice_the_skew_margin() {
+        let c = Config::from_toml_with_env(
+            "[cluster]\nskew_margin_ms = 400\n[limits]\nmin_lease_ms = 100\n",
+            std::iter::empty(),
+        )
+        .unwrap();
+        let l = c.effective_limits();
+        assert_eq!(l.min_lease_ms, 800);
+        let e = l.lease("lease_ms", 500).unwrap_err();
+        assert_eq!(e.field, "lease_ms");
+        assert!(e.reason.contains("[800,"), "{}", e.reason);
+        assert_eq!(l.lease("lease_ms", 800).unwrap(), 800);
+        let e = Config::from_toml_with_env(
+            "[cluster]\nskew_margin_ms = 400\n[limits]\nmin_lease_ms = 100\ndefault_lease_ms = 700\n",
+            std::iter::empty(),
+        )
+        .and_then(|c| c.validate())
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("limits.default_lease_ms") && e.contains("cluster.skew_margin_ms"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The node's HTTP port: `/metrics` (Prometheus text), `/healthz` (200 when every group
-//! on the node has a leader), `/status` (JSON), `/dashboard` (a live page with no
+//! The node's HTTP port: `/metrics` (Prometheus text), `/healthz` (ready: 200 when every
+//! group on the node has a leader and peers confirm the node's clock), `/livez` (200
+//! while the process serves HTTP), `/status` (JSON), `/dashboard` (a live page with no
 //! external assets) and `/api/history` (what the dashboard and `idem top` draw).
 
 use crate::admin::status_of;
@@ -14,6 +15,7 @@ pub fn router(info: NodeInfo) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/livez", get(|| async { "ok\n" }))
         .route("/status", get(status))
         .route(
             "/",
@@ -36,7 +38,12 @@ async fn metrics(State(info): State<NodeInfo>) -> impl IntoResponse {
     )
 }
 
+/// Ready: every group runs and has a leader, and the node's clock is confirmed by its
+/// peers (a node whose clock is in doubt stays live, `/livez`, but serves no writes).
 async fn healthz(State(info): State<NodeInfo>) -> impl IntoResponse {
+    if let Some(why) = info.stamper.clock_fault() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("clock: {why}\n"));
+    }
     let running = info.router.all().len();
     if running < info.expected_groups {
         return (

@@ -25,6 +25,10 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+    /// Mirror a count kept elsewhere (it only grows there).
+    pub fn store(&self, n: u64) {
+        self.0.fetch_max(n, Ordering::Relaxed);
+    }
 }
 
 /// A gauge holding an f64.
@@ -203,6 +207,38 @@ pub struct Metrics {
     pub log_disk_bytes: Gauge,
     pub rocksdb_pending_compaction_bytes: Gauge,
     pub rocksdb_write_stalled: Gauge,
+    pub peer_clock_offset_seconds: Family<Gauge>,
+    pub clock_refused_total: Family<Counter>,
+    pub clock_fault: Gauge,
+}
+
+impl Metrics {
+    /// Every label set the node knows it may report, at zero from the start, so that
+    /// `rate()` and `absent()` see a fresh node's series before its first event.
+    /// `dest_regions`: the other regions' names.
+    pub fn seed(&self, dest_regions: &[String]) {
+        for o in ["new", "replay", "in_flight", "mismatch"] {
+            self.idempotency_key_total.with(&[o]);
+        }
+        for a in ["1", "2", "3", "4+"] {
+            self.retry_attempt_total.with(&[a]);
+            self.client_retry_attempt_total.with(&[a]);
+        }
+        for c in ["2xx", "4xx", "5xx", "timeout"] {
+            self.http_request_outcome.with(&[c]);
+        }
+        for m in ["global", "regional"] {
+            self.cross_region_conflict_total.with(&[m]);
+        }
+        for r in dest_regions {
+            let l = [r.as_str()];
+            self.outbox_lag_seconds.with(&l);
+            self.dead_letter_queue_depth.with(&l);
+            self.outbox_queued.with(&l);
+            self.outbox_skipped.with(&l);
+            self.anti_entropy_repaired_total.with(&l);
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -236,6 +272,9 @@ impl Default for Metrics {
             log_disk_bytes: Gauge::default(),
             rocksdb_pending_compaction_bytes: Gauge::default(),
             rocksdb_write_stalled: Gauge::default(),
+            peer_clock_offset_seconds: Family::new(&["peer"], Gauge::default),
+            clock_refused_total: Family::new(&["peer"], Counter::default),
+            clock_fault: Gauge::default(),
         }
     }
 }
@@ -442,6 +481,21 @@ impl Metrics {
             "1 while RocksDB delays or stops writes.",
             &self.rocksdb_write_stalled,
         );
+        w.gauges(
+            "idem_peer_clock_offset_seconds",
+            "Each peer node's stamp clock minus this node's, measured on region-link exchanges.",
+            &self.peer_clock_offset_seconds,
+        );
+        w.counters(
+            "idem_clock_refused_total",
+            "Timestamps from a peer node refused for being further ahead than the clock bound.",
+            &self.clock_refused_total,
+        );
+        w.gauge(
+            "idem_clock_fault",
+            "1 while this node refuses to grant, accept or acknowledge because its peers do not confirm its clock.",
+            &self.clock_fault,
+        );
         out
     }
 }
@@ -478,6 +532,27 @@ mod tests {
         assert_eq!(attempt_label(1), "1");
         assert_eq!(attempt_label(3), "3");
         assert_eq!(attempt_label(9), "4+");
+    }
+
+    #[test]
+    fn a_fresh_node_exports_every_known_series_at_zero() {
+        let m = Metrics::default();
+        m.seed(&["eu-west".to_string()]);
+        let text = m.render();
+        for series in [
+            "idempotency_key_total{outcome=\"new\"} 0",
+            "idempotency_key_total{outcome=\"mismatch\"} 0",
+            "retry_attempt_total{attempt=\"3\"} 0",
+            "http_request_outcome{class=\"5xx\"} 0",
+            "outbox_lag_seconds{dest_region=\"eu-west\"} 0",
+            "dead_letter_queue_depth{dest_region=\"eu-west\"} 0",
+            "cross_region_conflict_total{mode=\"global\"} 0",
+        ] {
+            assert!(
+                text.contains(&format!("{series}\n")),
+                "{series} missing:\n{text}"
+            );
+        }
     }
 
     #[test]

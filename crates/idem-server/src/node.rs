@@ -121,6 +121,18 @@ impl NodeInfo {
             .set(s.pending_compaction_bytes as f64);
         m.rocksdb_write_stalled
             .set(f64::from(u8::from(s.write_stalled)));
+        for (peer, off) in self.stamper.peer_offsets() {
+            m.peer_clock_offset_seconds
+                .with(&[peer.to_string().as_str()])
+                .set(off as f64 / 1000.0);
+        }
+        for (peer, n) in self.stamper.clock_refusals() {
+            m.clock_refused_total
+                .with(&[peer.to_string().as_str()])
+                .store(n);
+        }
+        m.clock_fault
+            .set(f64::from(u8::from(self.stamper.clock_fault().is_some())));
     }
 }
 
@@ -208,6 +220,13 @@ impl Node {
         ));
         let router = Router::default();
         let metrics = Arc::new(Metrics::default());
+        metrics.seed(
+            &cfg.effective_regions()
+                .iter()
+                .filter(|r| r.id != region.id)
+                .map(|r| r.name.clone())
+                .collect::<Vec<_>>(),
+        );
         let channels = idem_raft::Channels::with_local_address(cfg.node.outgoing_addr);
         let geo_cfg = cfg.geo_config(region.id);
         state.set_outbox(idem_storage::OutboxConfig {
@@ -262,11 +281,12 @@ impl Node {
             region: region.id,
             shards: cfg.cluster.shards,
             router: router.clone(),
-            limits: cfg.limits.clone(),
+            limits: cfg.effective_limits(),
             auth: Auth::new(&cfg.auth),
             metrics: metrics.clone(),
             skew_margin_ms: cfg.cluster.skew_margin_ms,
             geo: geo.clone(),
+            stamper: stamper.clone(),
         };
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter

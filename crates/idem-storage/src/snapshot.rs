@@ -1,9 +1,11 @@
 //! Snapshot files: one group's records at one applied index, streamed to and from disk
 //! so that building, sending and installing a snapshot never holds it in memory.
 //!
-//! Format (version 1): `"IDEMSNAP" | version u8 | meta_len u32 | meta |
-//! { 1u8 | key_len u32 | key | value_len u32 | value }* | 0u8 | count u64`.
-//! The trailer's count detects a truncated file.
+//! Format (version 2): `"IDEMSNAP" | version u8 | meta_len u32 | meta | stamp u64 |
+//! { 1u8 | key_len u32 | key | value_len u32 | value }* | 0u8 | count u64`, where
+//! `stamp` is the group's applied stamp (the latest command time applied: later
+//! commands are judged at no earlier time). Version 1 (no stamp) is still read, as
+//! stamp 0. The trailer's count detects a truncated file.
 
 use crate::{Shard, StorageError};
 use std::fs::File;
@@ -12,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const MAGIC: &[u8; 8] = b"IDEMSNAP";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// The oldest version still read.
+const OLDEST_READ: u8 = 1;
 /// Largest key or value a snapshot may carry: a record is bounded by `Limits`.
 const MAX_ITEM_BYTES: usize = 64 << 20;
 const MAX_META_BYTES: usize = 16 << 20;
@@ -33,6 +37,8 @@ fn corrupt(detail: impl Into<String>) -> StorageError {
 
 fn unique_name(dir: &Path, shard: Shard, tag: &str) -> PathBuf {
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    // A file name only (unique across restarts), never a decision.
+    #[allow(clippy::disallowed_methods)]
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -45,6 +51,7 @@ pub(crate) fn write<F>(
     dir: &Path,
     shard: Shard,
     meta: &[u8],
+    stamp: u64,
     fill: F,
 ) -> Result<SnapshotFile, StorageError>
 where
@@ -56,6 +63,7 @@ where
     w.write_all(&[VERSION])?;
     w.write_all(&(meta.len() as u32).to_be_bytes())?;
     w.write_all(meta)?;
+    w.write_all(&stamp.to_be_bytes())?;
     let mut count = 0u64;
     fill(&mut |k, v| {
         w.write_all(&[1])?;
@@ -92,18 +100,31 @@ fn read_vec(r: &mut impl Read, max: usize) -> Result<Vec<u8>, StorageError> {
 }
 
 impl SnapshotFile {
-    fn open_after_header(&self) -> Result<(BufReader<File>, Vec<u8>), StorageError> {
+    fn open_after_header(&self) -> Result<(BufReader<File>, Vec<u8>, u64), StorageError> {
         let mut r = BufReader::with_capacity(1 << 20, File::open(&self.path)?);
         let mut magic = [0u8; 9];
         r.read_exact(&mut magic).map_err(|_| corrupt("no header"))?;
         if &magic[..8] != MAGIC {
             return Err(corrupt("bad magic"));
         }
-        if magic[8] != VERSION {
-            return Err(corrupt(format!("unknown version {}", magic[8])));
+        let version = magic[8];
+        if !(OLDEST_READ..=VERSION).contains(&version) {
+            return Err(corrupt(format!("unknown version {version}")));
         }
         let meta = read_vec(&mut r, MAX_META_BYTES)?;
-        Ok((r, meta))
+        let stamp = if version >= 2 {
+            let mut b = [0u8; 8];
+            r.read_exact(&mut b).map_err(|_| corrupt("truncated"))?;
+            u64::from_be_bytes(b)
+        } else {
+            0
+        };
+        Ok((r, meta, stamp))
+    }
+
+    /// The group's applied stamp when the snapshot was built (0: a version 1 file).
+    pub fn read_stamp(&self) -> Result<u64, StorageError> {
+        Ok(self.open_after_header()?.2)
     }
 
     /// The versioned metadata bytes stored in the header.
@@ -116,7 +137,7 @@ impl SnapshotFile {
     where
         F: FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
     {
-        let (mut r, _) = self.open_after_header()?;
+        let (mut r, _, _) = self.open_after_header()?;
         let mut count = 0u64;
         loop {
             let mut tag = [0u8; 1];

@@ -21,7 +21,6 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 const CF_RECORDS: &str = "records";
 const CF_OUTBOX: &str = "outbox";
@@ -29,24 +28,52 @@ const CF_DLQ: &str = "dlq";
 const CF_META: &str = "meta";
 
 const APPLIED: &str = "applied";
+/// The group's applied stamp: the latest command time applied (u64 BE).
+const STAMP: &str = "stamp";
 const SNAPSHOT: &str = "snapshot";
 const FORMAT: &[u8] = b"format";
 const FORMAT_VERSION: u8 = 1;
 
-/// Wall-clock milliseconds, used only by the compaction filter: dropping an expired
-/// record is invisible to readers (they treat it as absent already), so it need not be
-/// deterministic across replicas.
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+/// Per shard, the time up to which the compaction filter may drop expired records: a
+/// durable applied stamp. Apply judges every command at no earlier time than the
+/// shard's applied stamp (`max(stamp, command time)`), so a record expired at a stamp
+/// that is durable can never be read as live by an entry this replica has yet to apply,
+/// or re-applies after a crash; no replica's decision depends on its own clock or on
+/// when it compacted. Nothing on this path reads a clock.
+#[derive(Clone, Default)]
+struct Horizon(Arc<RwLock<std::collections::HashMap<Shard, u64>>>);
 
-fn expired_filter(_level: u32, _key: &[u8], value: &[u8]) -> FilterDecision {
-    match peek_expires_ms(value) {
-        Some(expires) if expires <= wall_ms() => FilterDecision::Remove,
-        _ => FilterDecision::Keep,
+impl Horizon {
+    fn get(&self, shard: Shard) -> u64 {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&shard)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn publish(&self, shard: Shard, stamp: u64) {
+        let mut m = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(shard).or_default();
+        *e = (*e).max(stamp);
+    }
+
+    fn filter(&self) -> impl Fn(u32, &[u8], &[u8]) -> FilterDecision + Send + 'static {
+        let h = self.clone();
+        move |_level, key, value| {
+            let Some(shard) = key
+                .get(..4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_be_bytes)
+            else {
+                return FilterDecision::Keep;
+            };
+            match peek_expires_ms(value) {
+                Some(expires) if expires <= h.get(shard) => FilterDecision::Remove,
+                _ => FilterDecision::Keep,
+            }
+        }
     }
 }
 
@@ -93,7 +120,11 @@ pub struct StateEngine {
     db: Arc<DB>,
     dir: PathBuf,
     outbox: Arc<RwLock<OutboxConfig>>,
+    horizon: Horizon,
 }
+
+/// How often the durable applied stamps are published to the compaction filter.
+const HORIZON_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 const OUTBOX_LEN: &str = "outbox_len/";
 const OUTBOX_SKIPPED: &str = "outbox_skipped/";
@@ -119,7 +150,8 @@ impl StateEngine {
         // that small column family flushes (measured: 1.5 GB of WAL for 10 M keys).
         opts.set_max_total_wal_size(128 << 20);
         let mut rec = Options::default();
-        rec.set_compaction_filter("idem-expired", expired_filter);
+        let horizon = Horizon::default();
+        rec.set_compaction_filter("idem-expired", horizon.filter());
         rec.set_compression_type(rocksdb::DBCompressionType::Lz4);
         rec.set_bottommost_compression_type(rocksdb::DBCompressionType::Zstd);
         // Visit every file at least daily so cold expired records are dropped too.
@@ -144,10 +176,68 @@ impl StateEngine {
             db: Arc::new(db),
             dir: path.to_path_buf(),
             outbox: Arc::default(),
+            horizon,
         };
         engine.check_format()?;
         std::fs::create_dir_all(engine.snapshot_dir())?;
+        // What was recovered at open is on disk: its stamps may be published as they are.
+        for (shard, stamp) in engine.stamps()? {
+            engine.horizon.publish(shard, stamp);
+        }
+        // Later stamps are published once the WAL holding them is synced.
+        let weak = Arc::downgrade(&engine.db);
+        let (horizon, outbox) = (engine.horizon.clone(), engine.outbox.clone());
+        let dir = engine.dir.clone();
+        std::thread::Builder::new()
+            .name("idem-horizon".into())
+            .spawn(move || loop {
+                std::thread::sleep(HORIZON_EVERY);
+                let Some(db) = weak.upgrade() else {
+                    return;
+                };
+                let e = StateEngine {
+                    db,
+                    dir: dir.clone(),
+                    outbox: outbox.clone(),
+                    horizon: horizon.clone(),
+                };
+                if let Err(err) = e.publish_horizon() {
+                    tracing::warn!(error = %err, "could not publish the compaction horizon");
+                }
+            })?;
         Ok(engine)
+    }
+
+    /// Every shard's applied stamp as stored.
+    fn stamps(&self) -> Result<Vec<(Shard, u64)>, StorageError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_META), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            if k.len() == 4 + STAMP.len() && k.ends_with(STAMP.as_bytes()) {
+                let shard = u32::from_be_bytes([k[0], k[1], k[2], k[3]]);
+                out.push((shard, u64_of(Some(v.to_vec()))));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Make the applied stamps read now durable, then let compaction drop what they
+    /// expire (read first, synced second: a stamp is published only once on disk).
+    pub fn publish_horizon(&self) -> Result<(), StorageError> {
+        let stamps = self.stamps()?;
+        self.db.flush_wal(true)?;
+        for (shard, stamp) in stamps {
+            self.horizon.publish(shard, stamp);
+        }
+        Ok(())
+    }
+
+    /// The applied stamp of `shard` (0: nothing applied yet).
+    pub fn applied_stamp(&self, shard: Shard) -> Result<u64, StorageError> {
+        self.meta_u64(&meta_key(shard, STAMP))
     }
 
     fn check_format(&self) -> Result<(), StorageError> {
@@ -227,10 +317,25 @@ impl StateEngine {
             let skipped = self.meta_u64(&dest_meta(shard, OUTBOX_SKIPPED, *d))?;
             lens.insert(*d, (len, skipped));
         }
+        // Commands are judged at no earlier time than any command before them in the
+        // log, whichever leader stamped them: time never goes backwards in log order,
+        // and the compaction horizon (a durable stamp) stays behind every future entry.
+        let mut stamp = self.meta_u64(&meta_key(shard, STAMP))?;
+        let mut clamped;
         for item in items {
             let ApplyItem::Command(cmd, index) = item else {
                 results.push(None);
                 continue;
+            };
+            let cmd: &Command = if cmd.now_ms < stamp {
+                clamped = Command {
+                    now_ms: stamp,
+                    ..(*cmd).clone()
+                };
+                &clamped
+            } else {
+                stamp = cmd.now_ms;
+                cmd
             };
             if let Op::Touch { items } = &cmd.op {
                 for t in items {
@@ -310,6 +415,11 @@ impl StateEngine {
             );
         }
         batch.put_cf(self.cf(CF_META), meta_key(shard, APPLIED), applied);
+        batch.put_cf(
+            self.cf(CF_META),
+            meta_key(shard, STAMP),
+            stamp.to_be_bytes(),
+        );
         // Not synced: the Raft log is durable, and a lost tail is re-applied from it.
         self.db.write(batch)?;
         Ok(results)
@@ -523,8 +633,10 @@ impl StateEngine {
         self.db.flush_wal(true)?;
         let view = self.db.snapshot();
         let applied = view.get_cf(self.cf(CF_META), meta_key(shard, APPLIED))?;
+        let stamp = u64_of(view.get_cf(self.cf(CF_META), meta_key(shard, STAMP))?);
+        self.horizon.publish(shard, stamp);
         let meta = make_meta(applied.as_deref())?;
-        let file = snapshot::write(&self.snapshot_dir(), shard, &meta, |sink| {
+        let file = snapshot::write(&self.snapshot_dir(), shard, &meta, stamp, |sink| {
             let mut ro = rocksdb::ReadOptions::default();
             ro.set_snapshot(&view);
             ro.set_iterate_upper_bound(shard_end(shard));
@@ -608,9 +720,16 @@ impl StateEngine {
             }
             Ok(())
         })?;
+        let stamp = stable.read_stamp()?;
         batch.put_cf(self.cf(CF_META), meta_key(shard, APPLIED), applied);
+        batch.put_cf(
+            self.cf(CF_META),
+            meta_key(shard, STAMP),
+            stamp.to_be_bytes(),
+        );
         self.db.write(batch)?;
         self.db.flush_wal(true)?;
+        self.horizon.publish(shard, stamp);
         Ok(())
     }
 

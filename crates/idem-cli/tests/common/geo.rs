@@ -20,6 +20,18 @@ pub struct GeoNode {
     pub config: PathBuf,
     pub data: PathBuf,
     pub child: Option<Child>,
+    /// The libfaketime clock file of a node started with a faked wall clock.
+    pub clock_file: Option<PathBuf>,
+}
+
+/// Debian's libfaketime (`make deps` installs the `faketime` package).
+pub fn faketime_lib() -> Option<&'static str> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
 }
 
 /// One proxy: listens on `listen`, forwards to `target` unless cut.
@@ -46,6 +58,10 @@ pub struct GeoOptions {
     /// Extra TOML appended to every node's config (e.g. `[[namespaces]]`).
     pub extra: String,
     pub anti_entropy_interval_ms: u64,
+    /// Nodes (by index) whose wall clock runs under libfaketime with this offset in
+    /// seconds from the start; they are not waited for at start (their peers may rightly
+    /// refuse to confirm their clock).
+    pub fake_clocks: Vec<(usize, f64)>,
 }
 
 impl Default for GeoOptions {
@@ -55,6 +71,7 @@ impl Default for GeoOptions {
             nodes_per_region: 3,
             extra: String::new(),
             anti_entropy_interval_ms: 1_000,
+            fake_clocks: Vec::new(),
         }
     }
 }
@@ -212,6 +229,16 @@ impl GeoCluster {
                     opts.extra,
                 );
                 std::fs::write(&config, text).expect("write config");
+                let index = nodes.len();
+                let clock_file =
+                    opts.fake_clocks
+                        .iter()
+                        .find(|(i, _)| *i == index)
+                        .map(|(_, off)| {
+                            let f = dir.path().join(format!("node-{id}.clock"));
+                            std::fs::write(&f, format!("{off:+.3}\n")).expect("clock file");
+                            f
+                        });
                 nodes.push(GeoNode {
                     id,
                     region: r,
@@ -220,6 +247,7 @@ impl GeoCluster {
                     config,
                     data,
                     child: None,
+                    clock_file,
                 });
             }
         }
@@ -245,7 +273,16 @@ impl GeoCluster {
             .append(true)
             .open(self.dir.path().join(format!("node-{}.log", n.id)))
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_idem"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
+        if let Some(f) = &n.clock_file {
+            let lib = faketime_lib()
+                .expect("libfaketime is missing: apt-get install faketime (make deps does)");
+            cmd.env("LD_PRELOAD", lib)
+                .env("FAKETIME_TIMESTAMP_FILE", f)
+                .env("FAKETIME_CACHE_DURATION", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        let child = cmd
             .args(["server", "--config"])
             .arg(&n.config)
             .env("RUST_LOG", "warn,idem_geo=info")
@@ -255,6 +292,15 @@ impl GeoCluster {
             .spawn()
             .expect("spawn idem server");
         n.child = Some(child);
+    }
+
+    /// Move node `i`'s faked wall clock to `offset_s` from true time.
+    pub fn set_clock(&self, i: usize, offset_s: f64) {
+        let f = self.nodes[i]
+            .clock_file
+            .as_ref()
+            .expect("a node with a faked clock");
+        std::fs::write(f, format!("{offset_s:+.3}\n")).expect("clock file");
     }
 
     pub fn kill(&mut self, i: usize) {
@@ -283,7 +329,7 @@ impl GeoCluster {
     pub fn wait_ready(&self, timeout: Duration) {
         let start = Instant::now();
         for (i, n) in self.nodes.iter().enumerate() {
-            if n.child.is_none() {
+            if n.child.is_none() || n.clock_file.is_some() {
                 continue;
             }
             while http_get(&n.http, "/healthz").is_none_or(|(c, _)| c != 200) {

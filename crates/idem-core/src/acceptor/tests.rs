@@ -369,3 +369,44 @@ fn too_old_is_judged_by_the_retention_the_key_was_stored_with() {
         ReserveOutcome::TooOld { .. }
     ));
 }
+
+/// A final notice answers whether the completion is final there: a record without it
+/// (absent, still reserved, or another grant) must never count as told.
+#[test]
+fn a_final_notice_answers_whether_the_completion_is_final_there() {
+    let rec = reserve(None, &args(1_000, 1, 1)).write.unwrap();
+    let fence = rec.fence();
+    assert_eq!(final_here(None, fence, 1_100), Err(CompleteError::NotFound));
+    assert!(matches!(
+        final_here(Some(&rec), fence, 1_100),
+        Err(CompleteError::LeaseLost { .. })
+    ));
+    // Not final yet (quorum 2, one witness), then made final by the notice.
+    let done = complete(Some(&rec), fence, resp("a"), 1_100, 1, 2)
+        .unwrap()
+        .unwrap();
+    assert!(!done.is_final);
+    assert_eq!(final_here(Some(&done), fence, 1_200), Ok(()));
+    assert!(finalize(Some(&done), fence, 1_200).unwrap().is_final);
+    let other = Fence {
+        generation: fence.generation + 1,
+        ..fence
+    };
+    assert!(matches!(
+        final_here(Some(&done), other, 1_200),
+        Err(CompleteError::LeaseLost { .. })
+    ));
+    // Through the command layer, as a peer sees it.
+    let cmd = crate::Command {
+        now_ms: 1_300,
+        skew_margin_ms: SKEW,
+        claim: claim(9),
+        region_bit: 1,
+        key: crate::Key::default(),
+        op: crate::command::Op::Final { fence },
+    };
+    assert_eq!(
+        crate::command::apply(None, &cmd).0,
+        crate::CommandResult::Complete(Err(CompleteError::NotFound))
+    );
+}

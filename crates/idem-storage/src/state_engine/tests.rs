@@ -82,23 +82,189 @@ fn apply_sees_earlier_writes_of_the_same_batch_and_persists() {
 }
 
 #[test]
-fn compaction_removes_expired_records_only() {
+fn compaction_removes_records_expired_at_the_durable_applied_stamp_only() {
     let dir = tempfile::tempdir().unwrap();
     let se = StateEngine::open(dir.path()).unwrap();
-    let now = wall_ms();
-    // Stamped long ago with a short retention: already expired by the wall clock.
-    let old = reserve("old", now - 10_000, 5_000, 1);
-    let live = reserve("live", now, 3_600_000, 2);
+    // Expires at 6,000; the later command stamps 10,000.
+    let old = reserve("old", 1_000, 5_000, 1);
+    let live = reserve("live", 10_000, 3_600_000, 2);
     se.apply(
         0,
         &[ApplyItem::Command(&old, 1), ApplyItem::Command(&live, 1)],
         b"x",
     )
     .unwrap();
-    assert_eq!(se.raw_record_count(0).unwrap(), 2);
+    assert_eq!(se.applied_stamp(0).unwrap(), 10_000);
+    se.compact();
+    assert_eq!(
+        se.raw_record_count(0).unwrap(),
+        2,
+        "nothing is dropped before the stamp that expires it is durable"
+    );
+    se.publish_horizon().unwrap();
     se.compact();
     assert_eq!(se.raw_record_count(0).unwrap(), 1);
     assert!(se.get_record(0, &key("live")).unwrap().is_some());
+}
+
+fn complete(k: &str, now: u64, fence: idem_core::Fence, body: &[u8]) -> Command {
+    with_op(
+        reserve(k, now, 0, 0),
+        Op::Complete {
+            fence,
+            response: StoredResponse {
+                status: 200,
+                headers: vec![],
+                body: body.to_vec(),
+            },
+            quorum: 0,
+        },
+    )
+}
+
+fn fence_of(r: &Option<CommandResult>) -> idem_core::Fence {
+    match r {
+        Some(CommandResult::Reserve {
+            outcome: ReserveOutcome::New { fence, .. },
+            ..
+        }) => *fence,
+        other => panic!("expected NEW, got {other:?}"),
+    }
+}
+
+/// The logical state: every record not expired at the applied stamp, encoded.
+fn logical(se: &StateEngine) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let now = se.applied_stamp(0).unwrap();
+    let mut out = Vec::new();
+    for k in ["paid", "short", "lease", "later"] {
+        if let Some(r) = se.get_record(0, &key(k)).unwrap() {
+            if !r.is_expired(now) {
+                out.push((k.as_bytes().to_vec(), encode_record(&r)));
+            }
+        }
+    }
+    out
+}
+
+/// One log applied on two replicas with different compaction timings: one compacts
+/// (with its horizon published) after every batch, the other never. Stamps are far in
+/// the past, so a filter judging by a node's wall clock would drop every record at its
+/// first compaction and the replica would then answer NEW where the other REPLAYs.
+/// Every command's result, and the records live at the applied stamp, must be equal.
+#[test]
+fn replicas_that_compact_at_different_times_decide_every_entry_alike() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = StateEngine::open(da.path()).unwrap();
+    let b = StateEngine::open(db.path()).unwrap();
+    let run = |se: &StateEngine, compact: bool, batches: &[Vec<Command>]| {
+        let mut results = Vec::new();
+        for (i, batch) in batches.iter().enumerate() {
+            let items: Vec<ApplyItem> = batch
+                .iter()
+                .map(|c| ApplyItem::Command(c, i as u64 + 1))
+                .collect();
+            results.extend(
+                se.apply(0, &items, format!("applied-{i}").as_bytes())
+                    .unwrap(),
+            );
+            if compact {
+                se.publish_horizon().unwrap();
+                se.compact();
+            }
+        }
+        results
+    };
+    // Batch 1: a payment reserved and completed, a key with a short retention, a lease.
+    let first = [
+        reserve("paid", 1_000, 3_600_000, 1),
+        reserve("short", 1_000, 1_500, 2),
+        reserve("lease", 1_000, 3_600_000, 3),
+    ];
+    let ra = a
+        .apply(
+            0,
+            &first
+                .iter()
+                .map(|c| ApplyItem::Command(c, 1))
+                .collect::<Vec<_>>(),
+            b"applied-first",
+        )
+        .unwrap();
+    let rb = b
+        .apply(
+            0,
+            &first
+                .iter()
+                .map(|c| ApplyItem::Command(c, 1))
+                .collect::<Vec<_>>(),
+            b"applied-first",
+        )
+        .unwrap();
+    assert_eq!(ra, rb);
+    let paid = fence_of(&ra[0]);
+    a.publish_horizon().unwrap();
+    a.compact();
+    let batches = vec![
+        vec![complete("paid", 1_100, paid, b"receipt")],
+        // A later leader stamps 2,200; the next one's clock is behind (1,500): the
+        // lease (1,000 + 1,000 + margin 100) has ended at 2,200 all the same.
+        vec![reserve("later", 2_200, 3_600_000, 4)],
+        vec![reserve("lease", 1_500, 3_600_000, 5)],
+        vec![
+            reserve("paid", 5_000, 3_600_000, 6),
+            reserve("short", 5_000, 3_600_000, 7),
+        ],
+    ];
+    let ra = run(&a, true, &batches);
+    let rb = run(&b, false, &batches);
+    assert_eq!(ra, rb, "the replicas decided an entry differently");
+    assert!(
+        matches!(
+            &ra[2],
+            Some(CommandResult::Reserve {
+                outcome: ReserveOutcome::New {
+                    takeover: Some(_),
+                    ..
+                },
+                ..
+            })
+        ),
+        "judged at 2,200, not at its own 1,500: {:?}",
+        ra[2]
+    );
+    assert!(
+        matches!(
+            &ra[3],
+            Some(CommandResult::Reserve {
+                outcome: ReserveOutcome::Replay { .. },
+                ..
+            })
+        ),
+        "the completed payment replays on both: {:?}",
+        ra[3]
+    );
+    assert_eq!(logical(&a), logical(&b));
+    assert_eq!(a.applied_stamp(0).unwrap(), 5_000);
+    // The replica that compacted dropped what had expired at its durable stamp (the
+    // first "short" record, before it was reserved again), nothing else.
+    assert!(a.raw_record_count(0).unwrap() <= b.raw_record_count(0).unwrap());
+}
+
+#[test]
+fn a_version_1_snapshot_file_is_still_read_as_stamp_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.snap");
+    let mut bytes = b"IDEMSNAP".to_vec();
+    bytes.push(1);
+    bytes.extend_from_slice(&4u32.to_be_bytes());
+    bytes.extend_from_slice(b"meta");
+    bytes.push(0);
+    bytes.extend_from_slice(&0u64.to_be_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let f = SnapshotFile { path };
+    assert_eq!(f.read_meta().unwrap(), b"meta");
+    assert_eq!(f.read_stamp().unwrap(), 0);
+    assert_eq!(f.read_records(|_, _| Ok(())).unwrap(), 0);
 }
 
 #[test]
@@ -297,8 +463,8 @@ fn digests_match_exactly_when_the_replicated_records_do() {
     b.apply(
         0,
         &[
-            ApplyItem::Command(&again, 2),
-            ApplyItem::Command(&cmds[49], 3),
+            ApplyItem::Command(&cmds[49], 2),
+            ApplyItem::Command(&again, 3),
         ],
         b"y",
     )
@@ -357,4 +523,13 @@ fn one_touch_entry_counts_the_attempts_of_many_keys_and_ships_nothing() {
         queued,
         "bookkeeping is not shipped"
     );
+}
+
+/// The test's own wall clock (the engine never reads one).
+#[allow(clippy::disallowed_methods)]
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
