@@ -299,7 +299,7 @@ fn big_body(k: &str) -> StoredResponse {
 // Open (issue "Safety", item 3): with a follower of region 0 down and region 2 cut
 // off, a 1 MiB Complete can fail to reach a second region within the 2 s round in the
 // debug build. Run with `--ignored` to reproduce; not part of `make test` until fixed.
-#[ignore = "reproduces an open bug: 1 MiB completions time out with a follower down and a region cut off"]
+#[ignore = "open: passes alone (57 s, debug), but beside another cluster test a follower catching up on 1 MiB entries can stay behind: openraft gives each AppendEntries one heartbeat interval (50 ms here) and resends the same entry when it does not finish in time"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_mib_responses_replicate_to_a_lagging_follower_and_region_and_replay_everywhere() {
     let mut c = GeoCluster::start(GeoOptions::default());

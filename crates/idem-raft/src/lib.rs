@@ -10,6 +10,11 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 64 << 20;
 /// Most bytes one batch of requests and the answers it may bring back may take: half a
 /// peer message, so that the estimate's slack never reaches the message limit.
 pub const MAX_BATCH_BYTES: usize = MAX_PEER_MESSAGE_BYTES / 2;
+/// Most entry bytes one AppendEntries carries (the first entry travels whatever its
+/// size). openraft gives every AppendEntries one heartbeat interval to complete and
+/// sends the same range again when it does not, so a follower catching up on a long
+/// backlog of large entries must receive it in pieces that each arrive in time.
+pub const MAX_APPEND_BYTES: usize = 1 << 20;
 
 pub mod batch;
 pub mod clock_health;

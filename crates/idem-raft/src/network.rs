@@ -165,7 +165,7 @@ impl RaftNetworkV2<TypeConfig> for Network {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         // Bounded in bytes as well as entries: send the longest prefix that fits (at
         // least one entry) and report a partial success, so openraft sends the rest next.
-        let sent = append_prefix(&rpc.entries, crate::MAX_BATCH_BYTES);
+        let sent = append_prefix(&rpc.entries, crate::MAX_APPEND_BYTES);
         let partial = (sent < rpc.entries.len()).then(|| {
             rpc.entries.truncate(sent);
             let last = rpc.entries.last().map(|e| e.log_id);

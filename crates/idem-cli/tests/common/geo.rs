@@ -424,6 +424,15 @@ impl GeoCluster {
                 }
             }
             if start.elapsed() > timeout {
+                for i in (0..self.nodes.len()).filter(|i| self.nodes[*i].child.is_some()) {
+                    let l = self.log_of(i);
+                    let tail = l.char_indices().rev().nth(3_000).map_or(0, |(at, _)| at);
+                    eprintln!(
+                        "==== node {} log, last lines:\n{}",
+                        self.nodes[i].id,
+                        &l[tail..]
+                    );
+                }
                 panic!("regions did not converge within {timeout:?}: {ds:?}");
             }
             std::thread::sleep(Duration::from_millis(250));
