@@ -147,9 +147,24 @@ async fn an_isolated_region_neither_grants_nor_forgets_and_converges_after_heali
         }
     }
 
+    // Region 0 sees how long region 2 has been silent (probes run every second).
+    let silent = |c: &GeoCluster| {
+        common::series_value(
+            &c.metrics(0),
+            "idem_region_last_answer_age_seconds{region=\"ap-south\"}",
+        )
+        .unwrap_or(-1.0)
+    };
+    assert!(silent(&c) > 2.0, "region 2 silent for {} s", silent(&c));
+
     c.heal();
     let (records, _) = c.wait_converged(Duration::from_secs(60));
     assert!(records >= 40, "converged on {records} records");
+    assert!(
+        silent(&c) < 3.0,
+        "region 2 still silent for {} s",
+        silent(&c)
+    );
     // After healing the once-isolated region replays what was completed without it.
     for i in 0..20 {
         let k = format!("during-{i}");

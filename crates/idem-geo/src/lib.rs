@@ -751,6 +751,15 @@ impl Geo {
 
     /// Age of the oldest unshipped change per destination region, over this node's
     /// groups, and the dead-letter depth per destination.
+    /// Per other region: how long since one of its nodes last answered this node.
+    pub fn region_health(&self) -> BTreeMap<u16, Duration> {
+        self.inner
+            .links
+            .iter()
+            .map(|(r, l)| (*r, l.since_last_answer()))
+            .collect()
+    }
+
     pub fn replication_backlog(&self) -> BTreeMap<u16, relay::Backlog> {
         relay::backlog(self)
     }

@@ -72,6 +72,10 @@ pub struct RegionLink {
     queue: mpsc::Sender<PendingCall>,
     /// This node's clocks: every exchange measures the peer's offset.
     stamper: Arc<Stamper>,
+    /// When a node of the region last answered (any call, a clock probe included), and
+    /// when the link was made.
+    last_answer: std::sync::Mutex<Option<Instant>>,
+    created: Instant,
 }
 
 impl RegionLink {
@@ -101,6 +105,8 @@ impl RegionLink {
             my_region,
             queue,
             stamper,
+            last_answer: std::sync::Mutex::new(None),
+            created: Instant::now(),
         });
         tokio::spawn(batcher(
             Arc::downgrade(&link),
@@ -127,6 +133,13 @@ impl RegionLink {
             region: self.region,
             detail: "the batch was dropped".into(),
         })?
+    }
+
+    /// How long since a node of the region last answered (since the link was made, if
+    /// none ever did): the region's replication health as this node sees it.
+    pub fn since_last_answer(&self) -> Duration {
+        let last = *self.last_answer.lock().unwrap_or_else(|p| p.into_inner());
+        last.unwrap_or(self.created).elapsed()
     }
 
     /// Send an `Apply` and measure the answering node's clock offset from ours.
@@ -267,7 +280,10 @@ impl RegionLink {
                 region: self.region,
                 timeout,
             }),
-            Ok(Ok(resp)) => Ok(resp.into_inner().payload),
+            Ok(Ok(resp)) => {
+                *self.last_answer.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                Ok(resp.into_inner().payload)
+            }
             Ok(Err(st)) => Err(match st.code() {
                 tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => LinkError::Timeout {
                     region: self.region,

@@ -210,6 +210,7 @@ pub struct Metrics {
     pub peer_clock_offset_seconds: Family<Gauge>,
     pub clock_refused_total: Family<Counter>,
     pub clock_fault: Gauge,
+    pub region_last_answer_age_seconds: Family<Gauge>,
 }
 
 impl Metrics {
@@ -237,6 +238,7 @@ impl Metrics {
             self.outbox_queued.with(&l);
             self.outbox_skipped.with(&l);
             self.anti_entropy_repaired_total.with(&l);
+            self.region_last_answer_age_seconds.with(&l);
         }
     }
 }
@@ -275,6 +277,7 @@ impl Default for Metrics {
             peer_clock_offset_seconds: Family::new(&["peer"], Gauge::default),
             clock_refused_total: Family::new(&["peer"], Counter::default),
             clock_fault: Gauge::default(),
+            region_last_answer_age_seconds: Family::new(&["region"], Gauge::default),
         }
     }
 }
@@ -490,6 +493,11 @@ impl Metrics {
             "idem_clock_refused_total",
             "Timestamps from a peer node refused for being further ahead than the clock bound.",
             &self.clock_refused_total,
+        );
+        w.gauges(
+            "idem_region_last_answer_age_seconds",
+            "Seconds since a node of each other region last answered this node (any call or clock probe, sent at least once a second).",
+            &self.region_last_answer_age_seconds,
         );
         w.gauge(
             "idem_clock_fault",

@@ -121,6 +121,15 @@ impl NodeInfo {
             .set(s.pending_compaction_bytes as f64);
         m.rocksdb_write_stalled
             .set(f64::from(u8::from(s.write_stalled)));
+        for (region, age) in self.geo.region_health() {
+            let name = names
+                .get(&region)
+                .cloned()
+                .unwrap_or_else(|| region.to_string());
+            m.region_last_answer_age_seconds
+                .with(&[name.as_str()])
+                .set(age.as_secs_f64());
+        }
         for (peer, off) in self.stamper.peer_offsets() {
             m.peer_clock_offset_seconds
                 .with(&[peer.to_string().as_str()])
