@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 
 /// A measurement older than this no longer counts.
 pub const FRESH: Duration = Duration::from_secs(30);
-/// A measurement whose round trip took longer than this confirms nothing.
-pub const MAX_CONFIRMING_RTT_MS: u64 = 2_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerClock {
@@ -30,7 +28,12 @@ pub struct ClockHealth {
     bound_ms: u64,
     /// Whether this node has peers to measure (a cluster of one region has none).
     expect_peers: bool,
+    /// Each peer's latest measurement, and its most precise one (the shortest round
+    /// trip) still fresh: the latest shows a clock that moved, the most precise one
+    /// confirms a clock (NTP's clock filter), so a slow exchange neither confirms nor
+    /// condemns on its own.
     peers: BTreeMap<u64, PeerClock>,
+    best: BTreeMap<u64, PeerClock>,
     refused: BTreeMap<u64, u64>,
     /// A majority of fresh peers agreed with this clock since it was last anchored.
     confirmed: bool,
@@ -42,6 +45,7 @@ impl ClockHealth {
             bound_ms,
             expect_peers: false,
             peers: BTreeMap::new(),
+            best: BTreeMap::new(),
             refused: BTreeMap::new(),
             confirmed: false,
         }
@@ -53,6 +57,12 @@ impl ClockHealth {
 
     pub fn record(&mut self, peer: u64, clock: PeerClock) {
         self.peers.insert(peer, clock);
+        let keep = self.best.get(&peer).is_some_and(|b| {
+            clock.at.saturating_duration_since(b.at) < FRESH && b.rtt_ms < clock.rtt_ms
+        });
+        if !keep {
+            self.best.insert(peer, clock);
+        }
         let (within, beyond, fresh) = self.tally(clock.at);
         if fresh > 0 && within * 2 > fresh {
             self.confirmed = true;
@@ -78,29 +88,47 @@ impl ClockHealth {
     /// re-anchored): the clock must be confirmed again.
     pub fn reset(&mut self) {
         self.peers.clear();
+        self.best.clear();
         self.confirmed = false;
     }
 
     /// (peers that confirm this clock, peers surely beyond the bound, fresh peers). A
-    /// peer confirms when the offset, less the measurement's uncertainty, is within the
-    /// bound and the round trip was short enough to mean something.
+    /// peer confirms when its most precise fresh measurement puts the offset within the
+    /// bound even at the far end of its uncertainty (half the round trip) and its latest
+    /// one is not surely beyond; a peer is surely beyond when its latest measurement is,
+    /// even at the near end.
     fn tally(&self, now: Instant) -> (usize, usize, usize) {
-        let fresh: Vec<&PeerClock> = self
-            .peers
-            .values()
-            .filter(|p| now.saturating_duration_since(p.at) < FRESH)
-            .collect();
+        let fresh = |p: &&PeerClock| now.saturating_duration_since(p.at) < FRESH;
         let half = |p: &PeerClock| (p.rtt_ms / 2) as i64;
         let bound = self.bound_ms as i64;
-        let within = fresh
-            .iter()
-            .filter(|p| p.offset_ms.abs() - half(p) <= bound && p.rtt_ms <= MAX_CONFIRMING_RTT_MS)
-            .count();
-        let beyond = fresh
-            .iter()
-            .filter(|p| p.offset_ms.abs() - half(p) > bound)
-            .count();
-        (within, beyond, fresh.len())
+        let surely_beyond = |p: &PeerClock| p.offset_ms.abs() - half(p) > bound;
+        let mut within = 0;
+        let mut beyond = 0;
+        let mut n = 0;
+        for (peer, latest) in self.peers.iter().filter(|(_, p)| fresh(p)) {
+            n += 1;
+            if surely_beyond(latest) {
+                beyond += 1;
+            } else if self
+                .best
+                .get(peer)
+                .filter(fresh)
+                .is_some_and(|b| b.offset_ms.abs() + half(b) <= bound)
+            {
+                within += 1;
+            }
+        }
+        (within, beyond, n)
+    }
+
+    /// Half the shortest fresh round trip: how precisely the peers' time is known.
+    pub fn precision_ms(&self, now: Instant) -> u64 {
+        self.best
+            .values()
+            .filter(|p| now.saturating_duration_since(p.at) < FRESH)
+            .map(|p| p.rtt_ms / 2)
+            .min()
+            .unwrap_or(0)
     }
 
     /// The median offset of the fresh peers, if a majority of them is beyond the bound.
@@ -173,20 +201,29 @@ mod tests {
         let why = h.fault(t0).unwrap();
         assert!(why.contains("-2000 ms off 2 of its 3 peers"), "{why}");
         assert_eq!(h.majority_beyond(t0), Some(2_000));
-        // Beyond the bound by less than the measurement's uncertainty: confirmed.
+        // Beyond the bound by less than the measurement's uncertainty: neither beyond
+        // nor confirming.
         h.record(4, at(t0, 270));
         h.record(5, at(t0, 270));
+        assert!(h.fault(t0).is_some(), "not confirmed by uncertain readings");
+        h.record(4, at(t0, 5));
+        h.record(5, at(t0, 5));
         assert_eq!(h.fault(t0), None);
-        // A round trip too slow to mean anything confirms nothing.
+        // A slow exchange does not undo a precise measurement, nor confirm by itself.
         let mut h = ClockHealth::new(250);
         h.expect_peers(true);
         let slow = PeerClock {
             rtt_ms: 5_000,
-            ..at(t0, 0)
+            ..at(t0, 900)
         };
         h.record(4, slow);
         h.record(5, slow);
-        assert!(h.fault(t0).is_some());
+        assert!(h.fault(t0).is_some(), "a 5 s round trip confirms nothing");
+        h.record(4, at(t0, 10));
+        h.record(5, at(t0, 10));
+        h.record(4, slow);
+        h.record(5, slow);
+        assert_eq!(h.fault(t0), None, "the precise sample still stands");
         // Old measurements stop counting.
         let later = t0 + FRESH + Duration::from_secs(1);
         assert_eq!(h.majority_beyond(later), None);

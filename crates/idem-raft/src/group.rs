@@ -212,6 +212,9 @@ impl Stamper {
     /// beyond the bound and the wall clock now agrees with them, the stamp clock
     /// follows the wall clock again (and must be confirmed afresh).
     pub fn record_peer_clock(&self, peer: u64, peer_ms: u64, sent_ms: u64, received_ms: u64) {
+        if peer == self.identity.node_id {
+            return; // A node never confirms its own clock.
+        }
         let now = Instant::now();
         let mid = (sent_ms as i64 + received_ms as i64) / 2;
         let clock = crate::clock_health::PeerClock {
@@ -224,7 +227,7 @@ impl Stamper {
         if let Some(median) = h.majority_beyond(now) {
             let wall = self.wall_ms() as i64;
             let peers_now = self.now_ms() as i64 + median;
-            if (wall - peers_now).unsigned_abs() <= self.bound_ms / 2 {
+            if (wall - peers_now).unsigned_abs() <= self.bound_ms / 2 + h.precision_ms(now) {
                 tracing::warn!(
                     offset_ms = median,
                     "the wall clock agrees with the peers again; the stamp clock follows it"

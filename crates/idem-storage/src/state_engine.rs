@@ -41,22 +41,65 @@ const FORMAT_VERSION: u8 = 1;
 /// or re-applies after a crash; no replica's decision depends on its own clock or on
 /// when it compacted. Nothing on this path reads a clock.
 #[derive(Clone, Default)]
-struct Horizon(Arc<RwLock<std::collections::HashMap<Shard, u64>>>);
+struct Horizon(Arc<RwLock<HorizonState>>);
+
+#[derive(Default)]
+struct HorizonState {
+    published: std::collections::HashMap<Shard, u64>,
+    /// Snapshots being written, per shard: (their stamps, how many at each).
+    pins: std::collections::HashMap<Shard, BTreeMap<u64, usize>>,
+}
+
+/// Holds a shard's horizon at a stamp until dropped.
+struct Pin {
+    horizon: Horizon,
+    shard: Shard,
+    stamp: u64,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut s = self.horizon.0.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = s.pins.get_mut(&self.shard) {
+            if let Some(n) = p.get_mut(&self.stamp) {
+                *n -= 1;
+                if *n == 0 {
+                    p.remove(&self.stamp);
+                }
+            }
+            if p.is_empty() {
+                s.pins.remove(&self.shard);
+            }
+        }
+    }
+}
 
 impl Horizon {
+    /// The time up to which `shard`'s expired records may be dropped now: the published
+    /// durable stamp, held back to the oldest snapshot being written.
     fn get(&self, shard: Shard) -> u64 {
-        self.0
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&shard)
-            .copied()
-            .unwrap_or(0)
+        let s = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let published = s.published.get(&shard).copied().unwrap_or(0);
+        match s.pins.get(&shard).and_then(|p| p.keys().next()) {
+            Some(pinned) => published.min(*pinned),
+            None => published,
+        }
     }
 
     fn publish(&self, shard: Shard, stamp: u64) {
-        let mut m = self.0.write().unwrap_or_else(|p| p.into_inner());
-        let e = m.entry(shard).or_default();
+        let mut s = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let e = s.published.entry(shard).or_default();
         *e = (*e).max(stamp);
+    }
+
+    fn pin(&self, shard: Shard, stamp: u64) -> Pin {
+        let mut s = self.0.write().unwrap_or_else(|p| p.into_inner());
+        *s.pins.entry(shard).or_default().entry(stamp).or_default() += 1;
+        Pin {
+            horizon: self.clone(),
+            shard,
+            stamp,
+        }
     }
 
     fn filter(&self) -> impl Fn(u32, &[u8], &[u8]) -> FilterDecision + Send + 'static {
@@ -347,7 +390,7 @@ impl StateEngine {
                     if let Some(w) = idem_core::acceptor::touch(
                         stored.as_ref(),
                         t.fingerprint,
-                        t.at_ms,
+                        t.at_ms.max(stamp),
                         t.first_attempt_ms,
                         t.count,
                     ) {
@@ -634,7 +677,9 @@ impl StateEngine {
         let view = self.db.snapshot();
         let applied = view.get_cf(self.cf(CF_META), meta_key(shard, APPLIED))?;
         let stamp = u64_of(view.get_cf(self.cf(CF_META), meta_key(shard, STAMP))?);
-        self.horizon.publish(shard, stamp);
+        // Compaction filters do not spare what a RocksDB snapshot still shows: while the
+        // file is written, nothing the view's stamp leaves live may be dropped.
+        let _pin = self.horizon.pin(shard, stamp);
         let meta = make_meta(applied.as_deref())?;
         let file = snapshot::write(&self.snapshot_dir(), shard, &meta, stamp, |sink| {
             let mut ro = rocksdb::ReadOptions::default();
@@ -652,6 +697,8 @@ impl StateEngine {
             Ok(())
         })?;
         self.set_current_snapshot(shard, &file)?;
+        // Synced by `set_current_snapshot`: the view's stamp is durable now.
+        self.horizon.publish(shard, stamp);
         Ok((file, meta))
     }
 

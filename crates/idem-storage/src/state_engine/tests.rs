@@ -516,7 +516,8 @@ fn one_touch_entry_counts_the_attempts_of_many_keys_and_ships_nothing() {
     let ra = se.get_record(0, &key("a")).unwrap().unwrap();
     let rb = se.get_record(0, &key("b")).unwrap().unwrap();
     assert_eq!((ra.attempts, rb.attempts), (4, 2));
-    assert_eq!(ra.last_attempt_ms, now + 50);
+    // Judged no earlier than the entry's own stamp (now + 60), like every command.
+    assert_eq!(ra.last_attempt_ms, now + 60);
     assert_eq!(se.get_record(0, &key("zz")).unwrap(), None);
     assert_eq!(
         se.outbox_len(0, 1).unwrap(),
@@ -532,4 +533,16 @@ fn wall_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[test]
+fn a_snapshot_being_written_holds_the_compaction_horizon_back() {
+    let h = Horizon::default();
+    h.publish(0, 1_000);
+    let pin = h.pin(0, 1_000);
+    h.publish(0, 5_000);
+    assert_eq!(h.get(0), 1_000, "records the snapshot view shows live stay");
+    assert_eq!(h.get(1), 0);
+    drop(pin);
+    assert_eq!(h.get(0), 5_000);
 }
