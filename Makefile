@@ -70,7 +70,7 @@ jepsen-quick: jepsen-bins
 	  --nemesis partition-region,partition-node,kill,pause,clock
 	$(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem-broken-local-accept --time-limit 40 --seed 2 \
 	  --nemesis partition-region --expect-invalid double_grant
-	$(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem-broken-early-ack --time-limit 80 --seed 3 \
+	$(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem-broken-early-ack --time-limit 120 --seed 3 \
 	  --nemesis partition-region --quiet-s 2 --fault-s 6 --expect-invalid lost_completion
 
 # The long suite: every nemesis, ten minutes each for three seeds (about 35 minutes).

@@ -175,35 +175,14 @@ fn replicas_that_compact_at_different_times_decide_every_entry_alike() {
         results
     };
     // Batch 1: a payment reserved and completed, a key with a short retention, a lease.
-    let first = [
+    let first = vec![vec![
         reserve("paid", 1_000, 3_600_000, 1),
         reserve("short", 1_000, 1_500, 2),
         reserve("lease", 1_000, 3_600_000, 3),
-    ];
-    let ra = a
-        .apply(
-            0,
-            &first
-                .iter()
-                .map(|c| ApplyItem::Command(c, 1))
-                .collect::<Vec<_>>(),
-            b"applied-first",
-        )
-        .unwrap();
-    let rb = b
-        .apply(
-            0,
-            &first
-                .iter()
-                .map(|c| ApplyItem::Command(c, 1))
-                .collect::<Vec<_>>(),
-            b"applied-first",
-        )
-        .unwrap();
-    assert_eq!(ra, rb);
+    ]];
+    let ra = run(&a, true, &first);
+    assert_eq!(ra, run(&b, false, &first));
     let paid = fence_of(&ra[0]);
-    a.publish_horizon().unwrap();
-    a.compact();
     let batches = vec![
         vec![complete("paid", 1_100, paid, b"receipt")],
         // A later leader stamps 2,200; the next one's clock is behind (1,500): the
