@@ -263,11 +263,17 @@ fn check_key(key: &str, ops: &[&Op], skew: u64, v: &mut Verdict) {
                         second.to,
                         first.op.fence,
                         first.to,
-                        first.to.min(second.to) - second.from
+                        first.to.min(second.to).saturating_sub(second.from)
                     ),
                 );
-            } else if first.to < first.op.trust_end(skew) || first.op.trusted_until_ms == 0 {
-                // Released first, or no lease length recorded: nothing to say.
+            } else if first.to < first.op.trust_end(skew)
+                || first.op.trusted_until_ms == 0
+                || ops.iter().any(|r| {
+                    r.call == Call::Release && r.fence == first.op.fence && r.start_ms < second.from
+                })
+            {
+                // Released before the second grant, or no lease length recorded: nothing
+                // to say.
             } else {
                 let lease_ms = crate::workload::LEASE_MS;
                 let could_end = first.op.start_ms + lease_ms;
