@@ -126,28 +126,37 @@ pub fn now_ms() -> u64 {
 /// Read a history: events joined into one op per call (invocations without a
 /// completion become indeterminate), or lines of the earlier one-op-per-line format.
 pub fn parse(text: &str) -> Result<Vec<Op>, String> {
-    let mut ops: Vec<Op> = Vec::new();
-    let mut pending: std::collections::BTreeMap<u64, Op> = Default::default();
+    let mut events = Vec::new();
     for (i, l) in text.lines().enumerate() {
         if l.trim().is_empty() {
             continue;
         }
         let value: serde_json::Value =
             serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1))?;
-        if value.get("type").is_some() {
-            match serde_json::from_value::<Event>(value)
-                .map_err(|e| format!("line {}: {e}", i + 1))?
-            {
-                Event::Invoke(op) => {
-                    pending.insert(op.id, op);
-                }
-                Event::Complete(op) => {
-                    pending.remove(&op.id);
-                    ops.push(op);
-                }
-            }
+        let event = if value.get("type").is_some() {
+            serde_json::from_value::<Event>(value)
         } else {
-            ops.push(serde_json::from_value(value).map_err(|e| format!("line {}: {e}", i + 1))?);
+            serde_json::from_value::<Op>(value).map(Event::Complete)
+        };
+        events.push(event.map_err(|e| format!("line {}: {e}", i + 1))?);
+    }
+    Ok(join(events))
+}
+
+/// Events joined into one op per call, in id order; an invocation without its
+/// completion becomes indeterminate.
+pub fn join(events: impl IntoIterator<Item = Event>) -> Vec<Op> {
+    let mut ops: Vec<Op> = Vec::new();
+    let mut pending: std::collections::BTreeMap<u64, Op> = Default::default();
+    for e in events {
+        match e {
+            Event::Invoke(op) => {
+                pending.insert(op.id, op);
+            }
+            Event::Complete(op) => {
+                pending.remove(&op.id);
+                ops.push(op);
+            }
         }
     }
     for (_, mut op) in pending {
@@ -156,7 +165,7 @@ pub fn parse(text: &str) -> Result<Vec<Op>, String> {
         ops.push(op);
     }
     ops.sort_by_key(|o| o.id);
-    Ok(ops)
+    ops
 }
 
 /// Write a history as events.

@@ -75,8 +75,12 @@ impl Recorder {
     }
 
     pub fn ops(&self) -> Vec<Op> {
-        let text = crate::history::render(&self.events.lock().unwrap_or_else(|p| p.into_inner()));
-        crate::history::parse(&text).unwrap_or_default()
+        let events = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        crate::history::join(events)
     }
 }
 

@@ -45,53 +45,69 @@ impl GeoService {
 const MAX_PEER_KEY_BYTES: usize = 64 << 10;
 
 impl Geo {
-    /// What a peer may ask of this region's groups: its part of a proposal, of a
-    /// holder's call, or the withdraws and final notices that follow; for the key's own
-    /// shard; within the sizes any node of the cluster sends. Anything else (a Merge, an
-    /// OutboxAck, a Touch or a Reserve, a completion with a quorum of the sender's
-    /// choosing, an Extend without the proposer's lease end) is refused.
+    /// A peer's call checked against this cluster ([`check_peer_call`]).
     pub(crate) fn check_peer_call(&self, c: &crate::wire::Call) -> Result<(), String> {
-        let shards = self.config().shards;
-        let expected = idem_core::shard::shard_of(&c.key, shards);
-        if c.shard != expected {
-            return Err(format!(
-                "shard {} does not hold this key (its shard is {expected})",
-                c.shard
-            ));
-        }
-        if c.key.tenant.is_empty() {
-            return Err("a key without a tenant".into());
-        }
-        if c.key.approx_bytes() > MAX_PEER_KEY_BYTES {
-            return Err(format!("a key of {} bytes", c.key.approx_bytes()));
-        }
-        let majority = (self.config().regions.len() / 2 + 1) as u32;
-        match &c.op {
-            Op::Propose { .. } | Op::Release { .. } | Op::Withdraw { .. } | Op::Final { .. } => {
-                Ok(())
+        let cfg = self.config();
+        check_peer_call(
+            c,
+            cfg.shards,
+            (cfg.regions.len() / 2 + 1) as u32,
+            cfg.max_response_bytes,
+        )
+    }
+}
+
+/// Whether `key` belongs to `shard` in a cluster of `shards`.
+fn check_shard(key: &Key, shard: u32, shards: u32) -> Result<(), String> {
+    let expected = idem_core::shard::shard_of(key, shards);
+    if shard != expected {
+        return Err(format!(
+            "shard {shard} does not hold this key (its shard is {expected})"
+        ));
+    }
+    Ok(())
+}
+
+/// What a peer may ask of this region's groups: its part of a proposal, of a holder's
+/// call, or the withdraws and final notices that follow; for the key's own shard;
+/// within the sizes any node of the cluster sends. Anything else (a Merge, an
+/// OutboxAck, a Touch or a Reserve, a completion with a quorum other than the
+/// cluster's majority, an Extend without the proposer's lease end) is refused.
+fn check_peer_call(
+    c: &crate::wire::Call,
+    shards: u32,
+    majority: u32,
+    max_response_bytes: usize,
+) -> Result<(), String> {
+    check_shard(&c.key, c.shard, shards)?;
+    if c.key.tenant.is_empty() {
+        return Err("a key without a tenant".into());
+    }
+    if c.key.approx_bytes() > MAX_PEER_KEY_BYTES {
+        return Err(format!("a key of {} bytes", c.key.approx_bytes()));
+    }
+    match &c.op {
+        Op::Propose { .. } | Op::Release { .. } | Op::Withdraw { .. } | Op::Final { .. } => Ok(()),
+        Op::Complete {
+            quorum, response, ..
+        } => {
+            if *quorum != majority {
+                return Err(format!(
+                    "a completion with quorum {quorum}; this cluster's is {majority}"
+                ));
             }
-            Op::Complete {
-                quorum, response, ..
-            } => {
-                if *quorum != majority {
-                    return Err(format!(
-                        "a completion with quorum {quorum}; this cluster's is {majority}"
-                    ));
-                }
-                if response.size() > self.config().max_response_bytes {
-                    return Err(format!(
-                        "a response of {} bytes, above limits.max_response_bytes ({})",
-                        response.size(),
-                        self.config().max_response_bytes
-                    ));
-                }
-                Ok(())
+            if response.size() > max_response_bytes {
+                return Err(format!(
+                    "a response of {} bytes, above limits.max_response_bytes ({max_response_bytes})",
+                    response.size()
+                ));
             }
-            Op::Extend {
-                until_ms: Some(_), ..
-            } => Ok(()),
-            other => Err(format!("a peer may not send `{}`", other.name())),
+            Ok(())
         }
+        Op::Extend {
+            until_ms: Some(_), ..
+        } => Ok(()),
+        other => Err(format!("a peer may not send `{}`", other.name())),
     }
 }
 
@@ -263,10 +279,10 @@ impl GeoRpc for GeoService {
                     Ok(s) if s.key.tenant.is_empty() => {
                         EntryResult::Invalid("entry without a tenant".into())
                     }
-                    Ok(s) if idem_core::shard::shard_of(&s.key, geo.config().shards) != r.shard => {
-                        EntryResult::Invalid(format!("the key is not in shard {}", r.shard))
-                    }
-                    Ok(s) => geo.merge_record(r.shard, s.key, s.record).await,
+                    Ok(s) => match check_shard(&s.key, r.shard, geo.config().shards) {
+                        Err(e) => EntryResult::Invalid(e),
+                        Ok(()) => geo.merge_record(r.shard, s.key, s.record).await,
+                    },
                 }
             }
         }))
@@ -326,5 +342,82 @@ impl GeoRpc for GeoService {
             self.geo.my_region(),
             encode(&FetchResponse { records, next }),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Call;
+    use idem_core::{Fence, StoredResponse};
+
+    fn call(op: Op) -> Call {
+        let key = Key {
+            tenant: "t".into(),
+            scope: "s".into(),
+            key: b"k".to_vec(),
+        };
+        Call {
+            shard: idem_core::shard::shard_of(&key, 8),
+            key,
+            op,
+        }
+    }
+
+    fn complete(quorum: u32, body: usize) -> Op {
+        Op::Complete {
+            fence: Fence::default(),
+            response: StoredResponse {
+                status: 200,
+                headers: vec![],
+                body: vec![0; body],
+            },
+            quorum,
+        }
+    }
+
+    #[test]
+    fn a_peer_may_send_only_the_calls_of_the_protocol_for_the_keys_own_shard() {
+        let check = |c: &Call| check_peer_call(c, 8, 2, 1_000);
+        let fence = Fence::default();
+        for op in [
+            Op::Release { fence },
+            Op::Final { fence },
+            Op::Extend {
+                fence,
+                lease_ms: 1_000,
+                until_ms: Some(5),
+            },
+            complete(2, 10),
+        ] {
+            assert_eq!(check(&call(op.clone())), Ok(()), "{op:?}");
+        }
+        // Ops a peer never sends, and a completion made final by a quorum of its choosing.
+        for op in [
+            Op::Touch { items: vec![] },
+            Op::OutboxAck {
+                dest: 1,
+                upto: 9,
+                dead: vec![],
+            },
+            Op::Extend {
+                fence,
+                lease_ms: 1_000,
+                until_ms: None,
+            },
+            complete(1, 10),
+            complete(2, 1_001),
+        ] {
+            assert!(check(&call(op.clone())).is_err(), "{op:?} was accepted");
+        }
+        // Another shard than the key's.
+        let mut c = call(Op::Release { fence });
+        c.shard = (c.shard + 1) % 8;
+        assert!(check(&c).unwrap_err().contains("does not hold this key"));
+        // A key without a tenant.
+        let mut c = call(Op::Release { fence });
+        c.key.tenant.clear();
+        c.shard = idem_core::shard::shard_of(&c.key, 8);
+        assert!(check(&c).is_err());
     }
 }

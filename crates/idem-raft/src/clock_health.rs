@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 /// A measurement older than this no longer counts.
 pub const FRESH: Duration = Duration::from_secs(30);
+/// Most peers tracked: node ids come from peers' messages, so a bound keeps a confused
+/// or hostile peer from growing the maps (refusals beyond it count under peer 0).
+pub const MAX_PEERS: usize = 1_024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerClock {
@@ -56,6 +59,9 @@ impl ClockHealth {
     }
 
     pub fn record(&mut self, peer: u64, clock: PeerClock) {
+        if !self.peers.contains_key(&peer) && self.peers.len() >= MAX_PEERS {
+            return;
+        }
         self.peers.insert(peer, clock);
         let keep = self.best.get(&peer).is_some_and(|b| {
             clock.at.saturating_duration_since(b.at) < FRESH && b.rtt_ms < clock.rtt_ms
@@ -73,6 +79,11 @@ impl ClockHealth {
     }
 
     pub fn refused(&mut self, peer: u64) {
+        let peer = if self.refused.contains_key(&peer) || self.refused.len() < MAX_PEERS {
+            peer
+        } else {
+            0
+        };
         *self.refused.entry(peer).or_default() += 1;
     }
 
@@ -227,6 +238,19 @@ mod tests {
         // Old measurements stop counting.
         let later = t0 + FRESH + Duration::from_secs(1);
         assert_eq!(h.majority_beyond(later), None);
+    }
+
+    #[test]
+    fn the_peers_tracked_are_bounded() {
+        let t0 = Instant::now();
+        let mut h = ClockHealth::new(250);
+        for p in 1..=(MAX_PEERS as u64 + 10) {
+            h.record(p, at(t0, 0));
+            h.refused(p);
+        }
+        assert_eq!(h.peers().len(), MAX_PEERS);
+        assert!(h.refusals().len() <= MAX_PEERS + 1);
+        assert_eq!(h.refusals().get(&0), Some(&10));
     }
 
     #[test]

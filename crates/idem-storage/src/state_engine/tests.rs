@@ -136,7 +136,7 @@ fn fence_of(r: &Option<CommandResult>) -> idem_core::Fence {
 fn logical(se: &StateEngine) -> Vec<(Vec<u8>, Vec<u8>)> {
     let now = se.applied_stamp(0).unwrap();
     let mut out = Vec::new();
-    for k in ["paid", "short", "lease", "later"] {
+    for k in ["paid", "short", "lease", "later", "gone"] {
         if let Some(r) = se.get_record(0, &key(k)).unwrap() {
             if !r.is_expired(now) {
                 out.push((k.as_bytes().to_vec(), encode_record(&r)));
@@ -179,6 +179,7 @@ fn replicas_that_compact_at_different_times_decide_every_entry_alike() {
         reserve("paid", 1_000, 3_600_000, 1),
         reserve("short", 1_000, 1_500, 2),
         reserve("lease", 1_000, 3_600_000, 3),
+        reserve("gone", 1_000, 1_500, 8),
     ]];
     let ra = run(&a, true, &first);
     assert_eq!(ra, run(&b, false, &first));
@@ -224,9 +225,14 @@ fn replicas_that_compact_at_different_times_decide_every_entry_alike() {
     );
     assert_eq!(logical(&a), logical(&b));
     assert_eq!(a.applied_stamp(0).unwrap(), 5_000);
-    // The replica that compacted dropped what had expired at its durable stamp (the
-    // first "short" record, before it was reserved again), nothing else.
-    assert!(a.raw_record_count(0).unwrap() <= b.raw_record_count(0).unwrap());
+    // The replica that compacted dropped what had expired at its durable stamp ("gone",
+    // expired at 2,500 and never written again); the other still stores it.
+    assert!(a.get_record(0, &key("gone")).unwrap().is_none());
+    assert!(b.get_record(0, &key("gone")).unwrap().is_some());
+    assert_eq!(
+        a.raw_record_count(0).unwrap() + 1,
+        b.raw_record_count(0).unwrap()
+    );
 }
 
 #[test]
