@@ -58,6 +58,8 @@ pub struct BenchConfig {
     /// The scope of every key. The cluster's `[[namespaces]]` decide its mode: GLOBAL
     /// (the default) or REGIONAL.
     pub scope: String,
+    /// Bytes of each completion's response body (0: a 11-byte JSON body).
+    pub response_bytes: usize,
     pub progress: bool,
 }
 
@@ -74,6 +76,12 @@ pub struct Report {
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub max_ms: f64,
+    /// The Complete calls alone (of the requests granted NEW), with this body size.
+    pub response_bytes: usize,
+    pub completes: u64,
+    pub complete_p50_ms: f64,
+    pub complete_p99_ms: f64,
+    pub complete_max_ms: f64,
 }
 
 impl Report {
@@ -85,25 +93,55 @@ impl Report {
             .collect::<Vec<_>>()
             .join(", ");
         format!(
-            "| scenario | mode | concurrency | ops/s | p50 ms | p99 ms | p999 ms | max ms | outcomes |\n|---|---|---|---|---|---|---|---|---|\n| {:?} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |\n",
-            self.scenario, self.mode, self.concurrency, self.ops_per_sec, self.p50_ms, self.p99_ms, self.p999_ms, self.max_ms, outcomes
+            "| scenario | mode | concurrency | ops/s | p50 ms | p99 ms | p999 ms | max ms | outcomes |\n|---|---|---|---|---|---|---|---|---|\n| {:?} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |\n\n\
+             | Complete | body bytes | calls | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|\n| | {} | {} | {:.2} | {:.2} | {:.2} |\n",
+            self.scenario, self.mode, self.concurrency, self.ops_per_sec, self.p50_ms, self.p99_ms, self.p999_ms, self.max_ms, outcomes,
+            self.response_bytes, self.completes, self.complete_p50_ms, self.complete_p99_ms, self.complete_max_ms
         )
     }
 }
 
 struct Shared {
     hist: Mutex<Histogram<u64>>,
+    complete_hist: Mutex<Histogram<u64>>,
     outcomes: Mutex<BTreeMap<String, u64>>,
+    response: StoredResponse,
+}
+
+fn record_in(hist: &Mutex<Histogram<u64>>, started: Instant) {
+    let us = started.elapsed().as_micros().max(1) as u64;
+    let _ = hist
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .record(us.min(3_600_000_000));
+}
+
+/// The response every completion stores: `bytes` of pseudo-random data (not
+/// compressible), or a short JSON body.
+fn response_of(bytes: usize) -> StoredResponse {
+    let body = if bytes == 0 {
+        b"{\"ok\":true}".to_vec()
+    } else {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        (0..bytes)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    StoredResponse {
+        status: 200,
+        headers: vec![],
+        body,
+    }
 }
 
 impl Shared {
     fn record(&self, started: Instant, outcome: &str) {
-        let us = started.elapsed().as_micros().max(1) as u64;
-        let _ = self
-            .hist
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .record(us.min(3_600_000_000));
+        record_in(&self.hist, started);
         *self
             .outcomes
             .lock()
@@ -128,12 +166,13 @@ fn label(r: &Result<Reservation, idem_client::Error>) -> &'static str {
 }
 
 /// One request of the scenario: Reserve, and Complete when granted.
-async fn one(client: &Client, cfg: &BenchConfig, seq: u64, run: &str) -> &'static str {
-    let response = StoredResponse {
-        status: 200,
-        headers: vec![],
-        body: b"{\"ok\":true}".to_vec(),
-    };
+async fn one(
+    client: &Client,
+    cfg: &BenchConfig,
+    shared: &Shared,
+    seq: u64,
+    run: &str,
+) -> &'static str {
     let (key, variant) = match cfg.scenario {
         Scenario::NewKeys => (format!("{run}-n{seq}"), 0),
         Scenario::ReplayHeavy => (format!("{run}-k{}", seq % cfg.keys as u64), 0),
@@ -154,20 +193,22 @@ async fn one(client: &Client, cfg: &BenchConfig, seq: u64, run: &str) -> &'stati
     let req = ReserveRequest::new(cfg.scope.clone(), key, fp);
     let r = client.reserve(&req).await;
     if let Ok(Reservation::New(lease)) = &r {
-        if client.complete(lease, &response).await.is_err() {
+        let t = Instant::now();
+        if client.complete(lease, &shared.response).await.is_err() {
             return "error";
         }
+        record_in(&shared.complete_hist, t);
     }
     label(&r)
 }
 
 /// Complete every key of the shared key space once, so replay-heavy reads replays.
-async fn preload(client: &Client, cfg: &BenchConfig, run: &str) {
+async fn preload(client: &Client, cfg: &BenchConfig, shared: &Shared, run: &str) {
     if cfg.scenario != Scenario::ReplayHeavy {
         return;
     }
     for i in 0..cfg.keys as u64 {
-        let _ = one(client, cfg, i, run).await;
+        let _ = one(client, cfg, shared, i, run).await;
     }
 }
 
@@ -182,11 +223,21 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, idem_client::Error> {
         clients.push(Client::connect(c).await?);
     }
     let run_id = format!("b{}", idem_client::now_ms());
-    preload(&clients[0], &cfg, &run_id).await;
+    let hist =
+        || Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"));
     let shared = Arc::new(Shared {
-        hist: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")),
+        hist: hist(),
+        complete_hist: hist(),
         outcomes: Mutex::new(BTreeMap::new()),
+        response: response_of(cfg.response_bytes),
     });
+    preload(&clients[0], &cfg, &shared, &run_id).await;
+    // What the preload completed is not part of the measurement.
+    shared
+        .complete_hist
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .reset();
     let seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + cfg.duration;
@@ -226,7 +277,7 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, idem_client::Error> {
                     while Instant::now() < deadline {
                         let n = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let t = Instant::now();
-                        let outcome = one(&client, &cfg, n, &run_id).await;
+                        let outcome = one(&client, &cfg, &shared, n, &run_id).await;
                         shared.record(t, outcome);
                     }
                 }));
@@ -248,7 +299,7 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, idem_client::Error> {
                 let (cfg, shared, run_id) = (cfg.clone(), shared.clone(), run_id.clone());
                 // Not kept: the semaphore bounds and tracks what is in flight.
                 tokio::spawn(async move {
-                    let outcome = one(&client, &cfg, n, &run_id).await;
+                    let outcome = one(&client, &cfg, &shared, n, &run_id).await;
                     // Measured from the scheduled start: coordinated omission corrected.
                     shared.record(scheduled, outcome);
                     drop(permit);
@@ -275,6 +326,11 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, idem_client::Error> {
         .clone();
     let ops: u64 = outcomes.values().sum();
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let chist = shared
+        .complete_hist
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let cms = |q: f64| chist.value_at_quantile(q) as f64 / 1000.0;
     Ok(Report {
         scenario: cfg.scenario,
         mode: if cfg.rate.is_some() {
@@ -291,5 +347,10 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, idem_client::Error> {
         p99_ms: ms(0.99),
         p999_ms: ms(0.999),
         max_ms: hist.max() as f64 / 1000.0,
+        response_bytes: shared.response.body.len(),
+        completes: chist.len(),
+        complete_p50_ms: cms(0.5),
+        complete_p99_ms: cms(0.99),
+        complete_max_ms: chist.max() as f64 / 1000.0,
     })
 }

@@ -28,6 +28,10 @@ pub struct BenchArgs {
     /// default; REGIONAL for a scope configured so).
     #[arg(long, default_value = "bench")]
     pub scope: String,
+    /// Bytes of each completion's response body (0: a short JSON body); the report
+    /// shows the Complete calls' latency apart.
+    #[arg(long, default_value_t = 0)]
+    pub response_bytes: usize,
     /// Write the report as JSON here.
     #[arg(long)]
     pub json_out: Option<std::path::PathBuf>,
@@ -42,6 +46,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         rate: a.rate,
         keys: a.keys.max(1),
         scope: a.scope,
+        response_bytes: a.response_bytes,
         progress: true,
     };
     let report = idem_bench::run(cfg).await?;

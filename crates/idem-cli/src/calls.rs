@@ -73,6 +73,9 @@ pub struct CompleteArgs {
     /// Response body.
     #[arg(long, default_value = "")]
     pub body: String,
+    /// Response body read from a file, byte for byte (binary or large bodies).
+    #[arg(long, conflicts_with = "body")]
+    pub body_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -149,11 +152,30 @@ fn body_text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Bodies up to this size that are UTF-8 are shown as text; others by size and digest.
+const SHOWN_BODY_BYTES: usize = 1024;
+
+fn body_sha256(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// The body as a terminal line shows it: the text itself when short and UTF-8, its size
+/// and SHA-256 otherwise (compare with `sha256sum` of the file it was completed with).
+fn body_line(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(t) if b.len() <= SHOWN_BODY_BYTES => format!("{t:?}"),
+        _ => format!("<{} bytes, sha256 {}>", b.len(), body_sha256(b)),
+    }
+}
+
 pub fn response_json(r: &StoredResponse) -> Value {
     json!({
         "status": r.status,
         "headers": r.headers.iter().map(|h| json!({"name": h.name, "value": body_text(&h.value)})).collect::<Vec<_>>(),
         "body": body_text(&r.body),
+        "body_bytes": r.body.len(),
+        "body_sha256": body_sha256(&r.body),
     })
 }
 
@@ -179,7 +201,7 @@ pub fn describe(res: &Reservation) -> (Value, String) {
         ),
         Reservation::Replay(r) => (
             json!({"outcome": "replay", "response": response_json(r)}),
-            format!("REPLAY status={} body={:?}", r.status, body_text(&r.body)),
+            format!("REPLAY status={} body={}", r.status, body_line(&r.body)),
         ),
         Reservation::Mismatch { stored_fingerprint } => (
             json!({"outcome": "mismatch", "stored_fingerprint": hex::encode(stored_fingerprint)}),
@@ -229,10 +251,15 @@ pub async fn complete(a: CompleteArgs) -> anyhow::Result<ExitCode> {
             value: v.as_bytes().to_vec(),
         });
     }
+    let body = match &a.body_file {
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("--body-file {}: cannot read it", path.display()))?,
+        None => a.body.into_bytes(),
+    };
     let resp = StoredResponse {
         status: a.status,
         headers,
-        body: a.body.into_bytes(),
+        body,
     };
     let c = client(&a.common).await?;
     match c.complete(&lease_for(&a.k, fence), &resp).await {

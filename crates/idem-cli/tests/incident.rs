@@ -29,6 +29,7 @@ async fn sdk_key_reuse_fires_the_mismatch_alert() {
         rate: None,
         keys: 1000,
         scope: "bench".into(),
+        response_bytes: 0,
         progress: false,
     })
     .await
@@ -64,6 +65,7 @@ async fn open_loop_holds_its_rate() {
         rate: Some(40.0),
         keys: 1000,
         scope: "bench".into(),
+        response_bytes: 0,
         progress: false,
     })
     .await

@@ -249,15 +249,19 @@ impl Stamper {
             .refused(peer);
     }
 
+    /// How far the stamp clock runs ahead of the corrected wall clock (it waits after
+    /// the wall clock jumped back).
+    fn stamp_ahead_ms(&self) -> u64 {
+        let wall = self.wall_ms();
+        let mut c = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        c.read(wall, now);
+        c.ahead_of_followed_ms(now)
+    }
+
     /// Why this node must not grant, accept or acknowledge now (`None`: it may).
     pub fn clock_fault(&self) -> Option<String> {
-        let wall = self.wall_ms();
-        let ahead = {
-            let mut c = self.clock.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            c.read(wall, now);
-            c.ahead_of_followed_ms(now)
-        };
+        let ahead = self.stamp_ahead_ms();
         if ahead > self.bound_ms {
             return Some(format!(
                 "the stamp clock is {ahead} ms ahead of the corrected wall clock; waiting for it"
@@ -267,6 +271,21 @@ impl Stamper {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .fault(Instant::now())
+    }
+
+    /// Whether this node's clock is known to be off (a majority of its peers measure it
+    /// beyond the bound, or the stamp clock waits for a wall clock that jumped back): it
+    /// should hand its leaderships to nodes that can serve. (A clock not yet confirmed,
+    /// at start, is not known to be off: that node may lead, as reads and merges need a
+    /// leader, while it grants nothing.)
+    pub fn clock_known_off(&self) -> bool {
+        self.stamp_ahead_ms() > self.bound_ms
+            || self
+                .health
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .majority_beyond(Instant::now())
+                .is_some()
     }
 
     /// Each measured peer node's clock offset from ours, in milliseconds.
@@ -370,6 +389,69 @@ pub struct Group {
     stamper: Arc<Stamper>,
     forwarder: Forwarder,
     timeout: Duration,
+    _clock_guard: AbortOnDrop,
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// While this node's clock is known to be off it neither keeps nor seeks leadership of
+/// the group: a leader that stamps nothing leaves its group unable to write, so it hands
+/// leadership to the voter holding most of the log, and its election timer stays off
+/// until the clock is back (the other voters elect among themselves). If every voter's
+/// clock is off, the group has no leader, as it could not stamp anything anyway.
+async fn clock_guard(
+    raft: Raft<TypeConfig, StateMachine>,
+    stamper: Arc<Stamper>,
+    group: GroupId,
+    pause: Duration,
+) {
+    let me = stamper.identity().node_id;
+    let mut off = false;
+    let mut handed_over: Option<std::time::Instant> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let known_off = stamper.clock_known_off();
+        if known_off != off {
+            off = known_off;
+            raft.runtime_config().elect(!off);
+            if off {
+                tracing::warn!(group = %group, "clock known off: this node stops campaigning and hands over its leadership");
+            } else {
+                tracing::info!(group = %group, "clock back within the bound: this node campaigns again");
+            }
+        }
+        let m = raft.metrics().borrow_watched().clone();
+        if m.state == ServerState::Shutdown {
+            return;
+        }
+        if !off || m.current_leader != Some(me) {
+            continue;
+        }
+        if handed_over.is_some_and(|t| t.elapsed() < pause) {
+            continue;
+        }
+        let voters: Vec<u64> = m.membership_config.voter_ids().collect();
+        let to = m.replication.as_ref().and_then(|r| {
+            r.iter()
+                .filter(|(id, _)| **id != me && voters.contains(id))
+                .max_by_key(|(_, matched)| matched.as_ref().map(|l| l.index))
+                .map(|(id, _)| *id)
+        });
+        if let Some(to) = to {
+            tracing::warn!(group = %group, to, "clock known off: handing leadership over");
+            if let Err(e) = raft.trigger().transfer_leader(to).await {
+                tracing::warn!(group = %group, error = %e, "leadership hand-over failed");
+            }
+            handed_over = Some(std::time::Instant::now());
+        }
+    }
 }
 
 impl Group {
@@ -427,11 +509,18 @@ impl Group {
                 tracing::debug!(group = %id, error = %e, "initialize refused");
             }
         }
+        let guard = AbortOnDrop(tokio::spawn(clock_guard(
+            raft.clone(),
+            stamper.clone(),
+            id,
+            Duration::from_millis(cfg.election_timeout_max_ms),
+        )));
         Ok(Group {
             id,
             node_id,
             raft,
             engine: state,
+            _clock_guard: guard,
             stamper,
             forwarder: Forwarder::start(id, channels, cfg.request_timeout, cfg.max_response_bytes),
             timeout: cfg.request_timeout,

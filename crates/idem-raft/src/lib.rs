@@ -11,10 +11,16 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 64 << 20;
 /// peer message, so that the estimate's slack never reaches the message limit.
 pub const MAX_BATCH_BYTES: usize = MAX_PEER_MESSAGE_BYTES / 2;
 /// Most entry bytes one AppendEntries carries (the first entry travels whatever its
-/// size). openraft gives every AppendEntries one heartbeat interval to complete and
-/// sends the same range again when it does not, so a follower catching up on a long
-/// backlog of large entries must receive it in pieces that each arrive in time.
+/// size): a follower catching up on a long backlog of large entries receives it in
+/// pieces, each with a deadline it can meet (see [`APPEND_BYTES_PER_MS`]).
 pub const MAX_APPEND_BYTES: usize = 1 << 20;
+/// The slowest rate at which a follower is expected to receive, decode and persist
+/// entry bytes (512 KB/s, far below any build on any disk). openraft hands each
+/// AppendEntries a time-to-live of one heartbeat interval; an AppendEntries is given
+/// that plus one millisecond per this many bytes it carries, so that a large entry is
+/// not cut off, and resent, forever (heartbeats travel separately, so a long
+/// AppendEntries does not delay them).
+pub const APPEND_BYTES_PER_MS: usize = 512;
 
 pub mod batch;
 pub mod clock_health;

@@ -139,20 +139,27 @@ impl Network {
     }
 }
 
-/// How many of `entries`, from the first, fit in `max_bytes` (at least one).
-fn append_prefix(entries: &[crate::types::Entry], max_bytes: usize) -> usize {
+/// How many of `entries`, from the first, fit in `max_bytes` (at least one), and their
+/// bytes (as estimated for batching).
+fn append_prefix(entries: &[crate::types::Entry], max_bytes: usize) -> (usize, usize) {
     let mut bytes = 0usize;
     for (i, e) in entries.iter().enumerate() {
         let n = match &e.payload {
             openraft::EntryPayload::Normal(cmd) => cmd.key.approx_bytes() + cmd.op.approx_bytes(),
             _ => 256,
         };
-        bytes = bytes.saturating_add(n);
-        if bytes > max_bytes && i > 0 {
-            return i;
+        if i > 0 && bytes.saturating_add(n) > max_bytes {
+            return (i, bytes);
         }
+        bytes = bytes.saturating_add(n);
     }
-    entries.len()
+    (entries.len(), bytes)
+}
+
+/// The deadline of an AppendEntries carrying `bytes` of entries: openraft's time-to-live
+/// plus time for the bytes at [`crate::APPEND_BYTES_PER_MS`].
+pub(crate) fn append_deadline(ttl: Duration, bytes: usize) -> Duration {
+    ttl + Duration::from_millis(bytes.div_ceil(crate::APPEND_BYTES_PER_MS) as u64)
 }
 
 impl RaftNetworkV2<TypeConfig> for Network {
@@ -165,7 +172,7 @@ impl RaftNetworkV2<TypeConfig> for Network {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         // Bounded in bytes as well as entries: send the longest prefix that fits (at
         // least one entry) and report a partial success, so openraft sends the rest next.
-        let sent = append_prefix(&rpc.entries, crate::MAX_APPEND_BYTES);
+        let (sent, bytes) = append_prefix(&rpc.entries, crate::MAX_APPEND_BYTES);
         let partial = (sent < rpc.entries.len()).then(|| {
             rpc.entries.truncate(sent);
             let last = rpc.entries.last().map(|e| e.log_id);
@@ -174,7 +181,7 @@ impl RaftNetworkV2<TypeConfig> for Network {
             last
         });
         let mut req = tonic::Request::new(self.message(encode(&rpc)));
-        req.set_timeout(option.hard_ttl());
+        req.set_timeout(append_deadline(option.hard_ttl(), bytes));
         let resp = self
             .client()?
             .append_entries(req)
@@ -260,5 +267,58 @@ impl RaftNetworkV2<TypeConfig> for Network {
         decode::<Result<SnapshotResponse<TypeConfig>, String>>(&resp.into_inner().payload)
             .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?
             .map_err(|e| StreamingError::Network(NetworkError::from_string(e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Entry, LogId, TypeConfig};
+    use idem_core::{ClaimId, Command, Fence, Key, Op, StoredResponse};
+    use openraft::vote::RaftLeaderIdExt;
+
+    fn entry(index: u64, body: usize) -> Entry {
+        let leader = <TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(2, 1);
+        let op = Op::Complete {
+            fence: Fence::default(),
+            response: StoredResponse {
+                status: 200,
+                headers: Vec::new(),
+                body: vec![1; body],
+            },
+            quorum: 2,
+        };
+        let cmd = Command {
+            now_ms: 1_700_000_000_000,
+            skew_margin_ms: 500,
+            claim: ClaimId::default(),
+            region_bit: 1,
+            key: Key::default(),
+            op,
+        };
+        Entry {
+            log_id: LogId::new(leader, index),
+            payload: openraft::EntryPayload::Normal(cmd),
+        }
+    }
+
+    #[test]
+    fn an_append_carries_at_most_its_byte_bound_and_gets_time_for_its_bytes() {
+        const KIB: usize = 1 << 10;
+        let ttl = Duration::from_millis(50);
+        // Three entries of 600 KiB: one per AppendEntries, each given time for its bytes.
+        let big: Vec<Entry> = (1..=3).map(|i| entry(i, 600 * KIB)).collect();
+        let (n, bytes) = append_prefix(&big, crate::MAX_APPEND_BYTES);
+        assert_eq!(n, 1);
+        assert!(bytes >= 600 * KIB, "{bytes}");
+        assert!(append_deadline(ttl, bytes) >= ttl + Duration::from_millis(1_200));
+        // An entry above the bound travels alone rather than never.
+        let (n, bytes) = append_prefix(&[entry(1, 3 << 20), entry(2, 10)], crate::MAX_APPEND_BYTES);
+        assert_eq!((n, bytes >= 3 << 20), (1, true));
+        // Small entries go together, with the heartbeat's time-to-live and little more.
+        let small: Vec<Entry> = (1..=100).map(|i| entry(i, 100)).collect();
+        let (n, bytes) = append_prefix(&small, crate::MAX_APPEND_BYTES);
+        assert_eq!(n, 100);
+        assert!(append_deadline(ttl, bytes) < ttl + Duration::from_millis(100));
     }
 }
