@@ -158,13 +158,21 @@ async fn an_isolated_region_neither_grants_nor_forgets_and_converges_after_heali
     assert!(silent(&c) > 2.0, "region 2 silent for {} s", silent(&c));
 
     c.heal();
+    let healed = std::time::Instant::now();
     let (records, _) = c.wait_converged(Duration::from_secs(60));
     assert!(records >= 40, "converged on {records} records");
-    assert!(
-        silent(&c) < 3.0,
-        "region 2 still silent for {} s",
-        silent(&c)
-    );
+    // Region 0's own link answers again within a few probe rounds (the regions can
+    // converge through other nodes' links before this node's next probe: the probes
+    // in flight at the heal fail with the connections the partition cut).
+    while silent(&c) >= 3.0 {
+        assert!(
+            healed.elapsed() < Duration::from_secs(15),
+            "region 2 still silent for {} s, {:?} after healing",
+            silent(&c),
+            healed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // After healing the once-isolated region replays what was completed without it.
     for i in 0..20 {
         let k = format!("during-{i}");

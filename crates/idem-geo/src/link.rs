@@ -176,11 +176,15 @@ impl RegionLink {
                 from_node,
             };
             let sent = self.stamper.now_ms();
-            let Ok(bytes) = self
+            let bytes = match self
                 .call_node(addr, Kind::Apply, encode(&req), timeout)
                 .await
-            else {
-                return;
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::debug!(addr, error = %e, "clock probe failed");
+                    return;
+                }
             };
             let received = self.stamper.now_ms();
             if let Ok(resp) = decode::<ApplyResponse>(&bytes) {
