@@ -589,3 +589,53 @@ async fn a_node_with_a_clock_off_does_not_take_the_leadership_and_its_region_kee
         Ok(Reservation::New(_))
     ));
 }
+
+/// Every node of one region runs 2 s fast from the start. The other regions' nodes must
+/// still have their clocks confirmed and serve: each measures its own region's nodes as
+/// well as the other regions', so the bad region is a minority of its peers. (Measuring
+/// only the other regions, a node saw three peers within the bound and three beyond,
+/// no majority either way, and stayed unconfirmed: not ready, granting nothing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_region_with_every_clock_2_s_fast_is_fenced_and_the_others_serve() {
+    use std::time::Instant;
+    let c = GeoCluster::start(GeoOptions {
+        fake_clocks: (6..9).map(|i| (i, 2.0)).collect(),
+        ..GeoOptions::default()
+    });
+    // Started and ready: every node of regions 0 and 1 (`start` waits for them).
+    for i in c.region_nodes(0).into_iter().chain(c.region_nodes(1)) {
+        assert_eq!(
+            common::http_get(&c.nodes[i].http, "/healthz").map(|r| r.0),
+            Some(200),
+            "node {}",
+            c.nodes[i].id
+        );
+    }
+    // The fast region is fenced, with the reason.
+    let t = Instant::now();
+    for i in c.region_nodes(2) {
+        loop {
+            let (code, text) =
+                common::http_get(&c.nodes[i].http, "/healthz").unwrap_or((0, String::new()));
+            if code == 503 && text.contains("ms off") {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "node {} not fenced: {code} {text}",
+                c.nodes[i].id
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // The healthy regions grant and complete.
+    let cl = clients(&c).await;
+    for i in 0..5 {
+        let k = format!("k-{i}");
+        let r = &cl[i % 2];
+        let Reservation::New(lease) = r.reserve(&req("p", &k)).await.unwrap() else {
+            panic!("{k} not NEW");
+        };
+        r.complete(&lease, &body(&k)).await.unwrap();
+    }
+}

@@ -199,9 +199,36 @@ impl Geo {
                 )
             })
             .collect();
+        // The nodes of this node's own region are peers too: their clocks are measured by
+        // the same probe (with no emulated round trip), so that a cluster of two regions,
+        // or one whose other regions are all unreachable or off, still has a majority of
+        // peers to confirm a clock by. (A node's answer to itself is not counted.)
+        let own: Option<Arc<RegionLink>> = regions
+            .iter()
+            .find(|r| r.id == cfg.my_region && r.addrs.len() > 1)
+            .map(|r| {
+                RegionLink::new(
+                    cfg.my_region,
+                    r.id,
+                    r.name.clone(),
+                    r.addrs.clone(),
+                    channels.clone(),
+                    cfg.max_in_flight_per_region,
+                    Duration::ZERO,
+                    cfg.round_timeout,
+                    cfg.max_response_bytes,
+                    stamper.clone(),
+                )
+            });
         let cfg = GeoConfig { regions, ..cfg };
         stamper.expect_peers(cfg.regions.len() > 1);
-        let probes: Vec<std::sync::Weak<RegionLink>> = links.values().map(Arc::downgrade).collect();
+        // The probe task holds the own-region link; the others are held by `links`.
+        let mut probes: Vec<std::sync::Weak<RegionLink>> =
+            links.values().map(Arc::downgrade).collect();
+        let own_probe = own.clone();
+        if let Some(o) = &own {
+            probes.push(Arc::downgrade(o));
+        }
         let probe_timeout = cfg.round_timeout;
         tokio::spawn(async move {
             // Every link's clock, measured once a second even without traffic.
@@ -211,7 +238,8 @@ impl Geo {
                 tick.tick().await;
                 let live: Vec<Arc<RegionLink>> =
                     probes.iter().filter_map(|w| w.upgrade()).collect();
-                if live.is_empty() {
+                // Only the own-region link left: the Geo is gone.
+                if live.len() <= usize::from(own_probe.is_some()) {
                     return;
                 }
                 futures::future::join_all(live.iter().map(|l| l.probe_clocks(probe_timeout))).await;
