@@ -130,6 +130,23 @@ impl Geo {
             return EntryResult::Failed(format!("shard {shard} is not running here"));
         };
         let mode = self.mode_of(&key);
+        // A record this node's copy already contains changes nothing, so it costs no log
+        // entry (a relayed completion usually arrives where the Complete round stored it
+        // already; a 1 MiB response would otherwise be written again by every replica).
+        // The local copy may be behind the leader's, which only ever contains more.
+        if let Ok(Some(local)) = group.read_local(&key) {
+            let stamper = self.stamper();
+            let m = idem_core::merge::merge(
+                Some(&local),
+                &record,
+                stamper.now_ms(),
+                stamper.skew_margin_ms(),
+                mode == Mode::Global,
+            );
+            if matches!(m.outcome, MergeOutcome::Unchanged) && m.conflict.is_none() {
+                return EntryResult::Merged;
+            }
+        }
         let op = Op::Merge {
             record: record.clone(),
             guarded: mode == Mode::Global,
