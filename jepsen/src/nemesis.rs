@@ -11,7 +11,7 @@
 //! | `kill` | SIGKILL of a random node, restarted when the window ends |
 //! | `kill-leader` | SIGKILL of a region's Raft leader, restarted when the window ends |
 //! | `pause` | SIGSTOP of a node, longer than the election timeout, then SIGCONT |
-//! | `clock` | one node's wall clock (often a group leader's, the node that stamps) moved ahead or behind: half the time within the skew margin, half the time 1 to 10 s |
+//! | `clock` | one node's wall clock (often a group leader's, the node that stamps) moved ahead or behind: half the time within the skew margin, half the time 1 to 10 s (then half the time the node restarts on the moved clock) |
 //! | `clock-strobe` | one node's clock jumping back and forth every 200 ms |
 //! | `loss` | 20 % of the packets between nodes dropped |
 //! | `restart` | a node stopped and started again (SIGTERM) |
@@ -227,9 +227,22 @@ pub fn inject(name: &str, c: &mut Cluster, rng: &mut StdRng) -> anyhow::Result<(
             };
             let off = if rng.random_bool(0.5) { size } else { -size };
             c.set_clock_offset(x, off)?;
+            // Beyond the margin, half the time the node also restarts on the moved clock:
+            // a running node's stamp clock does not follow a jump, but a node that
+            // starts on a wrong clock has nothing else to go by, so its peers must fence
+            // it (and it must hand over any leadership it wins).
+            let restart = size >= 1.0 && rng.random_bool(0.5);
+            if restart {
+                c.kill(x);
+                c.start(x)?;
+            }
             Ok((
                 Active::Clock(x, (off * 1000.0).round() as i64),
-                format!("node {} clock {off:+.3} s", c.nodes[x].id),
+                format!(
+                    "node {} clock {off:+.3} s{}",
+                    c.nodes[x].id,
+                    if restart { ", restarted on it" } else { "" }
+                ),
             ))
         }
         "clock-strobe" => {
