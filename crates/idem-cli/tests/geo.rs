@@ -303,15 +303,7 @@ fn big_body(k: &str) -> StoredResponse {
         .bytes()
         .fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
     let len = (1 << 20) - header.name.len() - header.value.len();
-    let mut x = seed | 1;
-    let body = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let body = common::pseudo_random_bytes(seed, len);
     StoredResponse {
         status: 200,
         headers: vec![header],

@@ -178,26 +178,24 @@ impl Geo {
         let mut regions = cfg.regions.clone();
         regions.sort_by_key(|r| r.id);
         let index = regions.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
+        let link = |r: &RegionInfo, emulated_rtt: Duration| {
+            RegionLink::new(
+                cfg.my_region,
+                r.id,
+                r.name.clone(),
+                r.addrs.clone(),
+                channels.clone(),
+                cfg.max_in_flight_per_region,
+                emulated_rtt,
+                cfg.round_timeout,
+                cfg.max_response_bytes,
+                stamper.clone(),
+            )
+        };
         let links: BTreeMap<u16, Arc<RegionLink>> = regions
             .iter()
             .filter(|r| r.id != cfg.my_region)
-            .map(|r| {
-                (
-                    r.id,
-                    RegionLink::new(
-                        cfg.my_region,
-                        r.id,
-                        r.name.clone(),
-                        r.addrs.clone(),
-                        channels.clone(),
-                        cfg.max_in_flight_per_region,
-                        cfg.emulated_rtt,
-                        cfg.round_timeout,
-                        cfg.max_response_bytes,
-                        stamper.clone(),
-                    ),
-                )
-            })
+            .map(|r| (r.id, link(r, cfg.emulated_rtt)))
             .collect();
         // The nodes of this node's own region are peers too: their clocks are measured by
         // the same probe (with no emulated round trip), so that a cluster of two regions,
@@ -206,20 +204,7 @@ impl Geo {
         let own: Option<Arc<RegionLink>> = regions
             .iter()
             .find(|r| r.id == cfg.my_region && r.addrs.len() > 1)
-            .map(|r| {
-                RegionLink::new(
-                    cfg.my_region,
-                    r.id,
-                    r.name.clone(),
-                    r.addrs.clone(),
-                    channels.clone(),
-                    cfg.max_in_flight_per_region,
-                    Duration::ZERO,
-                    cfg.round_timeout,
-                    cfg.max_response_bytes,
-                    stamper.clone(),
-                )
-            });
+            .map(|r| link(r, Duration::ZERO));
         let cfg = GeoConfig { regions, ..cfg };
         stamper.expect_peers(cfg.regions.len() > 1);
         // The probe task holds the own-region link; the others are held by `links`.
