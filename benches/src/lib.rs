@@ -116,21 +116,26 @@ fn record_in(hist: &Mutex<Histogram<u64>>, started: Instant) {
         .record(us.min(3_600_000_000));
 }
 
-/// The response every completion stores: `bytes` of pseudo-random data (not
-/// compressible), or a short JSON body.
+/// `len` bytes that do not compress (xorshift from `seed`): a large binary body.
+pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The response every completion stores: `bytes` of pseudo-random data, or a short
+/// JSON body.
 fn response_of(bytes: usize) -> StoredResponse {
     let body = if bytes == 0 {
         b"{\"ok\":true}".to_vec()
     } else {
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        (0..bytes)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        pseudo_random_bytes(0x2545_f491_4f6c_dd1d, bytes)
     };
     StoredResponse {
         status: 200,

@@ -97,7 +97,7 @@ fn the_demo_completes_a_200_kib_binary_body_replays_it_everywhere_and_stays_avai
     let dir = tempfile::tempdir().unwrap();
     let demo = start_demo(&dir.path().join("data"));
     let file = dir.path().join("body.bin");
-    let body = common::pseudo_random_bytes(0x9e37_79b9_7f4a_7c15, 200 * 1024);
+    let body = idem_bench::pseudo_random_bytes(0x9e37_79b9_7f4a_7c15, 200 * 1024);
     std::fs::write(&file, &body).unwrap();
     let sha = {
         use sha2::Digest;

@@ -303,7 +303,7 @@ fn big_body(k: &str) -> StoredResponse {
         .bytes()
         .fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
     let len = (1 << 20) - header.name.len() - header.value.len();
-    let body = common::pseudo_random_bytes(seed, len);
+    let body = idem_bench::pseudo_random_bytes(seed, len);
     StoredResponse {
         status: 200,
         headers: vec![header],

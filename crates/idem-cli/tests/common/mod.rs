@@ -26,19 +26,6 @@ pub struct Cluster {
     pub nodes: Vec<NodeProc>,
 }
 
-/// `len` bytes that do not compress (xorshift from `seed`): a large binary body.
-pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A free loopback port for a node. Ports come from a per-process block below the
 /// kernel's ephemeral range (32768+), so they never collide with ports the kernel hands
 /// out for outgoing connections, nor with each other inside one test binary; a port found
