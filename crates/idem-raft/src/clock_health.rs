@@ -148,6 +148,10 @@ impl ClockHealth {
         if fresh == 0 || beyond * 2 <= fresh {
             return None;
         }
+        self.median_offset(now)
+    }
+
+    fn median_offset(&self, now: Instant) -> Option<i64> {
         let mut offs: Vec<i64> = self
             .peers
             .values()
@@ -155,7 +159,22 @@ impl ClockHealth {
             .map(|p| p.offset_ms)
             .collect();
         offs.sort_unstable();
-        Some(offs[offs.len() / 2])
+        offs.get(offs.len() / 2).copied()
+    }
+
+    /// The fresh peers whose clocks read within the bound of the fresh peers' median:
+    /// those on the majority's side (where a node whose own clock is off should hand
+    /// its leadership).
+    pub fn with_the_majority(&self, now: Instant) -> Vec<u64> {
+        let Some(median) = self.median_offset(now) else {
+            return Vec::new();
+        };
+        self.peers
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.at) < FRESH)
+            .filter(|(_, p)| (p.offset_ms - median).unsigned_abs() <= self.bound_ms)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Why this node must not serve writes now (`None`: it may).
@@ -238,6 +257,32 @@ mod tests {
         // Old measurements stop counting.
         let later = t0 + FRESH + Duration::from_secs(1);
         assert_eq!(h.majority_beyond(later), None);
+    }
+
+    /// A node 2 s fast hands its leadership only to a peer on the majority's side: not
+    /// to another node just as fast (which agrees with it, not with the majority).
+    #[test]
+    fn the_peers_with_the_majority_exclude_those_as_far_off_as_this_node() {
+        let t0 = Instant::now();
+        let mut h = ClockHealth::new(250);
+        h.expect_peers(true);
+        // Peers 1, 4, 5, 7, 8 read 2 s behind us; peer 3 is as fast as we are.
+        for (peer, off) in [
+            (1, -2_000),
+            (3, 10),
+            (4, -1_990),
+            (5, -2_020),
+            (7, -2_000),
+            (8, -2_005),
+        ] {
+            h.record(peer, at(t0, off));
+        }
+        assert!(h.majority_beyond(t0).is_some());
+        assert_eq!(h.with_the_majority(t0), vec![1, 4, 5, 7, 8]);
+        // No fresh measurement: nobody to hand over to.
+        assert!(h
+            .with_the_majority(t0 + FRESH + Duration::from_secs(1))
+            .is_empty());
     }
 
     #[test]

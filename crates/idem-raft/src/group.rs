@@ -294,6 +294,14 @@ impl Stamper {
         h.peers().iter().map(|(p, c)| (*p, c.offset_ms)).collect()
     }
 
+    /// The peer nodes whose clocks agree with the majority of this node's peers.
+    pub fn peers_with_the_majority(&self) -> Vec<u64> {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .with_the_majority(Instant::now())
+    }
+
     /// Timestamps refused, per peer node.
     pub fn clock_refusals(&self) -> Vec<(u64, u64)> {
         let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
@@ -403,9 +411,11 @@ impl Drop for AbortOnDrop {
 
 /// While this node's clock is known to be off it neither keeps nor seeks leadership of
 /// the group: a leader that stamps nothing leaves its group unable to write, so it hands
-/// leadership to the voter holding most of the log, and its election timer stays off
-/// until the clock is back (the other voters elect among themselves). If every voter's
-/// clock is off, the group has no leader, as it could not stamp anything anyway.
+/// leadership to the voter, among those whose clocks agree with the majority of its
+/// peers, that holds most of the log; its election timer stays off until the clock is
+/// back (the other voters elect among themselves). When no other voter's clock agrees
+/// with the majority, it keeps the leadership it has (granting nothing) rather than pass
+/// it round among voters that could not use it either.
 async fn clock_guard(
     raft: Raft<TypeConfig, StateMachine>,
     stamper: Arc<Stamper>,
@@ -438,9 +448,10 @@ async fn clock_guard(
             continue;
         }
         let voters: Vec<u64> = m.membership_config.voter_ids().collect();
+        let sound = stamper.peers_with_the_majority();
         let to = m.replication.as_ref().and_then(|r| {
             r.iter()
-                .filter(|(id, _)| **id != me && voters.contains(id))
+                .filter(|(id, _)| **id != me && voters.contains(id) && sound.contains(id))
                 .max_by_key(|(_, matched)| matched.as_ref().map(|l| l.index))
                 .map(|(id, _)| *id)
         });
