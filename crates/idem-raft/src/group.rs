@@ -437,24 +437,28 @@ async fn clock_guard(
                 tracing::info!(group = %group, "clock back within the bound: this node campaigns again");
             }
         }
-        let m = raft.metrics().borrow_watched().clone();
-        if m.state == ServerState::Shutdown {
-            return;
-        }
-        if !off || m.current_leader != Some(me) {
-            continue;
-        }
-        if handed_over.is_some_and(|t| t.elapsed() < pause) {
-            continue;
-        }
-        let voters: Vec<u64> = m.membership_config.voter_ids().collect();
-        let sound = stamper.peers_with_the_majority();
-        let to = m.replication.as_ref().and_then(|r| {
-            r.iter()
-                .filter(|(id, _)| **id != me && voters.contains(id) && sound.contains(id))
-                .max_by_key(|(_, matched)| matched.as_ref().map(|l| l.index))
-                .map(|(id, _)| *id)
-        });
+        // Read under the metrics borrow (no copy of the metrics; nothing awaited in it).
+        let to = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow_watched();
+            if m.state == ServerState::Shutdown {
+                return;
+            }
+            if !off
+                || m.current_leader != Some(me)
+                || handed_over.is_some_and(|t| t.elapsed() < pause)
+            {
+                continue;
+            }
+            let sound = stamper.peers_with_the_majority();
+            let voters: Vec<u64> = m.membership_config.voter_ids().collect();
+            m.replication.as_ref().and_then(|r| {
+                r.iter()
+                    .filter(|(id, _)| **id != me && voters.contains(id) && sound.contains(id))
+                    .max_by_key(|(_, matched)| matched.as_ref().map(|l| l.index))
+                    .map(|(id, _)| *id)
+            })
+        };
         if let Some(to) = to {
             tracing::warn!(group = %group, to, "clock known off: handing leadership over");
             if let Err(e) = raft.trigger().transfer_leader(to).await {
