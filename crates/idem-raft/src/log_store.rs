@@ -112,16 +112,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let encoded: Vec<(u64, Vec<u8>)> = entries
-            .into_iter()
-            .map(|e| (e.log_id.index, encode(&e)))
-            .collect();
-        self.engine.append_group_commit(
-            self.shard,
-            &encoded,
-            Box::new(move |r| callback.io_completed(r.map_err(io::Error::other))),
-        )?;
-        Ok(())
+        // Encoding and the WAL write (an entry may carry a 1 MiB response) run on a
+        // blocking thread, as does the wait for room in the sync queue.
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        self.blocking(move |engine, shard| {
+            let encoded: Vec<(u64, Vec<u8>)> = entries
+                .iter()
+                .map(|e| (e.log_id.index, encode(e)))
+                .collect();
+            engine.append_group_commit(
+                shard,
+                &encoded,
+                Box::new(move |r| callback.io_completed(r.map_err(io::Error::other))),
+            )?;
+            Ok(())
+        })
+        .await
     }
 
     async fn truncate_after(&mut self, last: Option<LogId>) -> io::Result<()> {

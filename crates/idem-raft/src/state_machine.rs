@@ -13,6 +13,9 @@ use std::io;
 
 /// Most entries applied in one write batch.
 const MAX_APPLY_BATCH: usize = 512;
+/// Most bytes of commands applied in one write batch (past the first entry): each
+/// record a command writes is in the batch whole.
+const MAX_APPLY_BATCH_BYTES: usize = 16 << 20;
 
 #[derive(Clone)]
 pub struct StateMachine {
@@ -44,24 +47,35 @@ impl StateMachine {
         })
     }
 
-    fn apply_batch(&mut self, batch: Vec<EntryResponder<TypeConfig>>) -> io::Result<()> {
+    async fn apply_batch(&mut self, batch: Vec<EntryResponder<TypeConfig>>) -> io::Result<()> {
         let mut applied = self.applied;
         let mut membership = self.membership.clone();
-        let mut items = Vec::with_capacity(batch.len());
         for (entry, _) in &batch {
             applied = Some(entry.log_id);
-            items.push(match &entry.payload {
-                EntryPayload::Normal(cmd) => ApplyItem::Command(cmd, entry.log_id.index),
-                EntryPayload::Membership(m) => {
-                    membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                    ApplyItem::Other
-                }
-                EntryPayload::Blank => ApplyItem::Other,
-            });
+            if let EntryPayload::Membership(m) = &entry.payload {
+                membership = StoredMembership::new(Some(entry.log_id), m.clone());
+            }
         }
         let state = encode(&(applied, membership.clone()));
-        let results = self.engine.apply(self.shard, &items, &state)?;
-        drop(items);
+        // The write (a WAL append of every record the batch changes, up to
+        // MAX_APPLY_BATCH_BYTES) runs on a blocking thread, not on the runtime that
+        // carries this node's network traffic.
+        let (engine, shard) = (self.engine.clone(), self.shard);
+        let (batch, results) = tokio::task::spawn_blocking(move || {
+            let items: Vec<ApplyItem<'_>> = batch
+                .iter()
+                .map(|(entry, _)| match &entry.payload {
+                    EntryPayload::Normal(cmd) => ApplyItem::Command(cmd, entry.log_id.index),
+                    _ => ApplyItem::Other,
+                })
+                .collect();
+            let results = engine.apply(shard, &items, &state);
+            drop(items);
+            (batch, results)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        let results = results?;
         self.applied = applied;
         self.membership = membership;
         if results.len() != batch.len() {
@@ -105,14 +119,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
         let mut batch = Vec::new();
+        let mut bytes = 0usize;
         while let Some(item) = entries.next().await {
-            batch.push(item?);
-            if batch.len() >= MAX_APPLY_BATCH {
-                self.apply_batch(std::mem::take(&mut batch))?;
+            let item = item?;
+            if let EntryPayload::Normal(cmd) = &item.0.payload {
+                bytes = bytes.saturating_add(cmd.key.approx_bytes() + cmd.op.approx_bytes());
+            }
+            batch.push(item);
+            if batch.len() >= MAX_APPLY_BATCH || bytes >= MAX_APPLY_BATCH_BYTES {
+                self.apply_batch(std::mem::take(&mut batch)).await?;
+                bytes = 0;
             }
         }
         if !batch.is_empty() {
-            self.apply_batch(batch)?;
+            self.apply_batch(batch).await?;
         }
         Ok(())
     }
