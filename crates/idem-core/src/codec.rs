@@ -38,6 +38,24 @@ pub fn peek_expires_ms(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes[1..9].try_into().ok()?))
 }
 
+/// Where an encoded record (version 1) keeps its region-local retry bookkeeping
+/// (`attempts`, `last_attempt_ms`, `first_attempt_ms`): `merge::digest_bytes` is the
+/// encoding with these bytes zeroed.
+pub const BOOKKEEPING_BYTES: std::ops::Range<usize> = 78..98;
+
+/// An encoded record's bytes before and after its bookkeeping, without decoding or
+/// copying it: `digest_bytes(&decode_record(b)?)` is `before | [0; 20] | after`.
+pub fn replicated_parts(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    // The fields after the bookkeeping: witnesses u32, final u8, has_response u8.
+    if bytes.first() != Some(&RECORD_VERSION) || bytes.len() < BOOKKEEPING_BYTES.end + 6 {
+        return None;
+    }
+    Some((
+        &bytes[..BOOKKEEPING_BYTES.start],
+        &bytes[BOOKKEEPING_BYTES.end..],
+    ))
+}
+
 pub fn encode_record(r: &Record) -> Vec<u8> {
     let resp_len = r.response.as_ref().map_or(0, |x| x.size() + 16);
     let mut out = Vec::with_capacity(96 + resp_len);
@@ -329,6 +347,16 @@ pub(crate) mod tests {
             let bytes = encode_record(&r);
             prop_assert_eq!(peek_expires_ms(&bytes), Some(r.expires_ms));
             prop_assert_eq!(decode_record(&bytes).unwrap(), r);
+        }
+
+        #[test]
+        fn replicated_parts_are_the_digest_bytes_around_zeroed_bookkeeping(r in arb_record()) {
+            let bytes = encode_record(&r);
+            let (before, after) = replicated_parts(&bytes).unwrap();
+            let mut joined = before.to_vec();
+            joined.extend_from_slice(&[0; BOOKKEEPING_BYTES.end - BOOKKEEPING_BYTES.start]);
+            joined.extend_from_slice(after);
+            prop_assert_eq!(joined, crate::merge::digest_bytes(&r));
         }
 
         #[test]

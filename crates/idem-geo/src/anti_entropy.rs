@@ -9,7 +9,7 @@ use crate::link::Kind;
 use crate::wire::{DigestRequest, DigestResponse, EntryResult, FetchRequest, FetchResponse};
 use crate::Geo;
 use idem_core::codec::decode_shipped;
-use idem_core::merge::digest_bytes;
+use idem_core::merge::same_replicated;
 use idem_raft::codec::{decode, encode};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -112,7 +112,10 @@ pub async fn pass(geo: &Geo, shard: u32, region: u16) -> Result<u64, String> {
                     continue;
                 };
                 let local = group.read_local(&s.key).map_err(|e| e.to_string())?;
-                if local.as_ref().map(digest_bytes) == Some(digest_bytes(&s.record)) {
+                if local
+                    .as_ref()
+                    .is_some_and(|l| same_replicated(l, &s.record))
+                {
                     continue;
                 }
                 if geo.merge_record(shard, s.key, s.record).await == EntryResult::Merged {

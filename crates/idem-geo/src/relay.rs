@@ -77,11 +77,9 @@ pub(crate) fn backlog(geo: &Geo) -> BTreeMap<u16, Backlog> {
                 b.queued += len;
                 b.skipped += skipped;
             }
-            if let Ok(first) = engine.outbox_read(shard, *dest, 1) {
-                if let Some(e) = first.first() {
-                    let age = Duration::from_millis(now.saturating_sub(e.enqueued_ms));
-                    b.oldest_age = b.oldest_age.max(age);
-                }
+            if let Ok(Some(oldest)) = engine.outbox_oldest_ms(shard, *dest) {
+                let age = Duration::from_millis(now.saturating_sub(oldest));
+                b.oldest_age = b.oldest_age.max(age);
             }
         }
     }
@@ -178,70 +176,90 @@ async fn ship_once(
     }
     let take = cfg.batch.min(tokens.floor() as usize).max(1);
     let engine = group.state().clone();
-    let mut batch = tokio::task::spawn_blocking(move || engine.outbox_read(shard, dest, take))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    // Bounded in bytes too: the entries that fit (at least one) leave now, the rest next.
-    let mut bytes = 0usize;
-    let fit = batch
-        .iter()
-        .position(|e| {
-            bytes = bytes.saturating_add(e.bytes.len());
-            bytes > idem_raft::MAX_BATCH_BYTES
-        })
-        .unwrap_or(batch.len())
-        .max(1);
-    batch.truncate(fit);
+    let max_bytes = idem_raft::MAX_BATCH_BYTES;
+    let batch =
+        tokio::task::spawn_blocking(move || engine.outbox_read(shard, dest, take, max_bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
     if batch.is_empty() {
         tries.clear();
         return Ok(false);
     }
     *tokens -= batch.len() as f64;
-    let link = geo.link(dest).ok_or("no link to the destination")?;
-    let req = MergeRequest {
-        shard,
-        entries: batch.iter().map(|e| e.bytes.clone()).collect(),
+    // Entries with nothing to ship (the record is gone, or an earlier entry of this
+    // batch ships it) are done as they are.
+    let mut entries = Vec::new();
+    let batch: Vec<(u64, bool)> = batch
+        .into_iter()
+        .map(|e| {
+            let ships = e.shipped.is_some();
+            entries.extend(e.shipped);
+            (e.seq, ships)
+        })
+        .collect();
+    let mut answers = if entries.is_empty() {
+        Vec::new().into_iter()
+    } else {
+        let link = geo.link(dest).ok_or("no link to the destination")?;
+        let sent = entries.len();
+        let req = MergeRequest { shard, entries };
+        let bytes = link
+            .call(Kind::Merge, encode(&req), cfg.timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let resp: MergeResponse = decode(&bytes).map_err(|e| e.to_string())?;
+        if resp.results.is_empty() || resp.results.len() > sent {
+            return Err(format!("{} results for {sent} entries", resp.results.len()));
+        }
+        resp.results.into_iter()
     };
-    let bytes = link
-        .call(Kind::Merge, encode(&req), cfg.timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    let resp: MergeResponse = decode(&bytes).map_err(|e| e.to_string())?;
+    // One result per batch entry, in order, as far as the answer reaches.
+    let mut results = Vec::with_capacity(batch.len());
+    for (_, ships) in &batch {
+        if !ships {
+            results.push(EntryResult::Merged);
+        } else if let Some(r) = answers.next() {
+            results.push(r);
+        } else {
+            break;
+        }
+    }
     let mut upto = None;
     let mut dead = Vec::new();
-    for (e, r) in batch.iter().zip(resp.results.iter()) {
+    for (&(seq, _), r) in batch.iter().zip(results.iter()) {
         match r {
             EntryResult::Merged | EntryResult::Deferred => {
-                tries.remove(&e.seq);
+                tries.remove(&seq);
             }
             EntryResult::Invalid(why) => {
-                let n = tries.entry(e.seq).or_insert(0);
+                let n = tries.entry(seq).or_insert(0);
                 *n += 1;
                 if *n >= cfg.dead_after_tries {
-                    tracing::warn!(shard, dest, seq = e.seq, reason = %why, "outbox entry refused as invalid; moved to the dead-letter queue");
-                    tries.remove(&e.seq);
-                    dead.push(e.seq);
+                    tracing::warn!(shard, dest, seq = seq, reason = %why, "outbox entry refused as invalid; moved to the dead-letter queue");
+                    tries.remove(&seq);
+                    dead.push(seq);
                 } else {
-                    upto = Some(e.seq);
+                    upto = Some(seq);
                     break;
                 }
             }
             EntryResult::Failed(_) => {
-                upto = Some(e.seq);
+                upto = Some(seq);
                 break;
             }
         }
     }
-    let shipped_all = upto.is_none() && resp.results.len() >= batch.len();
+    let shipped_all = upto.is_none() && results.len() >= batch.len();
     let upto = match upto {
         Some(s) => s,
-        None => match batch.get(resp.results.len().min(batch.len()).saturating_sub(1)) {
-            Some(last) if !resp.results.is_empty() => last.seq + 1,
-            _ => return Err("empty answer".into()),
+        // `results` is never empty: the batch is not, and the answer had a result.
+        None => match results.len().checked_sub(1).and_then(|i| batch.get(i)) {
+            Some((last, _)) => last + 1,
+            None => return Err("empty answer".into()),
         },
     };
-    if batch.first().is_some_and(|f| upto > f.seq) || !dead.is_empty() {
+    if batch.first().is_some_and(|(first, _)| upto > *first) || !dead.is_empty() {
         group
             .submit(Key::default(), Op::OutboxAck { dest, upto, dead })
             .await

@@ -11,9 +11,12 @@ use crate::keys::{
 };
 use crate::snapshot::{self, SnapshotFile};
 use crate::{Shard, StorageError};
-use idem_core::codec::{decode_record, encode_record, encode_shipped, peek_expires_ms, Shipped};
+use idem_core::codec::{
+    decode_record, encode_record, encode_shipped, peek_expires_ms, replicated_parts, Shipped,
+    BOOKKEEPING_BYTES,
+};
 use idem_core::command::{self, Command, CommandResult, Op};
-use idem_core::merge::{digest_bytes, replicated_change};
+use idem_core::merge::replicated_change;
 use idem_core::{Key, Record};
 use rocksdb::compaction_filter::Decision as FilterDecision;
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
@@ -141,14 +144,22 @@ pub struct OutboxConfig {
 /// after (`None`: the bucket is done).
 pub type BucketPage = (Vec<(Key, Record)>, Option<Vec<u8>>);
 
-/// One queued change: its sequence number (the log index that made it) and its bytes
-/// (an encoded [`Shipped`], versioned).
+/// One queued change: its sequence number (the log index that made it), when it was
+/// queued, and what to ship: an encoded [`Shipped`] (versioned) of the key's record as
+/// it is now, or `None` when there is nothing to ship (the record expired and is gone,
+/// or an earlier entry of the same read ships the same record).
 #[derive(Clone, Debug)]
 pub struct OutboxEntry {
     pub seq: u64,
     pub enqueued_ms: u64,
-    pub bytes: Vec<u8>,
+    pub shipped: Option<Vec<u8>>,
 }
+
+/// The first byte after the queue time of an outbox value that names the changed key
+/// instead of carrying a copy of its record (the relay reads the record when it
+/// ships). Values of the earlier format carry an encoded `Shipped`, whose first byte
+/// is its version (1), and are still read.
+const OUTBOX_REF: u8 = 0x80;
 
 #[derive(Clone, Debug, Default)]
 pub struct EngineStats {
@@ -420,20 +431,20 @@ impl StateEngine {
                 let ship =
                     !matches!(cmd.op, Op::Merge { .. }) && replicated_change(stored.as_ref(), &w);
                 if ship && !outbox.destinations.is_empty() {
-                    let bytes = encode_shipped(&Shipped {
-                        enqueued_ms: cmd.now_ms,
-                        key: cmd.key.clone(),
-                        record: w.clone(),
-                    });
+                    // The entry names the key; the relay ships the record as it is when
+                    // it ships (records only move up in the merge order, so the latest
+                    // copy carries this change). A copy per destination would write a
+                    // 1 MiB response three times on every replica.
+                    let mut v = Vec::with_capacity(rk.len() + 5);
+                    v.extend_from_slice(&cmd.now_ms.to_be_bytes());
+                    v.push(OUTBOX_REF);
+                    v.extend_from_slice(&rk[4..]);
                     for (dest, (len, skipped)) in lens.iter_mut() {
                         if outbox.max_entries > 0 && *len >= outbox.max_entries {
                             *skipped += 1;
                             continue;
                         }
-                        let mut v = Vec::with_capacity(bytes.len() + 8);
-                        v.extend_from_slice(&cmd.now_ms.to_be_bytes());
-                        v.extend_from_slice(&bytes);
-                        batch.put_cf(self.cf(CF_OUTBOX), outbox_key(shard, *dest, *index), v);
+                        batch.put_cf(self.cf(CF_OUTBOX), outbox_key(shard, *dest, *index), &v);
                         *len += 1;
                     }
                 }
@@ -501,12 +512,15 @@ impl StateEngine {
         Ok(removed)
     }
 
-    /// Up to `limit` queued entries for `dest`, oldest first.
+    /// Up to `limit` queued entries for `dest`, oldest first, with what to ship for
+    /// each: at most `max_bytes` of shipped bytes past the first entry that ships
+    /// anything (the rest is read next time).
     pub fn outbox_read(
         &self,
         shard: Shard,
         dest: u16,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<OutboxEntry>, StorageError> {
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_upper_bound(outbox_key(shard, dest, u64::MAX).to_vec());
@@ -517,23 +531,63 @@ impl StateEngine {
             rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
         );
         let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut seen = std::collections::HashSet::new();
         for item in it.take(limit) {
             let (k, v) = item?;
             let Some((_, seq)) = outbox_dest_seq(&k) else {
                 continue;
             };
-            let enqueued_ms = v
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
+            let (enqueued_ms, body) = split_outbox_value(&v);
+            let shipped = match body.split_first() {
+                Some((&OUTBOX_REF, key_bytes)) => {
+                    let key = decode_record_key(key_bytes).ok_or(StorageError::Corrupt {
+                        what: "outbox entry",
+                        detail: format!("seq {seq}: an unreadable key"),
+                    })?;
+                    if seen.insert(key_bytes.to_vec()) {
+                        self.get_record(shard, &key)?.map(|record| {
+                            encode_shipped(&Shipped {
+                                enqueued_ms,
+                                key,
+                                record,
+                            })
+                        })
+                    } else {
+                        None
+                    }
+                }
+                // The earlier format: a copy of the record as it was then.
+                _ => Some(body.to_vec()),
+            };
+            let size = shipped.as_ref().map_or(0, Vec::len);
+            if bytes > 0 && bytes.saturating_add(size) > max_bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(size);
             out.push(OutboxEntry {
                 seq,
                 enqueued_ms,
-                bytes: v.get(8..).unwrap_or_default().to_vec(),
+                shipped,
             });
         }
         Ok(out)
+    }
+
+    /// When the oldest entry queued for `dest` was queued (`None`: nothing queued).
+    pub fn outbox_oldest_ms(&self, shard: Shard, dest: u16) -> Result<Option<u64>, StorageError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(outbox_key(shard, dest, u64::MAX).to_vec());
+        let start = outbox_key(shard, dest, 0);
+        let mut it = self.db.iterator_cf_opt(
+            self.cf(CF_OUTBOX),
+            ro,
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        match it.next() {
+            None => Ok(None),
+            Some(item) => Ok(Some(split_outbox_value(&item?.1).0)),
+        }
     }
 
     /// Entries queued for `dest`, and changes not queued because the queue was full.
@@ -587,17 +641,23 @@ impl StateEngine {
         let mut n = 0;
         for item in self.shard_records(shard, &shard_prefix(shard)) {
             let (k, v) = item?;
-            let rec = decode_record(&v).map_err(|e| StorageError::Corrupt {
+            // Hashed in place: a record is not decoded or copied (a response may be
+            // 1 MiB, and every pass hashes every live record).
+            let corrupt = || StorageError::Corrupt {
                 what: "record",
-                detail: e.to_string(),
-            })?;
-            if rec.is_expired(now_ms) {
+                detail: "not a record of a known format".into(),
+            };
+            let expires_ms = peek_expires_ms(&v).ok_or_else(corrupt)?;
+            if now_ms >= expires_ms {
                 continue;
             }
+            let (before, after) = replicated_parts(&v).ok_or_else(corrupt)?;
             let b = bucket_of(&k[4..], buckets);
             let mut h = Sha256::new();
             h.update(&k[4..]);
-            h.update(digest_bytes(&rec));
+            h.update(before);
+            h.update([0u8; BOOKKEEPING_BYTES.end - BOOKKEEPING_BYTES.start]);
+            h.update(after);
             let h = h.finalize();
             for (d, x) in out[b as usize].iter_mut().zip(h.iter()) {
                 *d ^= x;
@@ -825,6 +885,16 @@ impl StateEngine {
 pub fn bucket_of(record_key: &[u8], buckets: u32) -> u32 {
     let h = Sha256::digest(record_key);
     u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % buckets.max(1)
+}
+
+/// An outbox value: the time it was queued (u64 BE), then what follows it.
+fn split_outbox_value(v: &[u8]) -> (u64, &[u8]) {
+    let enqueued_ms = v
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0);
+    (enqueued_ms, v.get(8..).unwrap_or_default())
 }
 
 #[cfg(test)]

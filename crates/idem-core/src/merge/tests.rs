@@ -64,6 +64,16 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(2_000))]
 
     #[test]
+    fn same_replicated_is_equality_of_digest_bytes(a in arb_record(), b in arb_record()) {
+        prop_assert_eq!(same_replicated(&a, &b), digest_bytes(&a) == digest_bytes(&b));
+        prop_assert!(same_replicated(&a, &a));
+        let mut bookkept = a.clone();
+        bookkept.attempts += 1;
+        bookkept.last_attempt_ms += 1;
+        prop_assert!(same_replicated(&a, &bookkept));
+    }
+
+    #[test]
     fn join_is_commutative(a in arb_opt(), b in arb_opt(), now in 0u64..80) {
         prop_assert_eq!(join_at(now, a.as_ref(), b.as_ref()), join_at(now, b.as_ref(), a.as_ref()));
     }

@@ -353,12 +353,12 @@ fn changes_are_queued_per_destination_and_acks_trim_or_dead_letter_them() {
     se.apply(0, &items, b"a").unwrap();
     // Three fit per destination, the fourth change is skipped (anti-entropy repairs it).
     assert_eq!(se.outbox_len(0, 1).unwrap(), (3, 1));
-    let q = se.outbox_read(0, 2, 10).unwrap();
+    let q = se.outbox_read(0, 2, 10, usize::MAX).unwrap();
     assert_eq!(
         q.iter().map(|e| e.seq).collect::<Vec<_>>(),
         vec![10, 11, 12]
     );
-    let shipped = idem_core::codec::decode_shipped(&q[0].bytes).unwrap();
+    let shipped = idem_core::codec::decode_shipped(q[0].shipped.as_ref().unwrap()).unwrap();
     assert_eq!(shipped.key, key("k0"));
     assert_eq!(shipped.enqueued_ms, now);
 
@@ -405,9 +405,105 @@ fn changes_are_queued_per_destination_and_acks_trim_or_dead_letter_them() {
     );
     se.apply(0, &[ApplyItem::Command(&ack, 22)], b"c").unwrap();
     assert_eq!(se.outbox_len(0, 2).unwrap().0, 1);
-    assert_eq!(se.outbox_read(0, 2, 10).unwrap()[0].seq, 12);
+    assert_eq!(se.outbox_read(0, 2, 10, usize::MAX).unwrap()[0].seq, 12);
     assert_eq!(se.outbox_len(0, 1).unwrap().0, 3);
     assert_eq!(se.dlq_depth().unwrap().get(&2), Some(&1));
+}
+
+#[test]
+fn the_outbox_names_keys_and_ships_each_record_as_it_is_once_per_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let se = StateEngine::open(dir.path()).unwrap();
+    se.set_outbox(OutboxConfig {
+        destinations: vec![1, 2],
+        max_entries: 100,
+    });
+    let now = wall_ms();
+    let big = vec![7u8; 1 << 20];
+    let a = reserve("a", now, 3_600_000, 1);
+    let b = reserve("b", now, 3_600_000, 2);
+    se.apply(
+        0,
+        &[ApplyItem::Command(&a, 1), ApplyItem::Command(&b, 2)],
+        b"x",
+    )
+    .unwrap();
+    let claim = a.claim;
+    let done = with_op(
+        reserve("a", now + 1, 3_600_000, 3),
+        Op::Complete {
+            fence: idem_core::Fence {
+                generation: 1,
+                claim,
+            },
+            response: StoredResponse {
+                status: 0,
+                headers: Vec::new(),
+                body: big.clone(),
+            },
+            quorum: 0,
+        },
+    );
+    let out = se.apply(0, &[ApplyItem::Command(&done, 3)], b"y").unwrap();
+    assert!(
+        matches!(out[0], Some(CommandResult::Complete(Ok(())))),
+        "{out:?}"
+    );
+
+    // A queued change costs a key, not a copy of its 1 MiB record, per destination.
+    let mut stored = 0usize;
+    for item in se
+        .db
+        .iterator_cf(se.cf(CF_OUTBOX), rocksdb::IteratorMode::Start)
+    {
+        let (_, v) = item.unwrap();
+        assert!(v.len() < 64, "an outbox value of {} bytes", v.len());
+        stored += 1;
+    }
+    assert_eq!(stored, 6);
+
+    // Entry 1 (a's Reserve) ships a's record as it is now, completed; entry 3 (a's
+    // Complete) has nothing left to ship in the same read.
+    let q = se.outbox_read(0, 1, 10, usize::MAX).unwrap();
+    assert_eq!(q.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    let first = idem_core::codec::decode_shipped(q[0].shipped.as_ref().unwrap()).unwrap();
+    assert_eq!(first.key, key("a"));
+    assert_eq!(first.enqueued_ms, now);
+    assert_eq!(first.record, se.get_record(0, &key("a")).unwrap().unwrap());
+    assert_eq!(first.record.response.as_ref().unwrap().body, big);
+    assert!(q[2].shipped.is_none());
+    assert_eq!(se.outbox_oldest_ms(0, 1).unwrap(), Some(now));
+
+    // Bounded in bytes: past the first entry that ships, at most `max_bytes`.
+    let q = se.outbox_read(0, 1, 10, 1024).unwrap();
+    assert_eq!(q.len(), 1);
+
+    // A record that is gone ships nothing; the entry is still read, to be trimmed.
+    se.db
+        .delete_cf(se.cf(CF_RECORDS), record_key(0, &key("b")))
+        .unwrap();
+    let q = se.outbox_read(0, 2, 10, usize::MAX).unwrap();
+    assert_eq!(q.len(), 3);
+    assert!(q[1].shipped.is_none());
+
+    // The earlier format (a copy of the record after the queue time) is still read.
+    let rec = se.get_record(0, &key("a")).unwrap().unwrap();
+    let old = encode_shipped(&Shipped {
+        enqueued_ms: 5,
+        key: key("old"),
+        record: rec.clone(),
+    });
+    let mut v = 5u64.to_be_bytes().to_vec();
+    v.extend_from_slice(&old);
+    se.db
+        .put_cf(se.cf(CF_OUTBOX), outbox_key(0, 2, 0), &v)
+        .unwrap();
+    let q = se.outbox_read(0, 2, 10, usize::MAX).unwrap();
+    assert_eq!(q[0].seq, 0);
+    assert_eq!(q[0].enqueued_ms, 5);
+    let s = idem_core::codec::decode_shipped(q[0].shipped.as_ref().unwrap()).unwrap();
+    assert_eq!((s.key, s.record), (key("old"), rec));
+    assert_eq!(se.outbox_oldest_ms(0, 2).unwrap(), Some(5));
 }
 
 #[test]
