@@ -12,6 +12,7 @@ use crate::wire::{EntryResult, MergeRequest, MergeResponse};
 use crate::Geo;
 use idem_core::{Key, Op};
 use idem_raft::codec::{decode, encode};
+use idem_storage::{OutboxEntry, Ship};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -187,19 +188,10 @@ async fn ship_once(
         return Ok(false);
     }
     *tokens -= batch.len() as f64;
-    // Entries with nothing to ship (the record is gone, or an earlier entry of this
-    // batch ships it) are done as they are.
-    let mut entries = Vec::new();
-    let batch: Vec<(u64, bool)> = batch
-        .into_iter()
-        .map(|e| {
-            let ships = e.shipped.is_some();
-            entries.extend(e.shipped);
-            (e.seq, ships)
-        })
-        .collect();
-    let mut answers = if entries.is_empty() {
-        Vec::new().into_iter()
+    let seqs: Vec<u64> = batch.iter().map(|e| e.seq).collect();
+    let (ships, entries) = split_ships(batch);
+    let answers = if entries.is_empty() {
+        Vec::new()
     } else {
         let link = geo.link(dest).ok_or("no link to the destination")?;
         let sent = entries.len();
@@ -212,22 +204,12 @@ async fn ship_once(
         if resp.results.is_empty() || resp.results.len() > sent {
             return Err(format!("{} results for {sent} entries", resp.results.len()));
         }
-        resp.results.into_iter()
+        resp.results
     };
-    // One result per batch entry, in order, as far as the answer reaches.
-    let mut results = Vec::with_capacity(batch.len());
-    for (_, ships) in &batch {
-        if !ships {
-            results.push(EntryResult::Merged);
-        } else if let Some(r) = answers.next() {
-            results.push(r);
-        } else {
-            break;
-        }
-    }
+    let results = results_per_entry(&ships, answers);
     let mut upto = None;
     let mut dead = Vec::new();
-    for (&(seq, _), r) in batch.iter().zip(results.iter()) {
+    for (&seq, r) in seqs.iter().zip(results.iter()) {
         match r {
             EntryResult::Merged | EntryResult::Deferred => {
                 tries.remove(&seq);
@@ -250,16 +232,17 @@ async fn ship_once(
             }
         }
     }
-    let shipped_all = upto.is_none() && results.len() >= batch.len();
+    let shipped_all = upto.is_none() && results.len() >= seqs.len();
     let upto = match upto {
         Some(s) => s,
-        // `results` is never empty: the batch is not, and the answer had a result.
-        None => match results.len().checked_sub(1).and_then(|i| batch.get(i)) {
-            Some((last, _)) => last + 1,
+        // Empty only if the first entry sent a record that went unanswered, which the
+        // check of the answer's length excludes.
+        None => match results.len().checked_sub(1).and_then(|i| seqs.get(i)) {
+            Some(last) => last + 1,
             None => return Err("empty answer".into()),
         },
     };
-    if batch.first().is_some_and(|(first, _)| upto > *first) || !dead.is_empty() {
+    if seqs.first().is_some_and(|first| upto > *first) || !dead.is_empty() {
         group
             .submit(Key::default(), Op::OutboxAck { dest, upto, dead })
             .await
@@ -269,5 +252,103 @@ async fn ship_once(
         Ok(true)
     } else {
         Err(format!("destination could not take entry {upto} yet"))
+    }
+}
+
+/// What each entry of a read ships, without its bytes (`None`: a record to send, in
+/// order), and the records to send.
+fn split_ships(batch: Vec<OutboxEntry>) -> (Vec<Option<EntryResult>>, Vec<Vec<u8>>) {
+    let mut entries = Vec::new();
+    let ships = batch
+        .into_iter()
+        .map(|e| match e.ship {
+            Ship::Record(b) => {
+                entries.push(b);
+                None
+            }
+            Ship::Nothing => Some(EntryResult::Merged),
+            Ship::Unreadable(why) => Some(EntryResult::Invalid(why)),
+        })
+        .collect();
+    (ships, entries)
+}
+
+/// One result per entry of a read, in order, as far as the destination's answers
+/// (one per record sent, possibly fewer) reach: an entry that sends nothing has its
+/// own result.
+fn results_per_entry(ships: &[Option<EntryResult>], answers: Vec<EntryResult>) -> Vec<EntryResult> {
+    let mut answers = answers.into_iter();
+    let mut out = Vec::with_capacity(ships.len());
+    for own in ships {
+        match own {
+            Some(r) => out.push(r.clone()),
+            None => match answers.next() {
+                Some(r) => out.push(r),
+                None => break,
+            },
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_entry_gets_its_own_result_or_the_next_answer_as_far_as_answers_reach() {
+        let ships = vec![
+            None,
+            Some(EntryResult::Merged),
+            Some(EntryResult::Invalid("bad key".into())),
+            None,
+            Some(EntryResult::Merged),
+            None,
+        ];
+        let got = results_per_entry(
+            &ships,
+            vec![EntryResult::Merged, EntryResult::Failed("no leader".into())],
+        );
+        assert_eq!(
+            got,
+            vec![
+                EntryResult::Merged,
+                EntryResult::Merged,
+                EntryResult::Invalid("bad key".into()),
+                EntryResult::Failed("no leader".into()),
+                EntryResult::Merged,
+            ],
+            "the last record was not answered: it and nothing after it has a result"
+        );
+        // Nothing sent: every entry has its own result.
+        assert_eq!(
+            results_per_entry(&[Some(EntryResult::Merged)], Vec::new()),
+            vec![EntryResult::Merged]
+        );
+    }
+
+    #[test]
+    fn only_records_are_sent() {
+        let e = |seq, ship| OutboxEntry {
+            seq,
+            enqueued_ms: 0,
+            ship,
+        };
+        let (ships, sent) = split_ships(vec![
+            e(1, Ship::Record(vec![1])),
+            e(2, Ship::Nothing),
+            e(3, Ship::Unreadable("x".into())),
+            e(4, Ship::Record(vec![4])),
+        ]);
+        assert_eq!(sent, vec![vec![1], vec![4]]);
+        assert_eq!(
+            ships,
+            vec![
+                None,
+                Some(EntryResult::Merged),
+                Some(EntryResult::Invalid("x".into())),
+                None
+            ]
+        );
     }
 }

@@ -13,8 +13,11 @@ use std::io;
 
 /// Most entries applied in one write batch.
 const MAX_APPLY_BATCH: usize = 512;
-/// Most bytes of commands applied in one write batch (past the first entry): each
-/// record a command writes is in the batch whole.
+/// Most bytes of commands (their payloads, as `Op::approx_bytes` counts them) gathered
+/// into one apply batch; the entry that crosses the bound is the batch's last. A
+/// command that rewrites a large stored record without carrying it (a Final notice on
+/// a 1 MiB completion) counts as its own few bytes: the records a batch rewrites are
+/// bounded by MAX_APPLY_BATCH times the largest record.
 const MAX_APPLY_BATCH_BYTES: usize = 16 << 20;
 
 #[derive(Clone)]
@@ -57,9 +60,8 @@ impl StateMachine {
             }
         }
         let state = encode(&(applied, membership.clone()));
-        // The write (a WAL append of every record the batch changes, up to
-        // MAX_APPLY_BATCH_BYTES) runs on a blocking thread, not on the runtime that
-        // carries this node's network traffic.
+        // The write (a WAL append of every record the batch changes) runs on a
+        // blocking thread, not on the runtime that carries this node's network traffic.
         let (engine, shard) = (self.engine.clone(), self.shard);
         let (batch, results) = tokio::task::spawn_blocking(move || {
             let items: Vec<ApplyItem<'_>> = batch

@@ -18,7 +18,9 @@ mod state_engine;
 pub use error::StorageError;
 pub use log_engine::{LogEngine, COMMITTED, PURGED, VOTE};
 pub use snapshot::SnapshotFile;
-pub use state_engine::{bucket_of, ApplyItem, EngineStats, OutboxConfig, OutboxEntry, StateEngine};
+pub use state_engine::{
+    bucket_of, ApplyItem, EngineStats, OutboxConfig, OutboxEntry, Ship, StateEngine,
+};
 
 /// Identifies one group's data inside a node's engines: the shard number. A node belongs
 /// to one region, so the shard alone names the group locally.

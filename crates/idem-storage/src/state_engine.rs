@@ -145,14 +145,34 @@ pub struct OutboxConfig {
 pub type BucketPage = (Vec<(Key, Record)>, Option<Vec<u8>>);
 
 /// One queued change: its sequence number (the log index that made it), when it was
-/// queued, and what to ship: an encoded [`Shipped`] (versioned) of the key's record as
-/// it is now, or `None` when there is nothing to ship (the record expired and is gone,
-/// or an earlier entry of the same read ships the same record).
+/// queued, and what to ship for it.
 #[derive(Clone, Debug)]
 pub struct OutboxEntry {
     pub seq: u64,
     pub enqueued_ms: u64,
-    pub shipped: Option<Vec<u8>>,
+    pub ship: Ship,
+}
+
+/// What an outbox entry ships.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ship {
+    /// An encoded [`Shipped`] (versioned): the key's record as it is now.
+    Record(Vec<u8>),
+    /// Nothing: the record is gone or expired, or an earlier entry of the same read
+    /// ships the same record.
+    Nothing,
+    /// The entry or its record cannot be read: refused here, as a destination refuses
+    /// bytes it cannot read (and dead-lettered the same way).
+    Unreadable(String),
+}
+
+impl Ship {
+    pub fn bytes(&self) -> usize {
+        match self {
+            Ship::Record(b) => b.len(),
+            Ship::Nothing | Ship::Unreadable(_) => 0,
+        }
+    }
 }
 
 /// The first byte after the queue time of an outbox value that names the changed key
@@ -514,7 +534,8 @@ impl StateEngine {
 
     /// Up to `limit` queued entries for `dest`, oldest first, with what to ship for
     /// each: at most `max_bytes` of shipped bytes past the first entry that ships
-    /// anything (the rest is read next time).
+    /// anything (the rest is read next time). A record expired at the shard's applied
+    /// stamp ships nothing: it is expired at every destination too.
     pub fn outbox_read(
         &self,
         shard: Shard,
@@ -522,6 +543,7 @@ impl StateEngine {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<OutboxEntry>, StorageError> {
+        let stamp = self.meta_u64(&meta_key(shard, STAMP))?;
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_upper_bound(outbox_key(shard, dest, u64::MAX).to_vec());
         let start = outbox_key(shard, dest, 0);
@@ -539,36 +561,35 @@ impl StateEngine {
                 continue;
             };
             let (enqueued_ms, body) = split_outbox_value(&v);
-            let shipped = match body.split_first() {
-                Some((&OUTBOX_REF, key_bytes)) => {
-                    let key = decode_record_key(key_bytes).ok_or(StorageError::Corrupt {
-                        what: "outbox entry",
-                        detail: format!("seq {seq}: an unreadable key"),
-                    })?;
-                    if seen.insert(key_bytes.to_vec()) {
-                        self.get_record(shard, &key)?.map(|record| {
-                            encode_shipped(&Shipped {
-                                enqueued_ms,
-                                key,
-                                record,
-                            })
-                        })
-                    } else {
-                        None
-                    }
-                }
+            let ship = match body.split_first() {
+                Some((&OUTBOX_REF, key_bytes)) => match decode_record_key(key_bytes) {
+                    None => Ship::Unreadable(format!("outbox entry {seq}: an unreadable key")),
+                    Some(_) if !seen.insert(key_bytes.to_vec()) => Ship::Nothing,
+                    Some(key) => match self.get_record(shard, &key) {
+                        Err(StorageError::Corrupt { detail, .. }) => {
+                            Ship::Unreadable(format!("outbox entry {seq}: {detail}"))
+                        }
+                        Err(e) => return Err(e),
+                        Ok(None) => Ship::Nothing,
+                        Ok(Some(record)) if record.is_expired(stamp) => Ship::Nothing,
+                        Ok(Some(record)) => Ship::Record(encode_shipped(&Shipped {
+                            enqueued_ms,
+                            key,
+                            record,
+                        })),
+                    },
+                },
                 // The earlier format: a copy of the record as it was then.
-                _ => Some(body.to_vec()),
+                _ => Ship::Record(body.to_vec()),
             };
-            let size = shipped.as_ref().map_or(0, Vec::len);
-            if bytes > 0 && bytes.saturating_add(size) > max_bytes {
+            if bytes > 0 && bytes.saturating_add(ship.bytes()) > max_bytes {
                 break;
             }
-            bytes = bytes.saturating_add(size);
+            bytes = bytes.saturating_add(ship.bytes());
             out.push(OutboxEntry {
                 seq,
                 enqueued_ms,
-                shipped,
+                ship,
             });
         }
         Ok(out)

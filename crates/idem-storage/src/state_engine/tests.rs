@@ -328,6 +328,25 @@ fn truncated_snapshot_is_rejected() {
     assert!(cut.read_records(|_, _| Ok(())).is_err());
 }
 
+/// A state engine whose changes are queued for `destinations`, at most `max_entries`
+/// each.
+fn engine_shipping_to(destinations: &[u16], max_entries: u64) -> (tempfile::TempDir, StateEngine) {
+    let dir = tempfile::tempdir().unwrap();
+    let se = StateEngine::open(dir.path()).unwrap();
+    se.set_outbox(OutboxConfig {
+        destinations: destinations.to_vec(),
+        max_entries,
+    });
+    (dir, se)
+}
+
+fn shipped(e: &OutboxEntry) -> Shipped {
+    match &e.ship {
+        Ship::Record(b) => idem_core::codec::decode_shipped(b).unwrap(),
+        other => panic!("entry {} ships {other:?}", e.seq),
+    }
+}
+
 fn with_op(mut c: Command, op: Op) -> Command {
     c.op = op;
     c
@@ -335,12 +354,7 @@ fn with_op(mut c: Command, op: Op) -> Command {
 
 #[test]
 fn changes_are_queued_per_destination_and_acks_trim_or_dead_letter_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let se = StateEngine::open(dir.path()).unwrap();
-    se.set_outbox(OutboxConfig {
-        destinations: vec![1, 2],
-        max_entries: 3,
-    });
+    let (_dir, se) = engine_shipping_to(&[1, 2], 3);
     let now = wall_ms();
     let cmds: Vec<Command> = (0..4)
         .map(|i| reserve(&format!("k{i}"), now, 3_600_000, i))
@@ -358,9 +372,9 @@ fn changes_are_queued_per_destination_and_acks_trim_or_dead_letter_them() {
         q.iter().map(|e| e.seq).collect::<Vec<_>>(),
         vec![10, 11, 12]
     );
-    let shipped = idem_core::codec::decode_shipped(q[0].shipped.as_ref().unwrap()).unwrap();
-    assert_eq!(shipped.key, key("k0"));
-    assert_eq!(shipped.enqueued_ms, now);
+    let first = shipped(&q[0]);
+    assert_eq!(first.key, key("k0"));
+    assert_eq!(first.enqueued_ms, now);
 
     // A re-applied Reserve that only counts an attempt ships nothing new; a merged copy
     // from another region is not sent on.
@@ -412,12 +426,7 @@ fn changes_are_queued_per_destination_and_acks_trim_or_dead_letter_them() {
 
 #[test]
 fn the_outbox_names_keys_and_ships_each_record_as_it_is_once_per_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let se = StateEngine::open(dir.path()).unwrap();
-    se.set_outbox(OutboxConfig {
-        destinations: vec![1, 2],
-        max_entries: 100,
-    });
+    let (_dir, se) = engine_shipping_to(&[1, 2], 100);
     let now = wall_ms();
     let big = vec![7u8; 1 << 20];
     let a = reserve("a", now, 3_600_000, 1);
@@ -466,12 +475,12 @@ fn the_outbox_names_keys_and_ships_each_record_as_it_is_once_per_read() {
     // Complete) has nothing left to ship in the same read.
     let q = se.outbox_read(0, 1, 10, usize::MAX).unwrap();
     assert_eq!(q.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
-    let first = idem_core::codec::decode_shipped(q[0].shipped.as_ref().unwrap()).unwrap();
+    let first = shipped(&q[0]);
     assert_eq!(first.key, key("a"));
     assert_eq!(first.enqueued_ms, now);
     assert_eq!(first.record, se.get_record(0, &key("a")).unwrap().unwrap());
     assert_eq!(first.record.response.as_ref().unwrap().body, big);
-    assert!(q[2].shipped.is_none());
+    assert_eq!(q[2].ship, Ship::Nothing);
     assert_eq!(se.outbox_oldest_ms(0, 1).unwrap(), Some(now));
 
     // Bounded in bytes: past the first entry that ships, at most `max_bytes`.
@@ -484,7 +493,7 @@ fn the_outbox_names_keys_and_ships_each_record_as_it_is_once_per_read() {
         .unwrap();
     let q = se.outbox_read(0, 2, 10, usize::MAX).unwrap();
     assert_eq!(q.len(), 3);
-    assert!(q[1].shipped.is_none());
+    assert_eq!(q[1].ship, Ship::Nothing);
 
     // The earlier format (a copy of the record after the queue time) is still read.
     let rec = se.get_record(0, &key("a")).unwrap().unwrap();
@@ -501,9 +510,40 @@ fn the_outbox_names_keys_and_ships_each_record_as_it_is_once_per_read() {
     let q = se.outbox_read(0, 2, 10, usize::MAX).unwrap();
     assert_eq!(q[0].seq, 0);
     assert_eq!(q[0].enqueued_ms, 5);
-    let s = idem_core::codec::decode_shipped(q[0].shipped.as_ref().unwrap()).unwrap();
+    let s = shipped(&q[0]);
     assert_eq!((s.key, s.record), (key("old"), rec));
     assert_eq!(se.outbox_oldest_ms(0, 2).unwrap(), Some(5));
+
+    // An entry that cannot be read is refused on its own (to be dead-lettered as a
+    // destination's refusal is), and the rest of the queue is still read.
+    let mut bad = now.to_be_bytes().to_vec();
+    bad.extend_from_slice(&[OUTBOX_REF, 0, 9]);
+    se.db
+        .put_cf(se.cf(CF_OUTBOX), outbox_key(0, 1, 0), &bad)
+        .unwrap();
+    se.db
+        .put_cf(se.cf(CF_RECORDS), record_key(0, &key("b")), b"\x01garbage")
+        .unwrap();
+    let q = se.outbox_read(0, 1, 10, usize::MAX).unwrap();
+    assert_eq!(
+        q.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    assert!(
+        matches!(&q[0].ship, Ship::Unreadable(why) if why.contains("key")),
+        "{:?}",
+        q[0].ship
+    );
+    assert!(matches!(q[1].ship, Ship::Record(_)));
+    assert!(matches!(&q[2].ship, Ship::Unreadable(_)), "{:?}", q[2].ship);
+
+    // A record expired at the applied stamp ships nothing: it is expired everywhere.
+    let later = reserve("c", now + 3_600_001, 3_600_000, 4);
+    se.apply(0, &[ApplyItem::Command(&later, 4)], b"z").unwrap();
+    let q = se.outbox_read(0, 1, 10, usize::MAX).unwrap();
+    assert_eq!(q[1].seq, 1);
+    assert_eq!(q[1].ship, Ship::Nothing, "a's record expired at the stamp");
+    assert!(matches!(q[4].ship, Ship::Record(_)), "c's record is live");
 }
 
 #[test]
