@@ -499,6 +499,22 @@ impl StateEngine {
         Ok(results)
     }
 
+    /// The outbox entries of `shard` for `dest` below `upto`, oldest first.
+    fn outbox_entries(
+        &self,
+        shard: Shard,
+        dest: u16,
+        upto: u64,
+    ) -> rocksdb::DBIteratorWithThreadMode<'_, DB> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(outbox_key(shard, dest, upto).to_vec());
+        self.db.iterator_cf_opt(
+            self.cf(CF_OUTBOX),
+            ro,
+            rocksdb::IteratorMode::From(&outbox_key(shard, dest, 0), rocksdb::Direction::Forward),
+        )
+    }
+
     /// Remove the shipped entries below `upto`; move `dead` ones to the dead-letter
     /// queue. Returns how many left the outbox.
     fn ack_outbox(
@@ -509,14 +525,7 @@ impl StateEngine {
         upto: u64,
         dead: &[u64],
     ) -> Result<u64, StorageError> {
-        let mut ro = rocksdb::ReadOptions::default();
-        ro.set_iterate_upper_bound(outbox_key(shard, dest, upto).to_vec());
-        let start = outbox_key(shard, dest, 0);
-        let it = self.db.iterator_cf_opt(
-            self.cf(CF_OUTBOX),
-            ro,
-            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
-        );
+        let it = self.outbox_entries(shard, dest, upto);
         let mut removed = 0;
         for item in it {
             let (k, v) = item?;
@@ -544,14 +553,7 @@ impl StateEngine {
         max_bytes: usize,
     ) -> Result<Vec<OutboxEntry>, StorageError> {
         let stamp = self.meta_u64(&meta_key(shard, STAMP))?;
-        let mut ro = rocksdb::ReadOptions::default();
-        ro.set_iterate_upper_bound(outbox_key(shard, dest, u64::MAX).to_vec());
-        let start = outbox_key(shard, dest, 0);
-        let it = self.db.iterator_cf_opt(
-            self.cf(CF_OUTBOX),
-            ro,
-            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
-        );
+        let it = self.outbox_entries(shard, dest, u64::MAX);
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut seen = std::collections::HashSet::new();
@@ -597,14 +599,7 @@ impl StateEngine {
 
     /// When the oldest entry queued for `dest` was queued (`None`: nothing queued).
     pub fn outbox_oldest_ms(&self, shard: Shard, dest: u16) -> Result<Option<u64>, StorageError> {
-        let mut ro = rocksdb::ReadOptions::default();
-        ro.set_iterate_upper_bound(outbox_key(shard, dest, u64::MAX).to_vec());
-        let start = outbox_key(shard, dest, 0);
-        let mut it = self.db.iterator_cf_opt(
-            self.cf(CF_OUTBOX),
-            ro,
-            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
-        );
+        let mut it = self.outbox_entries(shard, dest, u64::MAX);
         match it.next() {
             None => Ok(None),
             Some(item) => Ok(Some(split_outbox_value(&item?.1).0)),

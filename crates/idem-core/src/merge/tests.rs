@@ -64,6 +64,28 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(2_000))]
 
     #[test]
+    fn a_change_to_any_one_replicated_field_is_a_replicated_change(a in arb_record()) {
+        let changes: [fn(&mut Record); 10] = [
+            |r| r.expires_ms += 1,
+            |r| r.created_ms += 1,
+            |r| r.fingerprint.0[0] ^= 1,
+            |r| r.generation += 1,
+            |r| r.phase = if r.phase == Phase::Released { Phase::Reserved } else { Phase::Released },
+            |r| r.claim.nonce ^= 1,
+            |r| r.lease_expires_ms += 1,
+            |r| r.witnesses ^= 1,
+            |r| r.is_final = !r.is_final,
+            |r| r.response = if r.response.is_some() { None } else { Some(StoredResponse::default()) },
+        ];
+        for change in changes {
+            let mut b = a.clone();
+            change(&mut b);
+            prop_assert!(!same_replicated(&a, &b), "{:?} vs {:?}", a, b);
+            prop_assert!(replicated_change(Some(&a), &b));
+        }
+    }
+
+    #[test]
     fn same_replicated_is_equality_of_digest_bytes(a in arb_record(), b in arb_record()) {
         prop_assert_eq!(same_replicated(&a, &b), digest_bytes(&a) == digest_bytes(&b));
         prop_assert!(same_replicated(&a, &a));
