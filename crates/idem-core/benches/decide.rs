@@ -94,9 +94,11 @@ fn bench_decide(c: &mut Criterion) {
             "in_flight",
             tally(&[
                 Reply::Held {
+                    holder: fence,
                     retry_after_ms: 900,
                 },
                 Reply::Held {
+                    holder: fence,
                     retry_after_ms: 700,
                 },
                 Reply::Accepted,

@@ -9,6 +9,7 @@ pub mod acceptor;
 pub mod bin_serde;
 pub mod codec;
 pub mod command;
+pub mod engine;
 pub mod fingerprint;
 pub mod hlc;
 pub mod limits;

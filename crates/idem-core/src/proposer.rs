@@ -7,12 +7,14 @@ use crate::acceptor::ReserveOutcome;
 use crate::{Fence, Fingerprint, StoredResponse};
 
 /// One region's answer to a `Propose`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Reply {
     /// The region's group committed the accept.
     Accepted,
-    /// Another claim's live lease, or a completion that is not final yet.
+    /// Another claim's live lease, or a completion that is not final yet: `holder` is
+    /// that claim's fence (the completion's, for a completion).
     Held {
+        holder: Fence,
         retry_after_ms: u64,
     },
     /// A final completion: replay it.
@@ -37,7 +39,11 @@ impl Reply {
     pub fn from_outcome(o: &ReserveOutcome) -> Reply {
         match o {
             ReserveOutcome::New { .. } => Reply::Accepted,
-            ReserveOutcome::InFlight { retry_after_ms, .. } => Reply::Held {
+            ReserveOutcome::InFlight {
+                holder,
+                retry_after_ms,
+            } => Reply::Held {
+                holder: *holder,
                 retry_after_ms: *retry_after_ms,
             },
             ReserveOutcome::Replay { fence, response } => Reply::Completed {
@@ -58,7 +64,7 @@ impl Reply {
 }
 
 /// What the proposer answers (or does next).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Verdict {
     /// A majority accepted within the lease: the caller holds the key.
     New,
@@ -73,11 +79,14 @@ pub enum Verdict {
         first_attempt_ms: u64,
         limit_ms: u64,
     },
-    /// A majority holds another claim (or a completion not final yet), or no majority
-    /// formed either way among a majority that answered (contention).
+    /// A majority holds one other claim (or one completion not final yet): wait for it.
     InFlight {
         retry_after_ms: u64,
     },
+    /// A majority answered but no majority formed either way, or none can form any more
+    /// (proposals split the regions between them, or the lease ended first): nobody holds
+    /// the key, so waiting for a lease would be wrong. Withdraw and propose again later.
+    Contended,
     /// A generation was stale: propose again with this one.
     Retry {
         generation: u32,
@@ -94,16 +103,35 @@ impl Verdict {
 }
 
 /// The replies to one round of a proposal, one slot per region.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Tally {
     replies: Vec<Option<Reply>>,
+    /// Regions whose call failed this round (no reply will come from them).
+    lost: Vec<bool>,
 }
 
 impl Tally {
     pub fn new(regions: usize) -> Tally {
         Tally {
             replies: vec![None; regions],
+            lost: vec![false; regions],
         }
+    }
+
+    /// Region `i`'s call failed (unreachable, refused): no reply will come this round.
+    pub fn lose(&mut self, i: usize) {
+        if let (Some(l), Some(None)) = (self.lost.get_mut(i), self.replies.get(i)) {
+            *l = true;
+        }
+    }
+
+    /// Regions whose reply may still come.
+    fn open(&self) -> usize {
+        self.replies
+            .iter()
+            .zip(&self.lost)
+            .filter(|(r, l)| r.is_none() && !**l)
+            .count()
     }
 
     pub fn majority(&self) -> usize {
@@ -114,6 +142,7 @@ impl Tally {
     pub fn record(&mut self, i: usize, reply: Reply) {
         if let Some(slot) = self.replies.get_mut(i) {
             *slot = Some(reply);
+            self.lost[i] = false;
         }
     }
 
@@ -170,29 +199,66 @@ impl Tally {
                 limit_ms: *limit_ms,
             });
         }
-        if self.count(|r| matches!(r, Reply::Held { .. })) >= maj {
-            return Some(Verdict::InFlight {
-                retry_after_ms: self.held_retry_after(),
-            });
+        if let Some((_, n, retry_after_ms)) = self.top_holder() {
+            if n >= maj {
+                return Some(Verdict::InFlight { retry_after_ms });
+            }
         }
         None
     }
 
-    fn held_retry_after(&self) -> u64 {
+    /// The holder named by the most `Held` replies: its fence, how many named it, and
+    /// the shortest wait they advise (at least 1 ms).
+    fn top_holder(&self) -> Option<(Fence, usize, u64)> {
+        let held = || {
+            self.replies.iter().flatten().filter_map(|r| match r {
+                Reply::Held {
+                    holder,
+                    retry_after_ms,
+                } => Some((*holder, *retry_after_ms)),
+                _ => None,
+            })
+        };
+        held()
+            .map(|(h, _)| {
+                let (n, wait) = held()
+                    .filter(|(o, _)| *o == h)
+                    .fold((0, u64::MAX), |(n, w), (_, r)| (n + 1, w.min(r)));
+                (h, n, wait.max(1))
+            })
+            .max_by_key(|(_, n, _)| *n)
+    }
+
+    /// No reply can come any more, or no verdict can form from the replies still to come: no
+    /// majority of accepts (within the lease) and no majority naming one holder. A reply
+    /// that decides alone (a final completion, a mismatch) would have decided already.
+    pub fn settled(&self, lease_live: bool) -> bool {
+        let maj = self.majority();
+        let open = self.open();
+        let can_accept = lease_live && self.accepted() + open >= maj;
+        let can_hold = self.top_holder().map_or(0, |(_, n, _)| n) + open >= maj;
+        open == 0 || !(can_accept || can_hold)
+    }
+
+    /// The highest generation any reply named (a holder's, a stale generation's stored
+    /// one): a fresh proposal after contention starts above it.
+    pub fn highest_generation(&self) -> u32 {
         self.replies
             .iter()
             .flatten()
             .filter_map(|r| match r {
-                Reply::Held { retry_after_ms } => Some(*retry_after_ms),
+                Reply::Held { holder, .. } => Some(holder.generation),
+                Reply::StaleGen { stored } => Some(*stored),
+                Reply::Completed { fence, .. } => Some(fence.generation),
                 _ => None,
             })
-            .min()
-            .unwrap_or(1)
-            .max(1)
+            .max()
+            .unwrap_or(0)
     }
 
-    /// No decision (every region answered, or the round timed out): retry after a
-    /// stale generation while retries are left, else fail.
+    /// No decision (the replies are [`settled`](Self::settled), or the round timed out):
+    /// retry after a stale generation while retries are left; else contention when a
+    /// majority answered; else unavailable.
     pub fn conclude(&self, generation: u32, retries_left: u32) -> Verdict {
         let stale = self
             .replies
@@ -211,9 +277,7 @@ impl Tally {
             }
         }
         if self.answered() >= self.majority() {
-            Verdict::InFlight {
-                retry_after_ms: self.held_retry_after(),
-            }
+            Verdict::Contended
         } else {
             Verdict::Unavailable
         }
@@ -243,14 +307,98 @@ mod tests {
         t.record(2, Reply::Accepted);
         assert_eq!(t.decide(true), Some(Verdict::New));
         assert_eq!(t.decide(false), None);
-        assert_eq!(t.conclude(1, 0), Verdict::InFlight { retry_after_ms: 1 });
+        assert!(t.settled(false), "past the lease no verdict can form");
+        assert_eq!(t.conclude(1, 0), Verdict::Contended);
+    }
+
+    #[test]
+    fn regions_holding_different_claims_that_none_can_win_are_contention() {
+        // Three proposers, each accepted by one region: nobody holds the key.
+        let mut t = Tally::new(3);
+        t.record(0, Reply::Accepted);
+        t.record(1, held(7, 9_000));
+        assert_eq!(t.decide(true), None);
+        assert!(
+            !t.settled(true),
+            "region 2 may still accept or name holder 7"
+        );
+        t.record(2, held(8, 9_000));
+        assert_eq!(
+            t.decide(true),
+            None,
+            "no IN_FLIGHT for a lease nobody holds"
+        );
+        assert!(t.settled(true));
+        assert_eq!(t.conclude(1, 2), Verdict::Contended);
+        assert!(Verdict::Contended.withdraws());
+        // Four of five split between four claims: the fifth cannot make a majority.
+        let mut t = Tally::new(5);
+        t.record(0, held(7, 1));
+        t.record(1, held(8, 1));
+        t.record(2, Reply::Accepted);
+        assert!(!t.settled(true));
+        t.record(3, held(7, 1));
+        assert!(!t.settled(true), "7 can still reach 3 of 5");
+        t.record(3, held(9, 1));
+        assert!(
+            t.settled(true),
+            "nobody can reach 3 of 5 with one reply to come"
+        );
+        // The same holder named by a majority is IN_FLIGHT.
+        let mut t = Tally::new(5);
+        t.record(0, held(7, 500));
+        t.record(3, held(7, 400));
+        t.record(4, held(7, 600));
+        assert_eq!(
+            t.decide(true),
+            Some(Verdict::InFlight {
+                retry_after_ms: 400
+            })
+        );
+    }
+
+    #[test]
+    fn lost_calls_count_as_replies_that_will_not_come() {
+        let mut t = Tally::new(3);
+        t.record(0, Reply::Accepted);
+        t.lose(1);
+        assert!(!t.settled(true));
+        t.lose(2);
+        assert!(t.settled(true));
+        assert_eq!(t.conclude(1, 2), Verdict::Unavailable);
+        // A reply replaces a loss.
+        t.record(2, Reply::Accepted);
+        assert_eq!(t.decide(true), Some(Verdict::New));
+    }
+
+    #[test]
+    fn the_highest_generation_named_by_any_reply() {
+        let mut t = Tally::new(3);
+        t.record(0, Reply::StaleGen { stored: 4 });
+        t.record(1, held(7, 1));
+        assert_eq!(t.highest_generation(), 4);
+        t.record(2, done());
+        assert_eq!(t.highest_generation(), 4);
+    }
+
+    fn held(by: u32, retry_after_ms: u64) -> Reply {
+        Reply::Held {
+            holder: Fence {
+                generation: 1,
+                claim: ClaimId {
+                    nonce: by,
+                    ..ClaimId::default()
+                },
+            },
+            retry_after_ms,
+        }
     }
 
     #[test]
     fn replay_beats_mismatch_beats_in_flight() {
         let mut t = Tally::new(3);
-        t.record(0, Reply::Held { retry_after_ms: 70 });
-        t.record(1, Reply::Held { retry_after_ms: 30 });
+        t.record(0, held(1, 70));
+        t.record(1, held(1, 30));
         assert_eq!(
             t.decide(true),
             Some(Verdict::InFlight { retry_after_ms: 30 })
@@ -284,7 +432,7 @@ mod tests {
         t.record(2, Reply::Accepted);
         assert_eq!(t.decide(true), None);
         assert_eq!(t.conclude(1, 2), Verdict::Retry { generation: 5 });
-        assert_eq!(t.conclude(1, 0), Verdict::InFlight { retry_after_ms: 1 });
+        assert_eq!(t.conclude(1, 0), Verdict::Contended);
         assert_eq!(t.accepted_regions(), vec![2]);
     }
 }

@@ -107,7 +107,7 @@ impl std::str::FromStr for Fence {
 }
 
 /// One response header (gRPC metadata or HTTP header) stored with a completion.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Header {
     pub name: String,
     #[serde(with = "crate::bin_serde")]
@@ -115,7 +115,7 @@ pub struct Header {
 }
 
 /// The response of the completed attempt, replayed byte for byte to every retry.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct StoredResponse {
     pub status: u32,
     pub headers: Vec<Header>,

@@ -20,10 +20,11 @@ pub mod service;
 pub mod wire;
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use idem_core::acceptor::{CompleteError, ExtendError, ReleaseError, ReserveOutcome};
 use idem_core::command::TouchItem;
+use idem_core::engine::{self, Answer, Command, EngineConfig, ReserveCall, ReserveEngine, Rule};
 use idem_core::merge::Conflict;
-use idem_core::proposer::{Reply, Tally, Verdict};
 use idem_core::shard::shard_of;
 use idem_core::{CommandResult, Fence, Fingerprint, Key, Op, Phase};
 use idem_raft::{Channels, Group, GroupError, GroupId, Router, Stamper};
@@ -78,8 +79,11 @@ pub struct GeoConfig {
     pub namespaces: Vec<NamespaceRule>,
     /// How long one proposal round waits for the regions.
     pub round_timeout: Duration,
-    /// StaleGen retries of one Reserve.
+    /// StaleGen retries of one proposal.
     pub max_retries: u32,
+    /// A GLOBAL Reserve is answered within this (contention retries included), well
+    /// inside a client's deadline.
+    pub reserve_deadline: Duration,
     pub max_in_flight_per_region: usize,
     /// Emulated round trip to every other region (`idem demo` only).
     pub emulated_rtt: Duration,
@@ -150,16 +154,6 @@ const TOUCH_FLUSH_EVERY: Duration = Duration::from_millis(20);
 pub struct Geo {
     inner: Arc<Inner>,
 }
-
-/// The pause before the `round`-th retry of a proposal that lost to contention:
-/// randomized ("full jitter") over a window that doubles every round, from 20 ms up to
-/// 320 ms, so proposers that collided spread out instead of colliding again.
-fn contention_pause(round: u32, random: u64) -> Duration {
-    let window = CONTENTION_BASE_MS << round.saturating_sub(1).min(4);
-    Duration::from_millis(random % (window + 1))
-}
-
-const CONTENTION_BASE_MS: u64 = 20;
 
 /// How often every region link's clock offset is measured when no call measured it.
 const CLOCK_PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -351,13 +345,27 @@ impl Geo {
         op: &Op,
     ) -> FuturesUnordered<impl std::future::Future<Output = (usize, Result<CommandResult, String>)>>
     {
-        let futs = FuturesUnordered::new();
-        for (i, r) in self.inner.cfg.regions.iter().enumerate() {
-            let me = self.clone();
-            let (region, key, op) = (r.id, key.clone(), op.clone());
-            futs.push(async move { (i, me.call_region(region, shard, key, op).await) });
-        }
-        futs
+        self.calls(shard, key, op).into_iter().collect()
+    }
+
+    /// One call of `op` per region, each answering `(region index, result)`.
+    fn calls(
+        &self,
+        shard: u32,
+        key: &Key,
+        op: &Op,
+    ) -> Vec<impl std::future::Future<Output = (usize, Result<CommandResult, String>)>> {
+        self.inner
+            .cfg
+            .regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let me = self.clone();
+                let (region, key, op) = (r.id, key.clone(), op.clone());
+                async move { (i, me.call_region(region, shard, key, op).await) }
+            })
+            .collect()
     }
 
     /// Send `op` to every region and forget the answers (withdraws, final notices).
@@ -426,171 +434,85 @@ impl Geo {
         self.final_answer(shard, key, &rec, self.inner.stamper.now_ms(), req)
     }
 
-    /// A GLOBAL Reserve (DESIGN §3, the proposer). Proposals that fail only because
-    /// they competed with each other (no majority either way, nobody holds the key) are
-    /// withdrawn and tried again, as a fresh proposal with a new claim, after a short
-    /// random pause: at most `max_retries` times.
-    pub async fn reserve(&self, key: Key, req: ReserveRequest) -> Result<ReserveAnswer, GeoError> {
-        let mut left = self.inner.cfg.max_retries;
-        let mut round = 0u32;
-        loop {
-            let (answer, contended) = self.propose(&key, &req).await?;
-            if !contended || left == 0 {
-                return Ok(answer);
-            }
-            left -= 1;
-            round += 1;
-            tokio::time::sleep(contention_pause(round, rand::random())).await;
+    /// The proposer engine's settings for this node.
+    fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            regions: self.inner.cfg.regions.len(),
+            local: self.inner.index.get(&self.inner.cfg.my_region).copied(),
+            round_timeout_ms: duration_ms(self.inner.cfg.round_timeout),
+            max_stale_retries: self.inner.cfg.max_retries,
+            max_contention_rounds: engine::MAX_CONTENTION_ROUNDS,
+            // Deliberately broken build for the fault suite: NEW on the local accept
+            // alone (the rule the model check rejects).
+            rule: if cfg!(feature = "broken-local-accept") {
+                Rule::BrokenLocalAccept
+            } else {
+                Rule::Majority
+            },
         }
     }
 
-    /// One proposal (with its StaleGen rounds): the answer, and whether it failed only
-    /// for contention.
-    async fn propose(
-        &self,
-        key: &Key,
-        req: &ReserveRequest,
-    ) -> Result<(ReserveAnswer, bool), GeoError> {
-        let shard = shard_of(key, self.inner.cfg.shards);
+    /// A GLOBAL Reserve (DESIGN §3): answered from this node's final copy when it has
+    /// one, else by the proposer engine (`idem_core::engine`), which this drives: its
+    /// proposals go to every region, their replies and its timers go back to it, its
+    /// withdraws are broadcast, until it answers (by `reserve_deadline` at the latest).
+    pub async fn reserve(&self, key: Key, req: ReserveRequest) -> Result<ReserveAnswer, GeoError> {
+        let shard = shard_of(&key, self.inner.cfg.shards);
         let local = self
             .local_group(shard)
             .ok_or_else(|| GeoError::Unavailable(format!("shard {shard} is not running here")))?;
         let now = self.inner.stamper.now_ms();
         let rec = local
-            .read_local(key)
+            .read_local(&key)
             .map_err(|e| GeoError::Unavailable(e.to_string()))?;
         // Fast path: a final completion never changes, so this node's copy answers.
-        if let Some(r) = rec.as_ref() {
-            if let Some(answer) = self.final_answer(shard, key, r, now, req) {
-                return Ok((answer, false));
-            }
+        if let Some(answer) = rec
+            .as_ref()
+            .and_then(|r| self.final_answer(shard, &key, r, now, &req))
+        {
+            return Ok(answer);
         }
         // Proposing measures the lease on this node's clock: not while it is in doubt.
         self.clock_gate()?;
-        // The generation to propose: the local record's, or the next one when it is
-        // not held by a live lease (a stale guess costs one StaleGen round).
-        let mut generation = match &rec {
-            None => 1,
-            Some(r) if r.phase == Phase::Reserved && now < r.lease_expires_ms => r.generation,
-            Some(r) => r.generation.saturating_add(1),
-        };
         let (_, claim) = self.inner.stamper.mint();
-        let lease_until_ms = now.saturating_add(req.lease_ms);
-        let mut retries_left = self.inner.cfg.max_retries;
-        let local_idx = self.inner.index.get(&self.inner.cfg.my_region).copied();
-        loop {
-            let op = Op::Propose {
-                fingerprint: req.fingerprint,
-                claim,
-                generation,
-                lease_ms: req.lease_ms,
-                lease_until_ms,
-                retention_ms: req.retention_ms,
-                first_attempt_ms: req.first_attempt_ms,
-            };
-            let mut tally = Tally::new(self.inner.cfg.regions.len());
-            let mut replies = self.fan_out(shard, key, &op);
-            let mut facts: Option<(u32, Option<u64>)> = None;
-            let mut takeover = None;
-            let round = tokio::time::sleep(self.inner.cfg.round_timeout);
-            tokio::pin!(round);
-            let mut concluded = false;
-            let verdict = loop {
-                tokio::select! {
-                    next = replies.next() => {
-                        let Some((i, res)) = next else {
-                            concluded = true;
-                            break tally.conclude(generation, retries_left);
-                        };
-                        let Ok(CommandResult::Reserve { outcome, attempt, since_previous_ms }) = res else {
-                            if let Err(e) = res {
-                                tracing::debug!(region = i, error = %e, "no answer to a proposal");
-                            }
-                            continue;
-                        };
-                        if Some(i) == local_idx || facts.is_none() {
-                            facts = Some((attempt, since_previous_ms));
-                        }
-                        if let ReserveOutcome::New { takeover: Some(t), .. } = &outcome {
-                            takeover = Some(*t);
-                        }
-                        let reply = Reply::from_outcome(&outcome);
-                        let live = self.inner.stamper.now_ms() < lease_until_ms;
-                        // Deliberately broken build for the fault suite: NEW on the local
-                        // accept alone (the rule the model check rejects).
-                        if cfg!(feature = "broken-local-accept")
-                            && Some(i) == local_idx
-                            && reply == Reply::Accepted
-                            && live
-                        {
-                            tally.record(i, reply);
-                            break Verdict::New;
-                        }
-                        tally.record(i, reply);
-                        if let Some(v) = tally.decide(live) {
-                            break v;
-                        }
-                    }
-                    _ = &mut round => {
-                        concluded = true;
-                        break tally.conclude(generation, retries_left);
-                    }
-                }
-            };
-            drop(replies);
-            let contended = concluded && matches!(verdict, Verdict::InFlight { .. });
-            if verdict.withdraws() {
-                self.broadcast(shard, key.clone(), Op::Withdraw { claim });
-            }
-            let (attempt, since_previous_ms) = facts.unwrap_or((0, None));
-            let fence = Fence { generation, claim };
-            let outcome = match verdict {
-                Verdict::Retry { generation: g } => {
-                    retries_left = retries_left.saturating_sub(1);
-                    generation = g;
-                    continue;
-                }
-                Verdict::New => ReserveOutcome::New {
-                    fence,
-                    lease_expires_ms: lease_until_ms,
-                    takeover,
-                },
-                Verdict::Replay { fence, response } => ReserveOutcome::Replay { fence, response },
-                Verdict::Mismatch { stored } => ReserveOutcome::Mismatch { stored },
-                Verdict::TooOld {
-                    first_attempt_ms,
-                    limit_ms,
-                } => ReserveOutcome::TooOld {
-                    first_attempt_ms,
-                    limit_ms,
-                },
-                Verdict::InFlight { retry_after_ms } => ReserveOutcome::InFlight {
-                    holder: fence,
-                    // Contention (no lease to wait for): a jittered pause, so that
-                    // competing retries spread out instead of colliding again.
-                    retry_after_ms: if retry_after_ms <= 1 {
-                        50 + rand::random::<u64>() % 200
-                    } else {
-                        retry_after_ms
-                    },
-                },
-                Verdict::Unavailable => {
-                    return Err(GeoError::Unavailable(format!(
-                        "only {} of {} regions answered within {:?}; a majority is needed",
-                        tally.answered(),
-                        self.inner.cfg.regions.len(),
-                        self.inner.cfg.round_timeout
-                    )))
-                }
-            };
-            return Ok((
-                ReserveAnswer {
-                    outcome,
-                    attempt,
-                    since_previous_ms,
-                },
-                contended,
-            ));
+        let call = ReserveCall {
+            fingerprint: req.fingerprint,
+            lease_ms: req.lease_ms,
+            retention_ms: req.retention_ms,
+            first_attempt_ms: req.first_attempt_ms,
+            deadline_ms: now.saturating_add(duration_ms(self.inner.cfg.reserve_deadline)),
+        };
+        let mut run = EngineRun {
+            geo: self,
+            shard,
+            key: &key,
+            engine: ReserveEngine::new(self.engine_config(), call, claim, rand::random()),
+        };
+        let cmds = run
+            .engine
+            .start(now, engine::first_generation(rec.as_ref(), now));
+        run.drive(cmds).await
+    }
+
+    /// The engine's answer as the server reports it.
+    fn reserve_answer(&self, a: Answer) -> Result<ReserveAnswer, GeoError> {
+        match a {
+            Answer::Decided {
+                outcome,
+                attempt,
+                since_previous_ms,
+            } => Ok(ReserveAnswer {
+                outcome,
+                attempt,
+                since_previous_ms,
+            }),
+            Answer::Unavailable {
+                answered,
+                regions,
+                waited_ms,
+            } => Err(GeoError::Unavailable(format!(
+                "only {answered} of {regions} regions answered within {waited_ms} ms; a majority is needed"
+            ))),
         }
     }
 
@@ -864,28 +786,86 @@ pub fn group_unavailable(e: &GroupError) -> bool {
     !matches!(e, GroupError::Fatal(_))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
-    #[test]
-    fn contention_pauses_are_random_within_a_window_that_doubles_and_is_capped() {
-        let max = |round| {
-            (0..2_000u64)
-                .map(|r| contention_pause(round, r * 7919))
-                .max()
-                .unwrap()
-        };
-        assert_eq!(max(1), Duration::from_millis(20));
-        assert_eq!(max(2), Duration::from_millis(40));
-        assert_eq!(max(5), Duration::from_millis(320));
-        assert_eq!(max(9), Duration::from_millis(320), "capped");
-        let distinct: std::collections::BTreeSet<Duration> = (0..100u64)
-            .map(|r| contention_pause(3, r * 104_729))
-            .collect();
-        assert!(
-            distinct.len() > 20,
-            "spread, not a fixed pause: {distinct:?}"
-        );
+/// One Reserve's engine and what its commands need.
+struct EngineRun<'a> {
+    geo: &'a Geo,
+    shard: u32,
+    key: &'a Key,
+    engine: ReserveEngine,
+}
+
+/// A region's reply to a proposal: `(proposal, region slot, result)`.
+type ReplyFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (u32, usize, Result<CommandResult, String>)> + Send>,
+>;
+
+impl EngineRun<'_> {
+    /// Perform the engine's commands and feed it replies and timers until it answers.
+    async fn drive(&mut self, mut cmds: Vec<Command>) -> Result<ReserveAnswer, GeoError> {
+        let geo = self.geo;
+        let mut replies: FuturesUnordered<ReplyFuture> = FuturesUnordered::new();
+        let mut timer: Option<(u32, u64)> = None;
+        loop {
+            for c in std::mem::take(&mut cmds) {
+                match c {
+                    Command::Propose { proposal, op } => {
+                        // The earlier proposal's calls are no longer waited for.
+                        replies = geo
+                            .calls(self.shard, self.key, &op)
+                            .into_iter()
+                            .map(|f| {
+                                Box::pin(f.map(move |(i, res)| (proposal, i, res))) as ReplyFuture
+                            })
+                            .collect();
+                    }
+                    Command::Withdraw { claim } => {
+                        geo.broadcast(self.shard, self.key.clone(), Op::Withdraw { claim })
+                    }
+                    Command::Timer { token, at_ms } => timer = Some((token, at_ms)),
+                    Command::Answer(a) => return geo.reserve_answer(a),
+                }
+            }
+            let Some((token, at_ms)) = timer else {
+                return Err(GeoError::Internal(
+                    "the proposer engine set no timer while it had not answered".into(),
+                ));
+            };
+            let wait = at_ms.saturating_sub(geo.inner.stamper.now_ms());
+            tokio::select! {
+                Some((proposal, i, res)) = replies.next(), if !replies.is_empty() => {
+                    let now = geo.inner.stamper.now_ms();
+                    cmds = match res {
+                        Ok(CommandResult::Reserve { outcome, attempt, since_previous_ms }) => self
+                            .engine
+                            .on_reply(proposal, i, &outcome, attempt, since_previous_ms, now),
+                        other => {
+                            tracing::debug!(region = i, answer = ?other.err(), "no answer to a proposal");
+                            self.engine.on_lost(proposal, i, now)
+                        }
+                    };
+                }
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {
+                    timer = None;
+                    cmds = self.engine.on_timer(token, geo.inner.stamper.now_ms());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for EngineRun<'_> {
+    /// A caller that gives up (its deadline passed, its connection closed) drops the
+    /// call mid-proposal: what the proposal collected is withdrawn all the same.
+    fn drop(&mut self) {
+        for c in self.engine.abandon() {
+            if let Command::Withdraw { claim } = c {
+                self.geo
+                    .broadcast(self.shard, self.key.clone(), Op::Withdraw { claim });
+            }
+        }
     }
 }

@@ -285,7 +285,9 @@ impl IdemModel {
                 self.answer(s, p, Answer::Replay(resp));
             }
             Verdict::Mismatch { .. } => self.answer(s, p, Answer::Mismatch),
-            Verdict::InFlight { .. } => self.answer(s, p, Answer::InFlight),
+            // A contended proposal answers IN_FLIGHT here (with a short hint): the
+            // model's proposers make one proposal each and do not propose again.
+            Verdict::InFlight { .. } | Verdict::Contended => self.answer(s, p, Answer::InFlight),
             Verdict::Unavailable => self.answer(s, p, Answer::Unavailable),
             Verdict::TooOld { .. } => panic!("TooOld cannot happen within the model's horizon"),
         }

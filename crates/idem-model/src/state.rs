@@ -176,11 +176,12 @@ impl fmt::Debug for Rec {
 
 /// One region's reply to a Propose, as the proposer's [`idem_core::proposer::Tally`]
 /// counts it (the retry-after hint of `Held` is dropped: it only shapes the answer's
-/// retry-after value, never the verdict).
+/// retry-after value, never the verdict; its holder is kept: replies naming different
+/// holders are contention, not IN_FLIGHT).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Rep {
     Accepted,
-    Held,
+    Held { claim: u8, gen: u8 },
     Completed { claim: u8, gen: u8, resp: u8 },
     Mismatch { fp: u8 },
     StaleGen { stored: u8 },
@@ -190,7 +191,10 @@ impl Rep {
     pub fn from_reply(r: &Reply) -> Rep {
         match r {
             Reply::Accepted => Rep::Accepted,
-            Reply::Held { .. } => Rep::Held,
+            Reply::Held { holder, .. } => Rep::Held {
+                claim: proposer_of(&holder.claim),
+                gen: u8::try_from(holder.generation).expect("generation beyond the model"),
+            },
             Reply::Completed { fence, response } => Rep::Completed {
                 claim: proposer_of(&fence.claim),
                 gen: u8::try_from(fence.generation).expect("generation beyond the model"),
@@ -209,7 +213,10 @@ impl Rep {
     pub fn to_reply(self) -> Reply {
         match self {
             Rep::Accepted => Reply::Accepted,
-            Rep::Held => Reply::Held { retry_after_ms: 1 },
+            Rep::Held { claim, gen } => Reply::Held {
+                holder: fence_of(claim, gen),
+                retry_after_ms: 1,
+            },
             Rep::Completed { claim, gen, resp } => Reply::Completed {
                 fence: fence_of(claim, gen),
                 response: response_of(resp),

@@ -147,8 +147,11 @@ impl RaftConfig {
 pub struct GeoSection {
     /// How long one cross-region round (a proposal, a completion) waits for answers.
     pub round_timeout_ms: u64,
-    /// StaleGen retries of one Reserve.
+    /// StaleGen retries of one proposal.
     pub max_retries: u32,
+    /// A GLOBAL Reserve is answered within this, contention retries included (keep it
+    /// below the clients' deadline: the SDKs' default is 10 s).
+    pub reserve_deadline_ms: u64,
     /// Calls in flight to one other region before new ones are refused.
     pub max_in_flight_per_region: usize,
     /// Emulated round trip to the other regions, added in-process. For `idem demo`
@@ -177,6 +180,7 @@ impl Default for GeoSection {
         GeoSection {
             round_timeout_ms: 1_500,
             max_retries: 2,
+            reserve_deadline_ms: 6_000,
             max_in_flight_per_region: 4_096,
             emulated_rtt_ms: 0,
             relay_batch: relay.batch,
@@ -511,6 +515,12 @@ impl Config {
         if g.round_timeout_ms == 0 {
             return Err(invalid("geo.round_timeout_ms", "must be greater than 0"));
         }
+        if g.reserve_deadline_ms < g.round_timeout_ms {
+            return Err(invalid(
+                "geo.reserve_deadline_ms",
+                "must be at least geo.round_timeout_ms (one proposal round)",
+            ));
+        }
         if g.max_in_flight_per_region == 0 {
             return Err(invalid(
                 "geo.max_in_flight_per_region",
@@ -592,6 +602,7 @@ impl Config {
                 .collect(),
             round_timeout: std::time::Duration::from_millis(g.round_timeout_ms),
             max_retries: g.max_retries,
+            reserve_deadline: std::time::Duration::from_millis(g.reserve_deadline_ms),
             max_in_flight_per_region: g.max_in_flight_per_region,
             emulated_rtt: std::time::Duration::from_millis(g.emulated_rtt_ms),
             max_response_bytes: self.limits.max_response_bytes,
@@ -721,6 +732,7 @@ mod tests {
         assert!(err("[raft]\nheartbeat_ms = 500\n").contains("raft.election_timeout_min_ms"));
         assert!(err("[limits]\nmin_lease_ms = 0\n").contains("limits.min_lease_ms"));
         assert!(err("[node]\nbogus = 1\n").contains("bogus"));
+        assert!(err("[geo]\nreserve_deadline_ms = 1000\n").contains("geo.reserve_deadline_ms"));
         assert!(err("[auth]\nenabled = true\n").contains("auth.tokens"));
         let regions = "[[regions]]\nid = 0\nname = \"eu\"\n[[regions.nodes]]\nid = 1\naddr = \"127.0.0.1:7101\"\n";
         assert!(err(&format!("[node]\nregion = \"mars\"\n{regions}")).contains("`node.region`"));

@@ -226,7 +226,7 @@ impl GeoCluster {
                     "[node]\nid = {id}\nregion = \"{}\"\ndata_dir = \"{}\"\ngrpc_addr = \"127.0.0.1:{g}\"\nhttp_addr = \"127.0.0.1:{h}\"\n\n\
                      [cluster]\nshards = 1\nskew_margin_ms = {SKEW_MARGIN_MS}\n\n\
                      [raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\nrequest_timeout_ms = 3000\n\n\
-                     [geo]\nround_timeout_ms = 2000\nanti_entropy_interval_ms = {}\n\n\
+                     [geo]\nround_timeout_ms = 2000\nreserve_deadline_ms = 4500\nanti_entropy_interval_ms = {}\n\n\
                      [limits]\nmin_lease_ms = 100\nmin_retention_ms = 1000\n\n{}\n{regions_toml}",
                     REGION_NAMES[r],
                     data.display(),
