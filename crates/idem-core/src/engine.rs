@@ -195,6 +195,17 @@ impl ReserveEngine {
         self.claim
     }
 
+    /// The token of the timer that counts (the last one set).
+    pub fn timer_token(&self) -> u32 {
+        self.timer
+    }
+
+    /// The current proposal's number while region `region`'s reply to it may still come
+    /// (a driver that delivers one reply per region and proposal asks this first).
+    pub fn awaiting(&self, region: usize) -> Option<u32> {
+        (self.stage == Stage::Proposing && self.tally.is_open(region)).then_some(self.proposal)
+    }
+
     /// Region `region` answered proposal `proposal`.
     pub fn on_reply(
         &mut self,
@@ -374,13 +385,18 @@ impl ReserveEngine {
                 return out;
             }
             Verdict::Contended => {
-                let pause = self.random() % (self.pause_window_ms(now_ms) + 1);
+                // At least one proposal time, so that the withdraws just sent (ours
+                // and the other contenders') have landed before anyone proposes again;
+                // then a random share of the window.
+                let took = now_ms.saturating_sub(self.proposal_started_ms);
+                let pause = took.max(MIN_PAUSE_WINDOW_MS)
+                    + self.random() % (self.pause_window_ms(now_ms) + 1);
                 let resume = now_ms.saturating_add(pause);
                 let next = self.generation.max(self.tally.highest_generation());
                 match next.checked_add(1) {
                     Some(g)
                         if self.contention_rounds < self.cfg.max_contention_rounds
-                            && resume < self.call.deadline_ms =>
+                            && resume.saturating_add(took) < self.call.deadline_ms =>
                     {
                         // Nobody holds the key: withdraw, wait a random while, and
                         // propose again above every generation seen.
@@ -615,8 +631,8 @@ mod tests {
         assert_eq!(withdrew(&c), Some(claim(100)));
         assert!(answer(&c).is_none());
         let (t, at) = timer(&c).unwrap();
-        // The first pause is drawn from two proposal times (2 x 40 ms).
-        assert!((40..=120).contains(&at), "pause ends at {at}");
+        // The first pause is one proposal time (40 ms) and a share of two more.
+        assert!((80..=160).contains(&at), "pause ends at {at}");
         assert_eq!(e.contention_rounds(), 1);
         let c = e.on_timer(t, at);
         let (p2, op) = proposed(&c).unwrap();
@@ -696,6 +712,30 @@ mod tests {
         assert_eq!(w(&e, 9), 50 * MAX_PAUSE_WINDOWS);
         e.proposal_started_ms = 45;
         assert_eq!(w(&e, 0), 2 * MIN_PAUSE_WINDOW_MS);
+    }
+
+    #[test]
+    fn no_fresh_proposal_starts_when_the_deadline_would_cut_it() {
+        // The contended proposal took 400 ms; 500 ms are left: not enough for the pause
+        // (at least one proposal time) and another 400 ms proposal.
+        for seed in 0..20 {
+            let mut e = ReserveEngine::new(cfg(3), engine(3, 900).call.clone(), claim(100), seed);
+            let (p, _) = proposed(&e.start(0, 1)).unwrap();
+            let a = accepted(&e);
+            e.on_reply(p, 0, &a, 1, None, 100);
+            e.on_reply(p, 1, &held(7, 1, LEASE), 1, None, 200);
+            let c = e.on_reply(p, 2, &held(8, 1, LEASE), 1, None, 400);
+            assert!(
+                matches!(
+                    answer(&c),
+                    Some(Answer::Decided {
+                        outcome: ReserveOutcome::InFlight { retry_after_ms, .. },
+                        ..
+                    }) if CONTENDED_HINT_MS.contains(&retry_after_ms)
+                ),
+                "seed {seed}: a fresh proposal the deadline would cut: {c:?}"
+            );
+        }
     }
 
     #[test]

@@ -125,6 +125,11 @@ impl Tally {
         }
     }
 
+    /// Region `i`'s reply may still come (none recorded, its call not lost).
+    pub fn is_open(&self, i: usize) -> bool {
+        matches!(self.replies.get(i), Some(None)) && !self.lost.get(i).copied().unwrap_or(true)
+    }
+
     /// Regions whose reply may still come.
     fn open(&self) -> usize {
         self.replies

@@ -142,6 +142,11 @@ struct Inner {
     broadcasts: Arc<tokio::sync::Semaphore>,
 }
 
+/// Times a failed call to one region is sent again within its round.
+const CALL_RETRIES: u32 = 3;
+/// The pause before the first resend (doubled for each next one).
+const CALL_RETRY_PAUSE: Duration = Duration::from_millis(15);
+
 /// Most broadcasts (withdraws, final notices) in flight on one node.
 const MAX_BROADCASTS: usize = 4_096;
 
@@ -348,7 +353,11 @@ impl Geo {
         self.calls(shard, key, op).into_iter().collect()
     }
 
-    /// One call of `op` per region, each answering `(region index, result)`.
+    /// One call of `op` per region, each answering `(region index, result)`. A call
+    /// that fails (a leader change, a refused connection, a region's clock refused) is
+    /// sent again after a short pause, up to [`CALL_RETRIES`] times: every op a region is
+    /// sent is idempotent for its claim or fence. Whoever waits bounds it in time (the
+    /// round timer) and stops it by dropping the call.
     fn calls(
         &self,
         shard: u32,
@@ -363,7 +372,19 @@ impl Geo {
             .map(|(i, r)| {
                 let me = self.clone();
                 let (region, key, op) = (r.id, key.clone(), op.clone());
-                async move { (i, me.call_region(region, shard, key, op).await) }
+                async move {
+                    let mut tries = 0;
+                    loop {
+                        match me.call_region(region, shard, key.clone(), op.clone()).await {
+                            Err(e) if tries < CALL_RETRIES => {
+                                tries += 1;
+                                tracing::debug!(region, error = %e, tries, "call failed; sending it again");
+                                tokio::time::sleep(CALL_RETRY_PAUSE * (1 << tries)).await;
+                            }
+                            res => return (i, res),
+                        }
+                    }
+                }
             })
             .collect()
     }
@@ -823,6 +844,9 @@ impl EngineRun<'_> {
                             .collect();
                     }
                     Command::Withdraw { claim } => {
+                        // The proposal is over: none of its calls may be sent again
+                        // after its withdraw.
+                        replies = FuturesUnordered::new();
                         geo.broadcast(self.shard, self.key.clone(), Op::Withdraw { claim })
                     }
                     Command::Timer { token, at_ms } => timer = Some((token, at_ms)),

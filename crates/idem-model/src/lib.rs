@@ -10,13 +10,18 @@
 //! * every anti-entropy step calls [`idem_core::merge::merge`] (guarded) and then
 //!   `merge::settle_finality` with a majority quorum, as a region's state machine applies
 //!   a GLOBAL-mode `Merge` (`idem_core::command::apply`);
-//! * every proposer decision calls [`idem_core::proposer::Tally`] (`decide`,
-//!   `conclude`) and `Verdict::withdraws`.
+//! * every Reserve runs in the proposer engine, [`idem_core::engine::ReserveEngine`],
+//!   the state machine idem-geo's `Geo::reserve` drives: the model delivers its
+//!   Proposes, reports one reply per region and proposal, fires its round timer at any
+//!   time (the `Decide` action), broadcasts its Withdraws and takes its answer. The first
+//!   generation is `engine::first_generation` of the local record. The engine is
+//!   configured as idem-geo configures it except for contention rounds (0 here): a fresh
+//!   proposal after contention is another Reserve with another claim, which the model's
+//!   two proposers already are.
 //!
-//! The proposer's own choices (fast path on a final local completion, the first
-//! generation taken from the local record, one lease end for all rounds, Withdraw after
-//! a verdict that withdraws, Final after an acknowledgement, Extend to `now + lease`)
-//! follow idem-geo's `Geo::reserve`, `Geo::complete` and `Geo::extend`.
+//! The holder's own choices (fast path on a final local completion, Final after an
+//! acknowledgement, Extend to `now + lease`) follow idem-geo's `Geo::reserve`,
+//! `Geo::complete` and `Geo::extend`.
 //!
 //! # What is modelled
 //!
@@ -31,11 +36,11 @@
 //!   applied any number of times, in any order, or never, which covers loss,
 //!   duplication and reordering. A Propose's reply is either received (the proposer
 //!   records it in its tally: one reply per region and round, as in idem-geo) or lost;
-//! * a proposer decides on the replies it has (`Tally::decide(now < lease_until)`), or,
-//!   when they decide nothing, its round times out (`Tally::conclude`): NEW makes it the
-//!   holder, a StaleGen retry sends a new round, every verdict that withdraws sends
-//!   Withdraw to every region. Deciding later than a reply arrived is the same as that
-//!   reply arriving late, so replies can be delayed past a lease end too;
+//! * the engine decides on each reply as it arrives (`Tally::decide(now < lease_until)`,
+//!   `Tally::settled`), or, when its round timer fires, on the replies it has
+//!   (`Tally::conclude`): NEW makes it the holder, a StaleGen retry sends a new round,
+//!   every verdict that withdraws sends Withdraw to every region. Replies can be
+//!   delivered late, past a lease end too;
 //! * a holder sends Complete (its response is its own id) or Release to every region.
 //!   A Complete is acknowledged once `complete()` returned Ok at a majority of regions
 //!   before the holder's lease ended; Final is then sent to every region;

@@ -4,9 +4,14 @@ use crate::state::{
     fence_of, fingerprint_of, ms, response_of, Answer, Msg, Rec, Rep, State, Status, PROPOSERS,
     QUORUM, REGIONS, RETENTION_MS, SKEW_MS, TICK_MS,
 };
+use idem_core::acceptor::ReserveOutcome;
 use idem_core::acceptor::{self, ReserveArgs};
+use idem_core::engine::{
+    self, Answer as EngineAnswer, Command, EngineConfig, ReserveCall, ReserveEngine, Rule,
+};
 use idem_core::merge::{digest_bytes, merge, settle_finality, Conflict, Merged};
-use idem_core::proposer::{Reply, Tally, Verdict};
+use idem_core::proposer::Reply;
+use idem_core::Op;
 use idem_core::{ClaimId, Phase, Record};
 use stateright::{Model, Property};
 use std::collections::{BTreeSet, HashMap};
@@ -15,7 +20,7 @@ use std::sync::Mutex;
 /// Which decision rule the proposers use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Variant {
-    /// `Tally::decide` / `Tally::conclude`, as idem-geo does.
+    /// The proposer engine's majority rule, as idem-geo runs it.
     Correct,
     /// Deliberately broken: NEW as soon as the proposer's own local region accepted.
     BrokenLocalAccept,
@@ -63,8 +68,8 @@ pub enum Action {
     Deliver(Msg),
     /// A region applies a Propose and the reply is lost.
     DeliverReplyLost(Msg),
-    /// Proposer `p` decides on the replies it has (`Tally::decide`), or, when they
-    /// decide nothing, its round times out (`Tally::conclude`).
+    /// Proposer `p`'s engine round timer fires: it concludes on the replies it has
+    /// (`Tally::conclude`).
     Decide(u8),
     /// Holder `p` sends Complete (its response = its own id) to every region.
     SendComplete(u8),
@@ -147,36 +152,103 @@ impl IdemModel {
             .all(|f| *f == self.cfg.fingerprints[0])
     }
 
-    /// The proposer's verdict on the replies it has, or on a timeout.
-    fn verdict(&self, s: &State, p: usize) -> Option<(Verdict, u8, u8, u8)> {
-        let Status::Proposing {
-            gen,
-            lease_until,
-            replies,
-            retries_left,
-        } = s.proposers[p]
-        else {
-            return None;
-        };
-        let mut tally = Tally::new(REGIONS);
-        for (r, x) in replies.iter().enumerate() {
-            if let Some(x) = x {
-                tally.record(r, x.to_reply());
+    /// The proposer engine's settings for proposer `p`, as idem-geo's
+    /// `Geo::engine_config` makes them (no contention rounds: a fresh proposal after
+    /// contention is another Reserve with another claim, which the model's two
+    /// proposers already are).
+    fn engine_config(&self, p: usize) -> EngineConfig {
+        EngineConfig {
+            regions: REGIONS,
+            local: Some(usize::from(self.cfg.local[p])),
+            round_timeout_ms: u64::MAX / 4,
+            max_stale_retries: u32::from(self.cfg.retries),
+            max_contention_rounds: 0,
+            rule: match self.cfg.variant {
+                Variant::Correct => Rule::Majority,
+                Variant::BrokenLocalAccept => Rule::BrokenLocalAccept,
+            },
+        }
+    }
+
+    /// Carry out the engine's commands for proposer `p`: Proposes and Withdraws go to
+    /// every region, the answer ends the Reserve (timers are the `Decide` action, which
+    /// may fire at any time).
+    fn perform(&self, s: &mut State, p: usize, cmds: Vec<Command>) {
+        let p8 = p as u8;
+        for c in cmds {
+            match c {
+                Command::Propose {
+                    proposal,
+                    op:
+                        Op::Propose {
+                            generation,
+                            lease_until_ms,
+                            claim,
+                            ..
+                        },
+                } => {
+                    assert_eq!(claim, crate::state::claim_of(p8), "one claim per proposer");
+                    let gen = u8::try_from(generation).expect("generation beyond the model");
+                    let proposal = u8::try_from(proposal).expect("proposals beyond the model");
+                    for r in 0..REGIONS as u8 {
+                        s.net.insert(Msg::Propose {
+                            p: p8,
+                            region: r,
+                            proposal,
+                            gen,
+                            lease_until: tick_of(lease_until_ms),
+                        });
+                    }
+                }
+                Command::Propose { op, .. } => panic!("the engine proposed {op:?}"),
+                Command::Withdraw { claim } => {
+                    assert_eq!(claim, crate::state::claim_of(p8), "one claim per proposer");
+                    for r in 0..REGIONS as u8 {
+                        s.net.insert(Msg::Withdraw { p: p8, region: r });
+                    }
+                }
+                Command::Timer { .. } => {}
+                Command::Answer(a) => {
+                    s.engines[p] = None;
+                    self.answered(s, p, a);
+                }
             }
         }
-        let live = s.now < lease_until;
-        let local = usize::from(self.cfg.local[p]);
-        let v = if self.cfg.variant == Variant::BrokenLocalAccept
-            && live
-            && replies[local] == Some(Rep::Accepted)
-        {
-            Verdict::New
-        } else {
-            tally
-                .decide(live)
-                .unwrap_or_else(|| tally.conclude(u32::from(gen), u32::from(retries_left)))
+    }
+
+    fn answered(&self, s: &mut State, p: usize, a: EngineAnswer) {
+        let outcome = match a {
+            EngineAnswer::Unavailable { .. } => return self.answer(s, p, Answer::Unavailable),
+            EngineAnswer::Decided { outcome, .. } => outcome,
         };
-        Some((v, gen, lease_until, retries_left))
+        match outcome {
+            ReserveOutcome::New {
+                fence,
+                lease_expires_ms,
+                ..
+            } => {
+                self.check_new(s, p);
+                s.proposers[p] = Status::Holder {
+                    gen: u8::try_from(fence.generation).expect("generation beyond the model"),
+                    lease_until: tick_of(lease_expires_ms),
+                    extends_left: self.cfg.extends,
+                };
+            }
+            ReserveOutcome::Replay { fence, response } => {
+                let Rep::Completed { resp, .. } =
+                    Rep::from_reply(&Reply::Completed { fence, response })
+                else {
+                    unreachable!("a Completed reply translates to Rep::Completed")
+                };
+                self.answer(s, p, Answer::Replay(resp));
+            }
+            ReserveOutcome::Mismatch { .. } => self.answer(s, p, Answer::Mismatch),
+            ReserveOutcome::InFlight { .. } => self.answer(s, p, Answer::InFlight),
+            ReserveOutcome::StaleGen { .. } => panic!("the engine answered StaleGen"),
+            ReserveOutcome::TooOld { .. } => {
+                panic!("TooOld cannot happen within the model's horizon")
+            }
+        }
     }
 
     fn check_new(&self, s: &mut State, p: usize) {
@@ -229,68 +301,37 @@ impl IdemModel {
             self.answer(s, p, a);
             return;
         }
-        // The generation to propose, as idem-geo picks it from the local record.
-        let gen = match s.records[loc] {
-            None => 1,
-            Some(r) if r.live_reserved(s.now) => r.gen,
-            Some(r) => r.gen + 1,
-        };
+        // The proposer engine, as idem-geo starts it: the generation from the local
+        // record, a lease of `lease` ticks (ending at `tmax` at the latest).
+        let now_ms = Self::now_ms(s);
         let lease_until = (s.now + self.cfg.lease).min(self.cfg.tmax);
-        s.proposers[p] = Status::Proposing {
-            gen,
-            lease_until,
-            replies: [None; REGIONS],
-            retries_left: self.cfg.retries,
-        };
-        send_proposes(s, p as u8, gen, lease_until);
+        let mut e = ReserveEngine::new(
+            self.engine_config(p),
+            ReserveCall {
+                fingerprint: fingerprint_of(fp),
+                lease_ms: ms(lease_until) - now_ms,
+                retention_ms: RETENTION_MS,
+                first_attempt_ms: 0,
+                deadline_ms: u64::MAX,
+            },
+            crate::state::claim_of(p as u8),
+            0,
+        );
+        let gen = engine::first_generation(s.record(loc).as_ref(), now_ms);
+        let cmds = e.start(now_ms, gen);
+        s.proposers[p] = Status::Proposing;
+        s.engines[p] = Some(e);
+        self.perform(s, p, cmds);
     }
 
+    /// The engine's round timer fires (at any time: a round may time out early or late).
     fn decide(&self, s: &mut State, p: usize) {
-        let Some((v, gen, lease_until, retries_left)) = self.verdict(s, p) else {
+        let now_ms = Self::now_ms(s);
+        let Some(e) = s.engines[p].as_mut() else {
             return;
         };
-        if v.withdraws() {
-            for r in 0..REGIONS as u8 {
-                s.net.insert(Msg::Withdraw {
-                    p: p as u8,
-                    region: r,
-                });
-            }
-        }
-        match v {
-            Verdict::New => {
-                self.check_new(s, p);
-                s.proposers[p] = Status::Holder {
-                    gen,
-                    lease_until,
-                    extends_left: self.cfg.extends,
-                };
-            }
-            Verdict::Retry { generation } => {
-                let g = u8::try_from(generation).expect("generation beyond the model");
-                s.proposers[p] = Status::Proposing {
-                    gen: g,
-                    lease_until,
-                    replies: [None; REGIONS],
-                    retries_left: retries_left.saturating_sub(1),
-                };
-                send_proposes(s, p as u8, g, lease_until);
-            }
-            Verdict::Replay { fence, response } => {
-                let Rep::Completed { resp, .. } =
-                    Rep::from_reply(&Reply::Completed { fence, response })
-                else {
-                    unreachable!("a Completed reply translates to Rep::Completed")
-                };
-                self.answer(s, p, Answer::Replay(resp));
-            }
-            Verdict::Mismatch { .. } => self.answer(s, p, Answer::Mismatch),
-            // A contended proposal answers IN_FLIGHT here (with a short hint): the
-            // model's proposers make one proposal each and do not propose again.
-            Verdict::InFlight { .. } | Verdict::Contended => self.answer(s, p, Answer::InFlight),
-            Verdict::Unavailable => self.answer(s, p, Answer::Unavailable),
-            Verdict::TooOld { .. } => panic!("TooOld cannot happen within the model's horizon"),
-        }
+        let cmds = e.on_timer(e.timer_token(), now_ms);
+        self.perform(s, p, cmds);
     }
 
     /// Region `msg.region()` applies `msg`; `received`: the proposer gets a Propose's reply.
@@ -301,6 +342,7 @@ impl IdemModel {
         match msg {
             Msg::Propose {
                 p,
+                proposal,
                 gen,
                 lease_until,
                 region,
@@ -323,16 +365,14 @@ impl IdemModel {
                 if let Some(w) = &d.write {
                     s.write(r, w);
                 }
-                if received {
-                    let reply = Rep::from_reply(&Reply::from_outcome(&d.outcome));
-                    if let Status::Proposing {
-                        gen: g, replies, ..
-                    } = &mut s.proposers[usize::from(p)]
-                    {
-                        if *g == gen && replies[r].is_none() {
-                            replies[r] = Some(reply);
-                        }
-                    }
+                // One reply per region and proposal reaches the engine, as in idem-geo.
+                let pi = usize::from(p);
+                let waiting = s.engines[pi].as_ref().and_then(|e| e.awaiting(r));
+                if received && waiting == Some(u32::from(proposal)) {
+                    let e = s.engines[pi].as_mut().expect("a waiting engine");
+                    let cmds =
+                        e.on_reply(waiting.unwrap_or(0), r, &d.outcome, d.attempt, None, now_ms);
+                    self.perform(s, pi, cmds);
                 }
             }
             Msg::Withdraw { p, .. } => {
@@ -479,17 +519,19 @@ impl IdemModel {
             }
             let rec = s.records[r];
             match *m {
-                Msg::Propose { p, gen, .. } => {
-                    let waiting = matches!(
-                        s.proposers[usize::from(p)],
-                        Status::Proposing { gen: g, replies, .. } if g == gen && replies[r].is_none()
-                    );
+                Msg::Propose {
+                    p, proposal, gen, ..
+                } => {
+                    let waiting = s.engines[usize::from(p)]
+                        .as_ref()
+                        .and_then(|e| e.awaiting(r))
+                        == Some(u32::from(proposal));
                     !waiting && rec.is_some_and(|x| x.phase == Phase::Completed || x.gen >= gen)
                 }
                 Msg::Withdraw { p, .. } => {
                     !matches!(
                         s.proposers[usize::from(p)],
-                        Status::Idle | Status::Proposing { .. }
+                        Status::Idle | Status::Proposing
                     ) && !s
                         .net
                         .iter()
@@ -643,15 +685,10 @@ fn apply_merge(local: Option<&Record>, remote: &Record, now_ms: u64) -> Merged {
     m
 }
 
-fn send_proposes(s: &mut State, p: u8, gen: u8, lease_until: u8) {
-    for r in 0..REGIONS as u8 {
-        s.net.insert(Msg::Propose {
-            p,
-            region: r,
-            gen,
-            lease_until,
-        });
-    }
+/// The tick a time in ms falls on (the model's times are whole ticks).
+fn tick_of(t_ms: u64) -> u8 {
+    assert_eq!(t_ms % TICK_MS, 0, "a time off the tick: {t_ms}");
+    u8::try_from(t_ms / TICK_MS).expect("time beyond the model")
 }
 
 impl Model for IdemModel {
@@ -675,7 +712,7 @@ impl Model for IdemModel {
                 Status::Idle if !s.down[usize::from(self.cfg.local[p])] => {
                     actions.push(Action::Start(p8))
                 }
-                Status::Proposing { .. } => actions.push(Action::Decide(p8)),
+                Status::Proposing => actions.push(Action::Decide(p8)),
                 Status::Holder {
                     lease_until,
                     extends_left,

@@ -5,6 +5,7 @@
 //! [`idem_core::Record`], calling idem-core, and converting the record it wrote back.
 //! The translation keeps every field the rules read; what it drops is listed on [`Rec`].
 
+use idem_core::engine::ReserveEngine;
 use idem_core::proposer::Reply;
 use idem_core::{ClaimId, Fence, Fingerprint, Phase, Record, StoredResponse};
 use std::collections::BTreeSet;
@@ -244,14 +245,8 @@ pub enum Answer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Status {
     Idle,
-    /// A round of Proposes at `gen` is out; `replies[r]` is the reply received from
-    /// region `r` this round (at most one per region and round, as in idem-geo).
-    Proposing {
-        gen: u8,
-        lease_until: u8,
-        replies: [Option<Rep>; REGIONS],
-        retries_left: u8,
-    },
+    /// Its Reserve runs in the proposer engine (`State::engines`).
+    Proposing,
     /// Decided NEW: holds the key until `lease_until`.
     Holder {
         gen: u8,
@@ -313,6 +308,8 @@ pub enum Msg {
     Propose {
         p: u8,
         region: u8,
+        /// The engine's proposal number the reply is reported with.
+        proposal: u8,
         gen: u8,
         lease_until: u8,
     },
@@ -389,6 +386,8 @@ pub struct State {
     /// A crashed region answers and applies nothing more.
     pub down: [bool; REGIONS],
     pub proposers: [Status; PROPOSERS],
+    /// The proposer engine of each proposer whose Reserve is running (`Proposing`).
+    pub engines: [Option<ReserveEngine>; PROPOSERS],
     pub net: BTreeSet<Msg>,
     pub ghost: Ghost,
 }
@@ -400,6 +399,7 @@ impl State {
             records: [None; REGIONS],
             down: [false; REGIONS],
             proposers: [Status::Idle; PROPOSERS],
+            engines: [None, None],
             net: BTreeSet::new(),
             ghost: Ghost::default(),
         }

@@ -63,8 +63,12 @@ impl ClockHealth {
             return;
         }
         self.peers.insert(peer, clock);
+        // The most precise reading stands while it is fresh and the new one agrees with it
+        // within both uncertainties; one that disagrees shows a clock that moved (a step
+        // here or at the peer), so the old reading no longer describes the clocks.
         let keep = self.best.get(&peer).is_some_and(|b| {
-            clock.at.saturating_duration_since(b.at) < FRESH && b.rtt_ms < clock.rtt_ms
+            let agree = b.offset_ms.abs_diff(clock.offset_ms) <= (b.rtt_ms + clock.rtt_ms) / 2;
+            clock.at.saturating_duration_since(b.at) < FRESH && b.rtt_ms < clock.rtt_ms && agree
         });
         if !keep {
             self.best.insert(peer, clock);
@@ -257,6 +261,35 @@ mod tests {
         // Old measurements stop counting.
         let later = t0 + FRESH + Duration::from_secs(1);
         assert_eq!(h.majority_beyond(later), None);
+    }
+
+    /// A clock that came back is confirmed by the next readings even when they are
+    /// slower than the precise ones taken while it was off: a reading that disagrees
+    /// with the precise one beyond both uncertainties shows a clock that moved.
+    #[test]
+    fn a_clock_that_came_back_is_confirmed_by_slower_readings() {
+        let t0 = Instant::now();
+        let mut h = ClockHealth::new(100);
+        h.expect_peers(true);
+        let precise = |offset_ms| PeerClock {
+            offset_ms,
+            rtt_ms: 4,
+            at: t0,
+        };
+        for p in [4, 5, 7] {
+            h.record(p, precise(-2_000));
+        }
+        assert!(h.fault(t0).unwrap().contains("+2000 ms off"));
+        let t1 = t0 + Duration::from_secs(2);
+        let loaded = PeerClock {
+            offset_ms: 3,
+            rtt_ms: 120,
+            at: t1,
+        };
+        for p in [4, 5, 7] {
+            h.record(p, loaded);
+        }
+        assert_eq!(h.fault(t1), None, "back within the bound: serves again");
     }
 
     /// A node 2 s fast hands its leadership only to a peer on the majority's side: not
