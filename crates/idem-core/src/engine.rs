@@ -50,7 +50,8 @@ pub const MAX_CONTENTION_ROUNDS: u32 = 8;
 /// The contention pause's window grows to at most this many proposal times.
 pub const MAX_PAUSE_WINDOWS: u64 = 32;
 
-/// The smallest contention window: one proposal time, or this when that was shorter.
+/// The shortest proposal time the contention pause is measured in (a faster proposal
+/// counts as this long): the pause is at least this, its window at least twice this.
 pub const MIN_PAUSE_WINDOW_MS: u64 = 20;
 
 /// An IN_FLIGHT answer caused by contention advises a wait in this range (jittered), never
@@ -385,9 +386,10 @@ impl ReserveEngine {
                 return out;
             }
             Verdict::Contended => {
-                // At least one proposal time, so that the withdraws just sent (ours
-                // and the other contenders') have landed before anyone proposes again;
-                // then a random share of the window.
+                // At least one proposal time, so that the withdraw just sent has
+                // most likely landed (a contender that concludes later, on its timer,
+                // withdraws later) before this proposer proposes again; then a random
+                // share of the window.
                 let took = now_ms.saturating_sub(self.proposal_started_ms);
                 let pause = took.max(MIN_PAUSE_WINDOW_MS)
                     + self.random() % (self.pause_window_ms(now_ms) + 1);
@@ -714,6 +716,39 @@ mod tests {
         assert_eq!(w(&e, 0), 2 * MIN_PAUSE_WINDOW_MS);
     }
 
+    /// Contended with proposal time `took`: the timer the engine sets for its pause.
+    fn pause_end(seed: u64, took: u64) -> u64 {
+        let mut e = ReserveEngine::new(cfg(3), engine(3, 1_000_000).call.clone(), claim(100), seed);
+        let (p, _) = proposed(&e.start(0, 1)).unwrap();
+        e.on_reply(p, 0, &accepted(&e), 1, None, 1);
+        e.on_reply(p, 1, &held(7, 1, LEASE), 1, None, 2);
+        let c = e.on_reply(p, 2, &held(8, 1, LEASE), 1, None, took);
+        timer(&c).expect("a pause").1
+    }
+
+    #[test]
+    fn contention_pauses_differ_between_proposers_and_start_after_one_proposal_time() {
+        let ends: std::collections::BTreeSet<u64> = (0..40).map(|s| pause_end(s, 100)).collect();
+        assert!(ends.len() > 20, "pauses spread: {ends:?}");
+        // One proposal time (100) to wait, then up to two more.
+        assert!(ends.iter().all(|t| (200..=400).contains(t)), "{ends:?}");
+    }
+
+    #[test]
+    fn a_call_abandoned_during_its_pause_sends_nothing_more() {
+        let mut e = engine(3, 6_000);
+        let (p, _) = proposed(&e.start(0, 1)).unwrap();
+        e.on_reply(p, 0, &accepted(&e), 1, None, 1);
+        e.on_reply(p, 1, &held(7, 1, LEASE), 1, None, 2);
+        let c = e.on_reply(p, 2, &held(8, 1, LEASE), 1, None, 30);
+        let (t, at) = timer(&c).unwrap();
+        assert!(e.abandon().is_empty(), "the withdraw was already sent");
+        assert!(
+            e.on_timer(t, at).is_empty(),
+            "no fresh proposal after abandon"
+        );
+    }
+
     #[test]
     fn no_fresh_proposal_starts_when_the_deadline_would_cut_it() {
         // The contended proposal took 400 ms; 500 ms are left: not enough for the pause
@@ -816,53 +851,37 @@ mod tests {
     }
 
     #[test]
-    fn replay_beats_mismatch_and_both_withdraw() {
-        let mut e = engine(3, 6_000);
-        let (p, _) = proposed(&e.start(0, 1)).unwrap();
-        let fence = Fence {
-            generation: 1,
-            claim: claim(9),
+    fn replay_beats_mismatch_and_every_such_verdict_withdraws() {
+        let replay = ReserveOutcome::Replay {
+            fence: Fence {
+                generation: 1,
+                claim: claim(9),
+            },
+            response: StoredResponse::default(),
         };
-        let c = e.on_reply(
-            p,
-            1,
-            &ReserveOutcome::Replay {
-                fence,
-                response: StoredResponse::default(),
-            },
-            2,
-            None,
-            3,
-        );
-        assert_eq!(withdrew(&c), Some(claim(100)));
-        assert!(matches!(outcome(&c), ReserveOutcome::Replay { .. }));
-        let mut e = engine(3, 6_000);
-        let (p, _) = proposed(&e.start(0, 1)).unwrap();
-        let c = e.on_reply(
-            p,
-            2,
-            &ReserveOutcome::Mismatch {
-                stored: Fingerprint([2; 32]),
-            },
-            1,
-            None,
-            3,
-        );
-        assert!(matches!(outcome(&c), ReserveOutcome::Mismatch { .. }));
-        let mut e = engine(3, 6_000);
-        let (p, _) = proposed(&e.start(0, 1)).unwrap();
-        let c = e.on_reply(
-            p,
-            2,
-            &ReserveOutcome::TooOld {
-                first_attempt_ms: 1,
-                limit_ms: 2,
-            },
-            1,
-            None,
-            3,
-        );
-        assert!(matches!(outcome(&c), ReserveOutcome::TooOld { .. }));
+        let mismatch = ReserveOutcome::Mismatch {
+            stored: Fingerprint([2; 32]),
+        };
+        // Replay and Mismatch arriving together (one decision over both): REPLAY.
+        let mut t = crate::proposer::Tally::new(3);
+        t.record(0, Reply::from_outcome(&mismatch));
+        t.record(1, Reply::from_outcome(&replay));
+        assert!(matches!(t.decide(true), Some(Verdict::Replay { .. })));
+        let too_old = ReserveOutcome::TooOld {
+            first_attempt_ms: 1,
+            limit_ms: 2,
+        };
+        for (o, want) in [
+            (&replay, "replay"),
+            (&mismatch, "mismatch"),
+            (&too_old, "too old"),
+        ] {
+            let mut e = engine(3, 6_000);
+            let (p, _) = proposed(&e.start(0, 1)).unwrap();
+            let c = e.on_reply(p, 2, o, 1, None, 3);
+            assert_eq!(withdrew(&c), Some(claim(100)), "{want} withdraws");
+            assert_eq!(&outcome(&c), o, "{want} is answered as it came");
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! them directly.
 
 use crate::acceptor::ReserveOutcome;
-use crate::{Fence, Fingerprint, StoredResponse};
+use crate::{ClaimId, Fence, Fingerprint, StoredResponse};
 
 /// One region's answer to a `Propose`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -212,15 +212,16 @@ impl Tally {
         None
     }
 
-    /// The holder named by the most `Held` replies: its fence, how many named it, and
-    /// the shortest wait they advise (at least 1 ms).
-    fn top_holder(&self) -> Option<(Fence, usize, u64)> {
+    /// The holder named by the most `Held` replies: its claim, how many named it (at any
+    /// generation: one claim moved up by a StaleGen retry that reached only some regions
+    /// is still one holder), and the shortest wait they advise (at least 1 ms).
+    fn top_holder(&self) -> Option<(ClaimId, usize, u64)> {
         let held = || {
             self.replies.iter().flatten().filter_map(|r| match r {
                 Reply::Held {
                     holder,
                     retry_after_ms,
-                } => Some((*holder, *retry_after_ms)),
+                } => Some((holder.claim, *retry_after_ms)),
                 _ => None,
             })
         };
@@ -348,6 +349,21 @@ mod tests {
         assert!(
             t.settled(true),
             "nobody can reach 3 of 5 with one reply to come"
+        );
+        // One claim at two generations (a StaleGen retry that reached one region) is one
+        // holder.
+        let mut t = Tally::new(3);
+        t.record(0, held(7, 900));
+        let mut moved_up = held(7, 800);
+        if let Reply::Held { holder, .. } = &mut moved_up {
+            holder.generation = 2;
+        }
+        t.record(1, moved_up);
+        assert_eq!(
+            t.decide(true),
+            Some(Verdict::InFlight {
+                retry_after_ms: 800
+            })
         );
         // The same holder named by a majority is IN_FLIGHT.
         let mut t = Tally::new(5);

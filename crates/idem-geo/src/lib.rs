@@ -144,7 +144,7 @@ struct Inner {
 
 /// Times a failed call to one region is sent again within its round.
 const CALL_RETRIES: u32 = 3;
-/// The pause before the first resend (doubled for each next one).
+/// The pause before the first resend (doubled for each next one: 15, 30, 60 ms).
 const CALL_RETRY_PAUSE: Duration = Duration::from_millis(15);
 
 /// Most broadcasts (withdraws, final notices) in flight on one node.
@@ -379,7 +379,7 @@ impl Geo {
                             Err(e) if tries < CALL_RETRIES => {
                                 tries += 1;
                                 tracing::debug!(region, error = %e, tries, "call failed; sending it again");
-                                tokio::time::sleep(CALL_RETRY_PAUSE * (1 << tries)).await;
+                                tokio::time::sleep(CALL_RETRY_PAUSE * (1 << (tries - 1))).await;
                             }
                             res => return (i, res),
                         }
@@ -834,6 +834,21 @@ impl EngineRun<'_> {
             for c in std::mem::take(&mut cmds) {
                 match c {
                     Command::Propose { proposal, op } => {
+                        // Every proposal fixes a lease on this node's clock: not once
+                        // its peers stopped confirming it (a contended Reserve runs for
+                        // seconds).
+                        if let Err(e) = geo.clock_gate() {
+                            for c in self.engine.abandon() {
+                                if let Command::Withdraw { claim } = c {
+                                    geo.broadcast(
+                                        self.shard,
+                                        self.key.clone(),
+                                        Op::Withdraw { claim },
+                                    );
+                                }
+                            }
+                            return Err(e);
+                        }
                         // The earlier proposal's calls are no longer waited for.
                         replies = geo
                             .calls(self.shard, self.key, &op)

@@ -322,10 +322,20 @@ async fn batcher(
             p.call.key.approx_bytes() + p.call.op.round_trip_bytes(max_response_bytes)
         },
     };
-    while let Some((slot, batch)) = rx.next_batch(&slots, &bounds).await {
+    while let Some((slot, mut batch)) = rx.next_batch(&slots, &bounds).await {
         let Some(link) = link.upgrade() else {
             return;
         };
+        // A proposal whose caller is gone was withdrawn (or answered): its Propose must
+        // not reach the region after the withdraw, where it would hold the key for
+        // nobody. Other ops still go (a Complete beyond the majority adds a witness).
+        batch.retain(|p| {
+            !(matches!(p.call.op, idem_core::Op::Propose { .. }) && p.reply.is_closed())
+        });
+        if batch.is_empty() {
+            drop(slot);
+            continue;
+        }
         tokio::spawn(async move {
             let hlc = batch.iter().map(|p| p.hlc).max().unwrap_or(0);
             let (calls, replies): (Vec<Call>, Vec<oneshot::Sender<ApplyReply>>) =
