@@ -174,7 +174,10 @@ async fn a_reserve_raced_through_3_and_9_endpoints_is_new_exactly_once() {
         retried3 <= 60,
         "{retried3} of 200 keys needed a client retry"
     );
-    assert!(retried9 <= 18, "{retried9} of 60 keys needed a client retry");
+    assert!(
+        retried9 <= 18,
+        "{retried9} of 60 keys needed a client retry"
+    );
     assert_eq!(
         c.metric_sum("cross_region_conflict_total{mode=\"global\"}"),
         0.0
