@@ -191,11 +191,6 @@ impl ReserveEngine {
         self.contention_rounds
     }
 
-    /// The claim proposed now (or last).
-    pub fn claim(&self) -> ClaimId {
-        self.claim
-    }
-
     /// The token of the timer that counts (the last one set).
     pub fn timer_token(&self) -> u32 {
         self.timer
@@ -520,6 +515,15 @@ mod tests {
         }
     }
 
+    /// Proposal `p` splits the regions three ways: region 0 accepts it, regions 1 and 2
+    /// hold claims 7 and 8 (the last reply comes at `at`): the commands that follow.
+    fn split_vote(e: &mut ReserveEngine, p: u32, at: u64) -> Vec<Command> {
+        let a = accepted(e);
+        e.on_reply(p, 0, &a, 1, None, at.saturating_sub(2));
+        e.on_reply(p, 1, &held(7, 1, LEASE), 1, None, at.saturating_sub(1));
+        e.on_reply(p, 2, &held(8, 1, LEASE), 1, None, at)
+    }
+
     /// The proposal a command list sends, with its op.
     fn proposed(cmds: &[Command]) -> Option<(u32, Op)> {
         cmds.iter().find_map(|c| match c {
@@ -682,10 +686,7 @@ mod tests {
                 if let Some((p, _)) = proposed(&c) {
                     proposals += 1;
                     now += 30;
-                    let a = accepted(&e);
-                    e.on_reply(p, 0, &a, 1, None, now);
-                    e.on_reply(p, 1, &held(7, 1, LEASE), 1, None, now);
-                    c = e.on_reply(p, 2, &held(8, 1, LEASE), 1, None, now);
+                    c = split_vote(&mut e, p, now);
                 } else {
                     let (t, at) = timer(&c).unwrap();
                     now = at;
@@ -720,9 +721,7 @@ mod tests {
     fn pause_end(seed: u64, took: u64) -> u64 {
         let mut e = ReserveEngine::new(cfg(3), engine(3, 1_000_000).call.clone(), claim(100), seed);
         let (p, _) = proposed(&e.start(0, 1)).unwrap();
-        e.on_reply(p, 0, &accepted(&e), 1, None, 1);
-        e.on_reply(p, 1, &held(7, 1, LEASE), 1, None, 2);
-        let c = e.on_reply(p, 2, &held(8, 1, LEASE), 1, None, took);
+        let c = split_vote(&mut e, p, took);
         timer(&c).expect("a pause").1
     }
 
@@ -738,9 +737,7 @@ mod tests {
     fn a_call_abandoned_during_its_pause_sends_nothing_more() {
         let mut e = engine(3, 6_000);
         let (p, _) = proposed(&e.start(0, 1)).unwrap();
-        e.on_reply(p, 0, &accepted(&e), 1, None, 1);
-        e.on_reply(p, 1, &held(7, 1, LEASE), 1, None, 2);
-        let c = e.on_reply(p, 2, &held(8, 1, LEASE), 1, None, 30);
+        let c = split_vote(&mut e, p, 30);
         let (t, at) = timer(&c).unwrap();
         assert!(e.abandon().is_empty(), "the withdraw was already sent");
         assert!(
@@ -756,10 +753,7 @@ mod tests {
         for seed in 0..20 {
             let mut e = ReserveEngine::new(cfg(3), engine(3, 900).call.clone(), claim(100), seed);
             let (p, _) = proposed(&e.start(0, 1)).unwrap();
-            let a = accepted(&e);
-            e.on_reply(p, 0, &a, 1, None, 100);
-            e.on_reply(p, 1, &held(7, 1, LEASE), 1, None, 200);
-            let c = e.on_reply(p, 2, &held(8, 1, LEASE), 1, None, 400);
+            let c = split_vote(&mut e, p, 400);
             assert!(
                 matches!(
                     answer(&c),
@@ -777,10 +771,7 @@ mod tests {
     fn no_fresh_proposal_can_start_past_the_deadline() {
         let mut e = engine(3, 50);
         let (p, _) = proposed(&e.start(0, 1)).unwrap();
-        let a = accepted(&e);
-        e.on_reply(p, 0, &a, 1, None, 45);
-        e.on_reply(p, 1, &held(7, 1, LEASE), 1, None, 46);
-        let c = e.on_reply(p, 2, &held(8, 1, LEASE), 1, None, 50);
+        let c = split_vote(&mut e, p, 50);
         assert!(matches!(
             outcome(&c),
             ReserveOutcome::InFlight { retry_after_ms, .. } if CONTENDED_HINT_MS.contains(&retry_after_ms)

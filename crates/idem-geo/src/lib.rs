@@ -837,18 +837,8 @@ impl EngineRun<'_> {
                         // Every proposal fixes a lease on this node's clock: not once
                         // its peers stopped confirming it (a contended Reserve runs for
                         // seconds).
-                        if let Err(e) = geo.clock_gate() {
-                            for c in self.engine.abandon() {
-                                if let Command::Withdraw { claim } = c {
-                                    geo.broadcast(
-                                        self.shard,
-                                        self.key.clone(),
-                                        Op::Withdraw { claim },
-                                    );
-                                }
-                            }
-                            return Err(e);
-                        }
+                        // (Returning drops the run, which abandons the engine.)
+                        geo.clock_gate()?;
                         // The earlier proposal's calls are no longer waited for.
                         replies = geo
                             .calls(self.shard, self.key, &op)
