@@ -372,16 +372,74 @@ pub fn final_here(stored: Option<&Record>, fence: Fence, now_ms: u64) -> Result<
     }
 }
 
-/// A failed proposal takes its accept back: a `Reserved` record of that claim becomes
-/// `Released`, so a later proposal with a higher generation may take the key at once.
-pub fn withdraw(stored: Option<&Record>, claim: crate::ClaimId, now_ms: u64) -> Option<Record> {
-    let r = stored.filter(|r| !r.is_expired(now_ms))?;
-    if r.phase == Phase::Reserved && r.claim == claim {
-        let mut w = r.clone();
-        w.phase = Phase::Released;
-        return Some(w);
+/// What a withdraw names: the claim, the highest generation it was proposed at, and
+/// what a tombstone needs (the request's fingerprint and retention).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WithdrawArgs {
+    pub claim: ClaimId,
+    /// 0: only take an accept back (no tombstone), as log entries written before
+    /// tombstones did.
+    pub generation: u32,
+    pub fingerprint: Fingerprint,
+    pub retention_ms: u64,
+    pub now_ms: u64,
+    pub skew_margin_ms: u64,
+}
+
+/// A failed proposal takes its accept back, and stays withdrawn: no Propose of the
+/// claim at `generation` or below is accepted here afterwards, even one still on the
+/// wire when the withdraw arrived (a withdraw that overtakes its own Propose must not
+/// leave the key reserved for nobody for a whole lease).
+///
+/// - A `Reserved` or `Released` record of the claim at or below the withdrawn
+///   generation becomes `Released` at the withdrawn one (rule 5 then refuses the
+///   claim's Propose).
+/// - Where there is no record, or a record of another claim at a lower generation
+///   whose lease is over (with the skew margin) or that was released, a `Released`
+///   tombstone of the claim at the withdrawn generation is written: what the Propose
+///   followed by this withdraw would have left. It is replicated and merged like any
+///   record (same claim and generation: `Released` dominates `Reserved`).
+/// - A completion, a record of another claim at the same or a higher generation (rule 5
+///   already refuses the claim there) and another claim's live lease are left alone:
+///   the merge order must never let a withdraw hide a grant.
+pub fn withdraw(stored: Option<&Record>, a: &WithdrawArgs) -> Option<Record> {
+    let now = a.now_ms;
+    let tombstone = |prev: Option<&Record>| {
+        (a.generation > 0 && (prev.is_some() || a.retention_ms > 0)).then(|| Record {
+            expires_ms: prev.map_or(now.saturating_add(a.retention_ms), |p| p.expires_ms),
+            created_ms: prev.map_or(now, |p| p.created_ms),
+            fingerprint: a.fingerprint,
+            generation: a.generation,
+            phase: Phase::Released,
+            claim: a.claim,
+            lease_expires_ms: 0,
+            attempts: prev.map_or(0, |p| p.attempts),
+            last_attempt_ms: prev.map_or(0, |p| p.last_attempt_ms),
+            first_attempt_ms: prev.map_or(0, |p| p.first_attempt_ms),
+            witnesses: 0,
+            is_final: false,
+            response: None,
+        })
+    };
+    let Some(r) = stored.filter(|r| !r.is_expired(now)) else {
+        return tombstone(None);
+    };
+    match r.phase {
+        Phase::Completed => None,
+        // (A record of the claim above the withdrawn generation is a later proposal of
+        // it, which this withdraw does not cover.)
+        Phase::Reserved | Phase::Released
+            if r.claim == a.claim && (a.generation == 0 || r.generation <= a.generation) =>
+        {
+            let mut w = r.clone();
+            w.phase = Phase::Released;
+            w.generation = w.generation.max(a.generation);
+            (w != *r).then_some(w)
+        }
+        _ if r.generation >= a.generation => None,
+        Phase::Reserved if now < r.lease_expires_ms.saturating_add(a.skew_margin_ms) => None,
+        Phase::Reserved | Phase::Released => tombstone(Some(r)),
     }
-    None
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq, Serialize, Deserialize)]

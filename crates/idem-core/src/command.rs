@@ -55,9 +55,19 @@ pub enum Op {
     Touch {
         items: Vec<TouchItem>,
     },
-    /// A failed proposal takes its accept back.
+    /// A failed proposal takes its accept back, and no later Propose of the claim at
+    /// `generation` or below is accepted (see `acceptor::withdraw`).
     Withdraw {
         claim: ClaimId,
+        /// The highest generation the claim was proposed at (0: only take an accept
+        /// back, as entries written before tombstones did).
+        #[serde(default)]
+        generation: u32,
+        /// The withdrawn request's, for the tombstone left where no record was.
+        #[serde(default)]
+        fingerprint: Fingerprint,
+        #[serde(default)]
+        retention_ms: u64,
     },
     /// The completion reached a majority: mark it final.
     Final {
@@ -252,7 +262,25 @@ pub fn apply(stored: Option<&Record>, cmd: &Command) -> (CommandResult, Option<R
         },
         // Applied by the state engine itself (many keys in one entry).
         Op::Touch { .. } => (CommandResult::Done, None),
-        Op::Withdraw { claim } => (CommandResult::Done, acceptor::withdraw(stored, *claim, now)),
+        Op::Withdraw {
+            claim,
+            generation,
+            fingerprint,
+            retention_ms,
+        } => (
+            CommandResult::Done,
+            acceptor::withdraw(
+                stored,
+                &acceptor::WithdrawArgs {
+                    claim: *claim,
+                    generation: *generation,
+                    fingerprint: *fingerprint,
+                    retention_ms: *retention_ms,
+                    now_ms: now,
+                    skew_margin_ms: cmd.skew_margin_ms,
+                },
+            ),
+        ),
         Op::Final { fence } => (
             CommandResult::Complete(acceptor::final_here(stored, *fence, now)),
             acceptor::finalize(stored, *fence, now),

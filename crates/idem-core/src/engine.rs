@@ -75,8 +75,10 @@ pub enum Command {
     /// Send `op` to the key's group in every region; report each reply with
     /// `proposal` (replies of an earlier proposal are ignored).
     Propose { proposal: u32, op: Op },
-    /// Send `Op::Withdraw { claim }` to every region; nobody waits for the replies.
-    Withdraw { claim: ClaimId },
+    /// Send `op` (an `Op::Withdraw` of the current claim at the highest generation it
+    /// was proposed at) to every region; nobody waits for the replies, but the driver
+    /// must not drop it (a withdraw that is lost leaves the key held for nobody).
+    Withdraw { op: Op },
     /// Call [`ReserveEngine::on_timer`] with `token` at `at_ms`; replaces any timer set
     /// before.
     Timer { token: u32, at_ms: u64 },
@@ -269,8 +271,19 @@ impl ReserveEngine {
     pub fn abandon(&mut self) -> Vec<Command> {
         let was = std::mem::replace(&mut self.stage, Stage::Done);
         match was {
-            Stage::Proposing => vec![Command::Withdraw { claim: self.claim }],
+            Stage::Proposing => vec![self.withdraw()],
             _ => Vec::new(),
+        }
+    }
+
+    fn withdraw(&self) -> Command {
+        Command::Withdraw {
+            op: Op::Withdraw {
+                claim: self.claim,
+                generation: self.generation,
+                fingerprint: self.call.fingerprint,
+                retention_ms: self.call.retention_ms,
+            },
         }
     }
 
@@ -367,7 +380,7 @@ impl ReserveEngine {
     fn finish(&mut self, verdict: Verdict, now_ms: u64) -> Vec<Command> {
         let mut out = Vec::new();
         if verdict.withdraws() {
-            out.push(Command::Withdraw { claim: self.claim });
+            out.push(self.withdraw());
         }
         let fence = Fence {
             generation: self.generation,
@@ -548,7 +561,9 @@ mod tests {
 
     fn withdrew(cmds: &[Command]) -> Option<ClaimId> {
         cmds.iter().find_map(|c| match c {
-            Command::Withdraw { claim } => Some(*claim),
+            Command::Withdraw {
+                op: Op::Withdraw { claim, .. },
+            } => Some(*claim),
             _ => None,
         })
     }
@@ -891,7 +906,18 @@ mod tests {
     fn an_abandoned_proposal_is_withdrawn_and_the_engine_stops() {
         let mut e = engine(3, 6_000);
         let (p, _) = proposed(&e.start(0, 1)).unwrap();
-        assert_eq!(e.abandon(), vec![Command::Withdraw { claim: claim(100) }]);
+        let gen = e.generation;
+        assert_eq!(
+            e.abandon(),
+            vec![Command::Withdraw {
+                op: Op::Withdraw {
+                    claim: claim(100),
+                    generation: gen,
+                    fingerprint: e.call.fingerprint,
+                    retention_ms: e.call.retention_ms,
+                }
+            }]
+        );
         assert!(e.on_reply(p, 0, &accepted(&e), 1, None, 3).is_empty());
         assert!(e.abandon().is_empty());
     }

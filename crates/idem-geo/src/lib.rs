@@ -99,6 +99,30 @@ pub trait Observer: Send + Sync + 'static {
     fn conflict(&self, mode: Mode, conflict: &Conflict);
     /// Anti-entropy repaired this many records from `from_region`.
     fn repaired(&self, from_region: u16, records: u64);
+    /// What became of one region's copy of a withdraw.
+    fn withdrawn(&self, region: u16, result: WithdrawResult);
+}
+
+/// What became of one region's copy of a withdraw (`idem_geo_withdraws_total{result}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WithdrawResult {
+    /// The region applied it.
+    Applied,
+    /// Every resend failed within its time: the claim's lease (and the tombstones of
+    /// the regions that applied it) end the key's hold.
+    Failed,
+    /// Too many withdraws were in flight on this node: not sent.
+    Skipped,
+}
+
+impl WithdrawResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WithdrawResult::Applied => "applied",
+            WithdrawResult::Failed => "failed",
+            WithdrawResult::Skipped => "skipped",
+        }
+    }
 }
 
 #[derive(Debug, Error, Clone)]
@@ -137,9 +161,12 @@ struct Inner {
     deferred: Arc<tokio::sync::Semaphore>,
     /// Attempts answered from final local copies, per shard and key, not yet counted.
     touches: std::sync::Mutex<BTreeMap<u32, std::collections::HashMap<Key, TouchItem>>>,
-    /// Withdraws and final notices in flight (best effort: beyond the bound they are
-    /// skipped; the lease end and replication cover them).
+    /// Final notices in flight (best effort: beyond the bound they are skipped;
+    /// replication and anti-entropy make the completion final all the same).
     broadcasts: Arc<tokio::sync::Semaphore>,
+    /// Withdraws in flight, apart from final notices so that those never crowd them
+    /// out; beyond the bound a withdraw is skipped and counted.
+    withdraws: Arc<tokio::sync::Semaphore>,
 }
 
 /// Times a failed call to one region is sent again within its round.
@@ -147,8 +174,10 @@ const CALL_RETRIES: u32 = 3;
 /// The pause before the first resend (doubled for each next one: 15, 30, 60 ms).
 const CALL_RETRY_PAUSE: Duration = Duration::from_millis(15);
 
-/// Most broadcasts (withdraws, final notices) in flight on one node.
+/// Most final notices in flight on one node.
 const MAX_BROADCASTS: usize = 4_096;
+/// Most withdraws in flight on one node (each holds one key's op, under 1 KiB).
+const MAX_WITHDRAWS: usize = 8_192;
 
 /// Most keys with uncounted local replays per shard; beyond, attempts go uncounted.
 const MAX_PENDING_TOUCHES: usize = 100_000;
@@ -240,6 +269,7 @@ impl Geo {
                 deferred: Arc::new(tokio::sync::Semaphore::new(MAX_DEFERRED)),
                 touches: Default::default(),
                 broadcasts: Arc::new(tokio::sync::Semaphore::new(MAX_BROADCASTS)),
+                withdraws: Arc::new(tokio::sync::Semaphore::new(MAX_WITHDRAWS)),
             }),
         }
     }
@@ -389,7 +419,51 @@ impl Geo {
             .collect()
     }
 
-    /// Send `op` to every region and forget the answers (withdraws, final notices).
+    /// Send a withdraw to every region, each call sent again on failure (see
+    /// [`Geo::calls`]) for up to two round timeouts; every region's result is counted.
+    /// Called from `Drop` too, so it never waits.
+    fn withdraw(&self, shard: u32, key: Key, op: Op) {
+        let Ok(permit) = self.inner.withdraws.clone().try_acquire_owned() else {
+            tracing::warn!(key = %key, "too many withdraws in flight; skipped");
+            for r in &self.inner.cfg.regions {
+                self.inner.observer.withdrawn(r.id, WithdrawResult::Skipped);
+            }
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut replies = me.fan_out(shard, &key, &op);
+            let mut pending: Vec<u16> = me.inner.cfg.regions.iter().map(|r| r.id).collect();
+            let deadline = tokio::time::sleep(me.inner.cfg.round_timeout * 2);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    next = replies.next() => match next {
+                        None => break,
+                        Some((i, res)) => {
+                            let region = me.inner.cfg.regions[i].id;
+                            pending.retain(|r| *r != region);
+                            let result = match res {
+                                Ok(_) => WithdrawResult::Applied,
+                                Err(e) => {
+                                    tracing::debug!(region, error = %e, "a withdraw failed");
+                                    WithdrawResult::Failed
+                                }
+                            };
+                            me.inner.observer.withdrawn(region, result);
+                        }
+                    },
+                    _ = &mut deadline => break,
+                }
+            }
+            for region in pending {
+                me.inner.observer.withdrawn(region, WithdrawResult::Failed);
+            }
+        });
+    }
+
+    /// Send `op` to every region and forget the answers (final notices).
     fn broadcast(&self, shard: u32, key: Key, op: Op) {
         let Ok(permit) = self.inner.broadcasts.clone().try_acquire_owned() else {
             tracing::debug!(key = %key, op = op.name(), "too many broadcasts in flight; skipped");
@@ -848,11 +922,11 @@ impl EngineRun<'_> {
                             })
                             .collect();
                     }
-                    Command::Withdraw { claim } => {
+                    Command::Withdraw { op } => {
                         // The proposal is over: none of its calls may be sent again
                         // after its withdraw.
                         replies = FuturesUnordered::new();
-                        geo.broadcast(self.shard, self.key.clone(), Op::Withdraw { claim })
+                        geo.withdraw(self.shard, self.key.clone(), op)
                     }
                     Command::Timer { token, at_ms } => timer = Some((token, at_ms)),
                     Command::Answer(a) => return geo.reserve_answer(a),
@@ -891,9 +965,8 @@ impl Drop for EngineRun<'_> {
     /// call mid-proposal: what the proposal collected is withdrawn all the same.
     fn drop(&mut self) {
         for c in self.engine.abandon() {
-            if let Command::Withdraw { claim } = c {
-                self.geo
-                    .broadcast(self.shard, self.key.clone(), Op::Withdraw { claim });
+            if let Command::Withdraw { op } = c {
+                self.geo.withdraw(self.shard, self.key.clone(), op);
             }
         }
     }

@@ -56,7 +56,10 @@
 //! `always`: never two live grants; no NEW after an acknowledged completion; replays
 //! return the acknowledged response and never change; MISMATCH exactly on another
 //! fingerprint; convergence (at `tmax`, every merge order between up regions reaches
-//! the same identical records); no two completions of one generation meet in a merge.
+//! the same identical records); no two completions of one generation meet in a merge;
+//! a withdrawn claim is not accepted again where it was withdrawn (unless another
+//! claim's live lease stands there). The `BrokenWithdrawWithoutTombstone` variant (a
+//! withdraw that only takes an accept back) must break the last one.
 //! `sometimes` (so the search is not vacuous): a NEW happens; a completion is
 //! acknowledged; both proposers are granted the key in turn; a REPLAY happens (one
 //! fingerprint) or a MISMATCH happens (two); an Extend is acknowledged (with Extend).
@@ -75,8 +78,8 @@
 //! * a request that can provably never change anything again is forgotten (its region
 //!   crashed; a Propose nobody waits for, to a record already at or past its
 //!   generation; a Complete or Extend once no record of its fence can be live; a
-//!   Release, Extend or Final its record has moved past; a Withdraw with no Reserved
-//!   record or Propose of its claim left);
+//!   Release, Extend or Final its record has moved past; a Withdraw to a completion,
+//!   to a record above its generation, or to a released record at it);
 //! * a region's crash stops its proposer from starting (it reads its local record).
 //!
 //! [stateright]: https://docs.rs/stateright
@@ -87,6 +90,6 @@ mod state;
 pub use model::{
     Action, Config, IdemModel, Variant, CONVERGENCE, MISMATCH_EXACT, NO_DUAL_COMPLETION,
     NO_NEW_AFTER_ACK, REPLAYS_STABLE, SOME_ACK, SOME_EXTEND, SOME_MISMATCH, SOME_NEW, SOME_REPLAY,
-    SOME_TAKEOVER, TWO_LIVE_GRANTS,
+    SOME_TAKEOVER, TWO_LIVE_GRANTS, WITHDRAW_STICKS,
 };
 pub use state::{Answer, Ghost, Msg, Rec, Rep, State, Status, PROPOSERS, QUORUM, REGIONS, TICK_MS};

@@ -5,7 +5,7 @@ use crate::state::{
     QUORUM, REGIONS, RETENTION_MS, SKEW_MS, TICK_MS,
 };
 use idem_core::acceptor::ReserveOutcome;
-use idem_core::acceptor::{self, ReserveArgs};
+use idem_core::acceptor::{self, ReserveArgs, WithdrawArgs};
 use idem_core::engine::{
     self, Answer as EngineAnswer, Command, EngineConfig, ReserveCall, ReserveEngine, Rule,
 };
@@ -24,6 +24,9 @@ pub enum Variant {
     Correct,
     /// Deliberately broken: NEW as soon as the proposer's own local region accepted.
     BrokenLocalAccept,
+    /// Deliberately broken: a withdraw only takes an accept back (no tombstone), as
+    /// before tombstones, so a Propose that arrives after it is accepted.
+    BrokenWithdrawWithoutTombstone,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,6 +97,7 @@ pub const REPLAYS_STABLE: &str = "replays return the acknowledged response and n
 pub const MISMATCH_EXACT: &str = "MISMATCH exactly on another fingerprint";
 pub const CONVERGENCE: &str = "convergence";
 pub const NO_DUAL_COMPLETION: &str = "no two completions of one generation meet in a merge";
+pub const WITHDRAW_STICKS: &str = "a withdrawn claim is not accepted again where it was withdrawn";
 pub const SOME_REPLAY: &str = "a REPLAY happens";
 pub const SOME_NEW: &str = "a NEW happens";
 pub const SOME_ACK: &str = "a completion is acknowledged";
@@ -164,7 +168,7 @@ impl IdemModel {
             max_stale_retries: u32::from(self.cfg.retries),
             max_contention_rounds: 0,
             rule: match self.cfg.variant {
-                Variant::Correct => Rule::Majority,
+                Variant::Correct | Variant::BrokenWithdrawWithoutTombstone => Rule::Majority,
                 Variant::BrokenLocalAccept => Rule::BrokenLocalAccept,
             },
         }
@@ -201,12 +205,23 @@ impl IdemModel {
                     }
                 }
                 Command::Propose { op, .. } => panic!("the engine proposed {op:?}"),
-                Command::Withdraw { claim } => {
+                Command::Withdraw {
+                    op:
+                        Op::Withdraw {
+                            claim, generation, ..
+                        },
+                } => {
                     assert_eq!(claim, crate::state::claim_of(p8), "one claim per proposer");
+                    let gen = u8::try_from(generation).expect("generation beyond the model");
                     for r in 0..REGIONS as u8 {
-                        s.net.insert(Msg::Withdraw { p: p8, region: r });
+                        s.net.insert(Msg::Withdraw {
+                            p: p8,
+                            region: r,
+                            gen,
+                        });
                     }
                 }
+                Command::Withdraw { op } => panic!("the engine withdrew with {op:?}"),
                 Command::Timer { .. } => {}
                 Command::Answer(a) => {
                     s.engines[p] = None;
@@ -375,11 +390,52 @@ impl IdemModel {
                     self.perform(s, pi, cmds);
                 }
             }
-            Msg::Withdraw { p, .. } => {
-                if let Some(w) =
-                    acceptor::withdraw(stored.as_ref(), crate::state::claim_of(p), now_ms)
-                {
-                    s.write(r, &w);
+            Msg::Withdraw { p, gen, .. } => {
+                let broken = self.cfg.variant == Variant::BrokenWithdrawWithoutTombstone;
+                let args = WithdrawArgs {
+                    claim: crate::state::claim_of(p),
+                    generation: if broken { 0 } else { u32::from(gen) },
+                    fingerprint: fingerprint_of(self.cfg.fingerprints[usize::from(p)]),
+                    retention_ms: RETENTION_MS,
+                    now_ms,
+                    skew_margin_ms: SKEW_MS,
+                };
+                let after = match acceptor::withdraw(stored.as_ref(), &args) {
+                    Some(w) => {
+                        s.write(r, &w);
+                        Some(w)
+                    }
+                    None => stored,
+                };
+                // What the withdraw must leave: no generation it covers can be granted
+                // to the claim here any more (another claim's live lease is left alone,
+                // so there a late Propose waits for that lease like any other).
+                let other_live = after.as_ref().is_some_and(|x| {
+                    x.claim != args.claim
+                        && x.phase == Phase::Reserved
+                        && now_ms < x.lease_expires_ms + SKEW_MS
+                });
+                if !other_live {
+                    for g in 1..=gen {
+                        let d = acceptor::reserve(
+                            after.as_ref(),
+                            &ReserveArgs {
+                                now_ms,
+                                skew_margin_ms: SKEW_MS,
+                                fingerprint: args.fingerprint,
+                                claim: args.claim,
+                                generation: Some(u32::from(g)),
+                                lease_ms: u64::from(self.cfg.lease) * TICK_MS,
+                                lease_until_ms: Some(ms(s.now + self.cfg.lease)),
+                                retention_ms: RETENTION_MS,
+                                first_attempt_ms: 0,
+                                region_bit: 1 << r,
+                            },
+                        );
+                        if matches!(d.outcome, ReserveOutcome::New { .. }) {
+                            s.ghost.withdraw_undone = true;
+                        }
+                    }
                 }
             }
             Msg::Complete { p, gen, .. } => {
@@ -528,20 +584,14 @@ impl IdemModel {
                         == Some(u32::from(proposal));
                     !waiting && rec.is_some_and(|x| x.phase == Phase::Completed || x.gen >= gen)
                 }
-                Msg::Withdraw { p, .. } => {
-                    !matches!(
-                        s.proposers[usize::from(p)],
-                        Status::Idle | Status::Proposing
-                    ) && !s
-                        .net
-                        .iter()
-                        .any(|x| matches!(x, Msg::Propose { p: q, .. } if *q == p))
-                        && !s
-                            .records
-                            .iter()
-                            .flatten()
-                            .any(|x| x.claim == p && x.phase == Phase::Reserved)
-                }
+                // A withdraw changes a record below its generation, of its claim, or
+                // at its generation while not Released (records only move up, and at
+                // one generation a Released record never becomes Reserved again).
+                Msg::Withdraw { gen, .. } => rec.is_some_and(|x| {
+                    x.phase == Phase::Completed
+                        || x.gen > gen
+                        || (x.gen == gen && x.phase == Phase::Released)
+                }),
                 Msg::Complete { live_until, .. } => s.now >= live_until,
                 Msg::Extend {
                     p, gen, live_until, ..
@@ -858,6 +908,7 @@ impl Model for IdemModel {
                 s.now < m.cfg.tmax || m.converges(s.now, &s.records, &s.down)
             }),
             Property::always(NO_DUAL_COMPLETION, |_, s: &State| !s.ghost.dual_completion),
+            Property::always(WITHDRAW_STICKS, |_, s: &State| !s.ghost.withdraw_undone),
             Property::sometimes(SOME_NEW, |_, s: &State| {
                 s.proposers.iter().any(|p| p.was_granted())
             }),

@@ -316,6 +316,8 @@ pub enum Msg {
     Withdraw {
         p: u8,
         region: u8,
+        /// The highest generation the withdrawn claim was proposed at.
+        gen: u8,
     },
     /// `live_until`: no record of this fence can have a live lease from then on.
     Complete {
@@ -374,6 +376,9 @@ pub struct Ghost {
     pub new_over_other_fp: bool,
     /// A merge met two different Completed claims of one generation.
     pub dual_completion: bool,
+    /// A region that applied a withdraw would still accept a Propose of the withdrawn
+    /// claim at a generation it was withdrawn at.
+    pub withdraw_undone: bool,
     /// An Extend was acknowledged (a holder's lease was extended).
     pub extended: bool,
 }

@@ -1,7 +1,7 @@
 //! Exhaustive breadth-first model checks of the GLOBAL protocol (see the crate docs).
 //! Run with `-- --nocapture` to see the state counts and traces.
 
-use idem_model::{Config, IdemModel, Variant, TWO_LIVE_GRANTS};
+use idem_model::{Config, IdemModel, Variant, TWO_LIVE_GRANTS, WITHDRAW_STICKS};
 use stateright::{Checker, HasDiscoveries, Model};
 use std::collections::BTreeSet;
 use std::time::Instant;
@@ -86,5 +86,31 @@ fn broken_local_accept_gives_two_live_grants() {
         eprintln!("  {:2}. {a:?}", i + 1);
     }
     eprintln!("  last state: {last:?}");
+    assert!(!actions.is_empty());
+}
+
+#[test]
+fn a_withdraw_without_a_tombstone_is_undone_by_a_late_propose() {
+    let checker = IdemModel::new(Config {
+        variant: Variant::BrokenWithdrawWithoutTombstone,
+        ..Config::default()
+    })
+    .checker()
+    .threads(1)
+    .finish_when(HasDiscoveries::AnyOf(BTreeSet::from([WITHDRAW_STICKS])))
+    .spawn_bfs()
+    .join();
+    let path = checker
+        .discovery(WITHDRAW_STICKS)
+        .expect("a withdraw that only takes an accept back must be caught");
+    let actions = path.into_actions();
+    eprintln!(
+        "withdraw without a tombstone: counterexample of {} steps after {} states",
+        actions.len(),
+        checker.unique_state_count()
+    );
+    for (i, a) in actions.iter().enumerate() {
+        eprintln!("  {:2}. {a:?}", i + 1);
+    }
     assert!(!actions.is_empty());
 }

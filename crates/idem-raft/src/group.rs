@@ -768,7 +768,15 @@ mod clock_tests {
             "claims stay ordered after what was observed"
         );
         // ...but the time leases are judged by stays this node's own.
-        let cmd = s.stamp(Key::default(), Op::Withdraw { claim });
+        let cmd = s.stamp(
+            Key::default(),
+            Op::Withdraw {
+                claim,
+                generation: 0,
+                fingerprint: Default::default(),
+                retention_ms: 0,
+            },
+        );
         assert!(
             cmd.now_ms <= real_wall_ms() + 20,
             "stamped {} ms ahead",

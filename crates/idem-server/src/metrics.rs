@@ -192,6 +192,7 @@ pub struct Metrics {
     pub lease_lost_total: Counter,
     pub cross_region_conflict_total: Family<Counter>,
     pub anti_entropy_repaired_total: Family<Counter>,
+    pub geo_withdraws_total: Family<Counter>,
     pub outbox_queued: Family<Gauge>,
     pub outbox_skipped: Family<Gauge>,
     // Sampled gauges, refreshed before each scrape.
@@ -239,6 +240,9 @@ impl Metrics {
             self.outbox_skipped.with(&l);
             self.anti_entropy_repaired_total.with(&l);
             self.region_last_answer_age_seconds.with(&l);
+            for result in ["applied", "failed", "skipped"] {
+                self.geo_withdraws_total.with(&[r.as_str(), result]);
+            }
         }
     }
 }
@@ -260,6 +264,7 @@ impl Default for Metrics {
             lease_lost_total: Counter::default(),
             cross_region_conflict_total: Family::new(&["mode"], Counter::default),
             anti_entropy_repaired_total: Family::new(&["from_region"], Counter::default),
+            geo_withdraws_total: Family::new(&["region", "result"], Counter::default),
             outbox_queued: Family::new(&["dest_region"], Gauge::default),
             outbox_skipped: Family::new(&["dest_region"], Gauge::default),
             raft_is_leader: Family::new(&["group"], Gauge::default),
@@ -413,6 +418,11 @@ impl Metrics {
             "idem_anti_entropy_repaired_total",
             "Records merged by anti-entropy, by the region they came from.",
             &self.anti_entropy_repaired_total,
+        );
+        w.counters(
+            "idem_geo_withdraws_total",
+            "Withdraws of failed GLOBAL proposals, per region sent to: applied, failed after every resend, or skipped because too many were in flight.",
+            &self.geo_withdraws_total,
         );
         w.gauges(
             "idem_outbox_queued",

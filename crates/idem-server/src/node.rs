@@ -159,6 +159,18 @@ impl idem_geo::Observer for GeoObserver {
             .inc();
     }
 
+    fn withdrawn(&self, region: u16, result: idem_geo::WithdrawResult) {
+        let name = self
+            .names
+            .get(&region)
+            .cloned()
+            .unwrap_or_else(|| region.to_string());
+        self.metrics
+            .geo_withdraws_total
+            .with(&[name.as_str(), result.as_str()])
+            .inc();
+    }
+
     fn repaired(&self, from_region: u16, records: u64) {
         let name = self
             .names

@@ -410,3 +410,105 @@ fn a_final_notice_answers_whether_the_completion_is_final_there() {
         crate::CommandResult::Complete(Err(CompleteError::NotFound))
     );
 }
+
+fn wd(now: u64, c: u32, generation: u32) -> WithdrawArgs {
+    WithdrawArgs {
+        claim: claim(c),
+        generation,
+        fingerprint: fp(1),
+        retention_ms: 30 * DAY,
+        now_ms: now,
+        skew_margin_ms: SKEW,
+    }
+}
+
+fn proposal(now: u64, c: u32, generation: u32) -> ReserveArgs {
+    let mut a = args(now, 1, c);
+    a.generation = Some(generation);
+    a.lease_until_ms = Some(now + 1_000);
+    a
+}
+
+#[test]
+fn a_withdraw_that_overtakes_its_propose_leaves_a_tombstone_the_propose_cannot_take() {
+    // The withdraw of claim 1 at generation 3 arrives first, on an empty region.
+    let tomb = withdraw(None, &wd(1_000, 1, 3)).expect("a tombstone");
+    assert_eq!(
+        (tomb.phase, tomb.claim, tomb.generation),
+        (Phase::Released, claim(1), 3)
+    );
+    assert_eq!(tomb.expires_ms, 1_000 + 30 * DAY, "kept for the retention");
+    // Its Propose, still on the wire, comes later: refused at every generation it had.
+    for g in 1..=3 {
+        assert_eq!(
+            reserve(Some(&tomb), &proposal(1_010, 1, g)).outcome,
+            ReserveOutcome::StaleGen { stored: 3 }
+        );
+    }
+    // Another proposer above it takes the key at once.
+    assert_eq!(
+        new_fence(&reserve(Some(&tomb), &proposal(1_020, 2, 4))).claim,
+        claim(2)
+    );
+    // A relayed accept of the withdrawn claim does not bring it back.
+    let accepted = reserve(None, &proposal(1_000, 1, 3)).write.unwrap();
+    let m = crate::merge::merge(Some(&tomb), &accepted, 1_030, SKEW, true);
+    let merged = m.write.unwrap_or(tomb);
+    assert_eq!(
+        (merged.phase, merged.claim, merged.generation),
+        (Phase::Released, claim(1), 3)
+    );
+    assert_eq!(
+        reserve(Some(&merged), &proposal(1_040, 1, 3)).outcome,
+        ReserveOutcome::StaleGen { stored: 3 }
+    );
+}
+
+#[test]
+fn a_withdrawn_accept_is_released_at_the_highest_generation_proposed() {
+    // Accepted at generation 2; the same claim was also proposed at 3 (a StaleGen round
+    // elsewhere) before it was withdrawn.
+    let rec = reserve(None, &proposal(1_000, 1, 2)).write.unwrap();
+    let w = withdraw(Some(&rec), &wd(1_100, 1, 3)).unwrap();
+    assert_eq!((w.phase, w.generation), (Phase::Released, 3));
+    assert_eq!(
+        reserve(Some(&w), &proposal(1_200, 1, 3)).outcome,
+        ReserveOutcome::StaleGen { stored: 3 }
+    );
+    // Withdrawing again changes nothing.
+    assert_eq!(withdraw(Some(&w), &wd(1_300, 1, 3)), None);
+}
+
+#[test]
+fn a_withdraw_never_touches_a_grant_or_a_completion_of_another_claim() {
+    // Another claim's live lease, at a lower generation: left alone.
+    let live = reserve(None, &proposal(1_000, 2, 1)).write.unwrap();
+    assert_eq!(withdraw(Some(&live), &wd(1_100, 1, 2)), None);
+    // Within the skew margin after its lease: still left alone.
+    assert_eq!(withdraw(Some(&live), &wd(2_000 + SKEW - 1, 1, 2)), None);
+    // Its lease over: a late Propose of claim 1 would take it, so the tombstone does.
+    let t = withdraw(Some(&live), &wd(2_000 + SKEW, 1, 2)).unwrap();
+    assert_eq!(
+        (t.phase, t.claim, t.generation),
+        (Phase::Released, claim(1), 2)
+    );
+    assert_eq!(t.expires_ms, live.expires_ms, "the key's retention is kept");
+    // Another claim at the same or a higher generation: rule 5 refuses claim 1 anyway.
+    let high = reserve(None, &proposal(1_000, 2, 5)).write.unwrap();
+    assert_eq!(withdraw(Some(&high), &wd(9_000, 1, 5)), None);
+    // A completion: never.
+    let done = complete(Some(&live), live.fence(), resp("ok"), 1_100, 1, 1)
+        .unwrap()
+        .unwrap();
+    assert_eq!(withdraw(Some(&done), &wd(9_000, 1, 7)), None);
+}
+
+#[test]
+fn a_withdraw_written_before_tombstones_only_takes_an_accept_back() {
+    let mut old = wd(1_000, 1, 0);
+    old.retention_ms = 0;
+    assert_eq!(withdraw(None, &old), None);
+    let rec = reserve(None, &proposal(1_000, 1, 2)).write.unwrap();
+    let w = withdraw(Some(&rec), &old).unwrap();
+    assert_eq!((w.phase, w.generation), (Phase::Released, 2));
+}
