@@ -82,6 +82,11 @@ pub enum Op {
         /// a merged witness set that reaches it makes the completion final here.
         #[serde(default)]
         quorum: u32,
+        /// The receiving region: a REGIONAL merge that overturns one of its own grants
+        /// by a grant held at the same time counts that double grant (None: entries
+        /// written before the count).
+        #[serde(default)]
+        region: Option<u16>,
     },
     /// The relay shipped this group's outbox entries for `dest` below sequence `upto`;
     /// `dead` were refused as invalid too often and move to the dead-letter queue.
@@ -179,6 +184,11 @@ pub enum CommandResult {
     Merge {
         outcome: MergeOutcome,
         conflict: Option<Conflict>,
+        /// This merge overturned a grant of the receiving region by one held at the same
+        /// time: the region's replicated double-grant count goes up by one (every
+        /// replica decides it from the log entry alone).
+        #[serde(default)]
+        double_grant: bool,
     },
     /// Withdraw, Touch and OutboxAck (and a membership change): applied (they answer
     /// nothing else). `Final` answers `Complete`: `Ok` when the record holds that
@@ -289,15 +299,21 @@ pub fn apply(stored: Option<&Record>, cmd: &Command) -> (CommandResult, Option<R
             record,
             guarded,
             quorum,
+            region,
         } => {
             let mut m = merge::merge(stored, record, now, cmd.skew_margin_ms, *guarded);
             if let Some(w) = m.write.as_mut() {
                 merge::settle_finality(w, *quorum);
             }
+            let double_grant = matches!(
+                (&m.conflict, region),
+                (Some(Conflict::Overturned { overturned }), Some(r)) if overturned.region == *r
+            );
             (
                 CommandResult::Merge {
                     outcome: m.outcome,
                     conflict: m.conflict,
+                    double_grant,
                 },
                 m.write,
             )

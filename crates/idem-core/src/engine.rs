@@ -300,13 +300,25 @@ impl ReserveEngine {
     }
 
     /// The round's verdict when no reply decided it; no StaleGen retry past the deadline.
+    /// Unavailable only when a round had its whole timeout: a later round that the
+    /// deadline cut short (the regions answered the rounds before it) is contention, so
+    /// the caller gets a short hint, not an error for regions that are up.
     fn conclusion(&self, now_ms: u64) -> Verdict {
         let left = if now_ms < self.call.deadline_ms {
             self.stale_left
         } else {
             0
         };
-        self.tally.conclude(self.generation, left)
+        match self.tally.conclude(self.generation, left) {
+            Verdict::Unavailable
+                if self.proposal > 1
+                    && now_ms >= self.call.deadline_ms
+                    && now_ms.saturating_sub(self.round_started_ms) < self.cfg.round_timeout_ms =>
+            {
+                Verdict::Contended
+            }
+            v => v,
+        }
     }
 
     fn random(&mut self) -> u64 {
@@ -835,6 +847,52 @@ mod tests {
                 waited_ms: ROUND
             })
         );
+    }
+
+    #[test]
+    fn a_stale_generation_round_the_deadline_cuts_short_is_contention_not_unavailable() {
+        // Two StaleGen replies 300 ms before the deadline: the retry round gets 300 ms,
+        // not a round timeout, and one region answers in it.
+        let mut e = engine(3, 1_000);
+        let (p, _) = proposed(&e.start(0, 1)).unwrap();
+        e.on_reply(p, 0, &ReserveOutcome::StaleGen { stored: 3 }, 1, None, 690);
+        let c = e.on_reply(p, 1, &ReserveOutcome::StaleGen { stored: 3 }, 1, None, 700);
+        let (p2, _) = proposed(&c).unwrap();
+        let (t, at) = timer(&c).unwrap();
+        assert_eq!(at, 1_000, "the retry round ends at the deadline");
+        e.on_reply(p2, 0, &accepted(&e), 1, None, 750);
+        let c = e.on_timer(t, at);
+        assert_eq!(withdrew(&c), Some(claim(100)));
+        assert!(
+            matches!(
+                outcome(&c),
+                ReserveOutcome::InFlight { retry_after_ms, .. } if CONTENDED_HINT_MS.contains(&retry_after_ms)
+            ),
+            "{c:?}"
+        );
+        // The same round with its whole timeout, or with every call lost before the
+        // deadline, is Unavailable.
+        let mut e = engine(3, 60_000);
+        let (p, _) = proposed(&e.start(0, 1)).unwrap();
+        e.on_reply(p, 0, &ReserveOutcome::StaleGen { stored: 3 }, 1, None, 10);
+        let c = e.on_reply(p, 1, &ReserveOutcome::StaleGen { stored: 3 }, 1, None, 20);
+        let (p2, _) = proposed(&c).unwrap();
+        let (t, at) = timer(&c).unwrap();
+        e.on_reply(p2, 0, &accepted(&e), 1, None, 30);
+        assert!(matches!(
+            answer(&e.on_timer(t, at)),
+            Some(Answer::Unavailable { answered: 1, .. })
+        ));
+        let mut e = engine(3, 1_000);
+        let (p, _) = proposed(&e.start(0, 1)).unwrap();
+        e.on_reply(p, 0, &ReserveOutcome::StaleGen { stored: 3 }, 1, None, 690);
+        let c = e.on_reply(p, 1, &ReserveOutcome::StaleGen { stored: 3 }, 1, None, 700);
+        let (p2, _) = proposed(&c).unwrap();
+        e.on_lost(p2, 1, 710);
+        assert!(matches!(
+            answer(&e.on_lost(p2, 2, 720)),
+            Some(Answer::Unavailable { answered: 0, .. })
+        ));
     }
 
     #[test]

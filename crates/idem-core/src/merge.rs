@@ -100,14 +100,39 @@ pub enum MergeOutcome {
 /// Two regions decided differently for one key, and the merge chose between them.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Conflict {
-    /// Two different claims completed one generation: in GLOBAL mode this is a safety
-    /// violation (two holders both ran the side effect), and must be loud.
+    /// GLOBAL mode: two different claims completed one generation, a safety violation
+    /// (two holders both ran the side effect), which must be loud. (In REGIONAL mode
+    /// that is a double grant like any other: `Overturned`.)
     DualCompletion,
-    /// REGIONAL mode: the merge replaced this region's decision (another claim of the
-    /// same generation, both granted): counted as that mode's double-grant rate. (In
-    /// GLOBAL mode two claims of one generation only meet when one of them never won
-    /// a majority, which is not a conflict.)
-    Overturned,
+    /// REGIONAL mode: the merge replaced the grant of claim `overturned` by another
+    /// claim's grant that was held at the same time ([`double_grant`]), in any
+    /// generation: the mode's anomaly. The overturned claim's own region counts it
+    /// (`CommandResult::Merge::double_grant`), so one double grant counts once however
+    /// the copies travel. (GLOBAL merges are guarded and report no such conflict.)
+    Overturned { overturned: crate::ClaimId },
+}
+
+/// When a grant started: its claim's mint time (the proposing leader's clock, which
+/// the lease-judging clock of every region is within the skew bound of).
+fn granted_ms(r: &Record) -> u64 {
+    crate::Hlc::physical_ms(r.claim.hlc)
+}
+
+/// Whether two records of different claims are grants that were held at the same time,
+/// as far as the records tell: neither was given up (`Released`: its holder ran
+/// nothing), and the later grant came before the earlier one's lease ended, or at any
+/// time after the earlier one completed (a region that had known that completion would
+/// have answered REPLAY). A takeover after a lease ended is no double grant.
+pub fn double_grant(a: &Record, b: &Record) -> bool {
+    if a.claim == b.claim || a.phase == Phase::Released || b.phase == Phase::Released {
+        return false;
+    }
+    let (first, later) = if (granted_ms(a), a.claim) <= (granted_ms(b), b.claim) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    first.phase == Phase::Completed || granted_ms(later) < first.lease_expires_ms
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,18 +193,19 @@ pub fn merge(
             );
         }
     }
-    let conflict = if local.claim != remote.claim && local.generation == remote.generation {
-        if local.phase == Phase::Completed && remote.phase == Phase::Completed {
-            Some(Conflict::DualCompletion)
-        } else if !guarded
-            && local.phase != Phase::Released
-            && remote.phase != Phase::Released
-            && order(remote, local) == Ordering::Greater
-        {
-            Some(Conflict::Overturned)
-        } else {
-            None
-        }
+    let conflict = if local.claim == remote.claim {
+        None
+    } else if !guarded {
+        (order(remote, local) == Ordering::Greater && double_grant(local, remote)).then_some(
+            Conflict::Overturned {
+                overturned: local.claim,
+            },
+        )
+    } else if local.generation == remote.generation
+        && local.phase == Phase::Completed
+        && remote.phase == Phase::Completed
+    {
+        Some(Conflict::DualCompletion)
     } else {
         None
     };

@@ -151,9 +151,12 @@ impl Geo {
             record: record.clone(),
             guarded: mode == Mode::Global,
             quorum: self.merge_quorum(mode),
+            region: Some(self.my_region()),
         };
         match group.submit(key.clone(), op).await {
-            Ok(CommandResult::Merge { outcome, conflict }) => {
+            Ok(CommandResult::Merge {
+                outcome, conflict, ..
+            }) => {
                 if let Some(c) = &conflict {
                     self.observer().conflict(mode, c);
                     if mode == Mode::Global
@@ -204,6 +207,7 @@ impl Geo {
                 record: record.clone(),
                 guarded: mode == Mode::Global,
                 quorum: me.merge_quorum(mode),
+                region: Some(me.my_region()),
             };
             if let Ok(CommandResult::Merge {
                 outcome: MergeOutcome::Deferred { retry_after_ms },

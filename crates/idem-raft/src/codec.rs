@@ -159,7 +159,7 @@ mod tests {
                 is_final: true,
                 response: Some(resp.clone()),
             };
-            let merge = Op::Merge { record, guarded: true, quorum: 2 };
+            let merge = Op::Merge { record, guarded: true, quorum: 2, region: Some(1) };
             let leader = <TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(3, 1);
             let entry = Entry {
                 log_id: LogId::new(leader, 9),

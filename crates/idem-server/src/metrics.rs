@@ -191,6 +191,7 @@ pub struct Metrics {
     pub key_too_old_total: Counter,
     pub lease_lost_total: Counter,
     pub cross_region_conflict_total: Family<Counter>,
+    pub regional_double_grants_total: Family<Counter>,
     pub anti_entropy_repaired_total: Family<Counter>,
     pub geo_withdraws_total: Family<Counter>,
     pub outbox_queued: Family<Gauge>,
@@ -229,9 +230,8 @@ impl Metrics {
         for c in ["2xx", "4xx", "5xx", "timeout"] {
             self.http_request_outcome.with(&[c]);
         }
-        for m in ["global", "regional"] {
-            self.cross_region_conflict_total.with(&[m]);
-        }
+        // GLOBAL only: REGIONAL double grants have their own, exact count.
+        self.cross_region_conflict_total.with(&["global"]);
         for r in dest_regions {
             let l = [r.as_str()];
             self.outbox_lag_seconds.with(&l);
@@ -263,6 +263,7 @@ impl Default for Metrics {
             key_too_old_total: Counter::default(),
             lease_lost_total: Counter::default(),
             cross_region_conflict_total: Family::new(&["mode"], Counter::default),
+            regional_double_grants_total: Family::new(&["group"], Counter::default),
             anti_entropy_repaired_total: Family::new(&["from_region"], Counter::default),
             geo_withdraws_total: Family::new(&["region", "result"], Counter::default),
             outbox_queued: Family::new(&["dest_region"], Gauge::default),
@@ -411,7 +412,7 @@ impl Metrics {
         );
         w.counters(
             "cross_region_conflict_total",
-            "Keys granted in two regions at once, resolved by the merge.",
+            "GLOBAL mode: two different completions of one generation met in a merge (a safety violation). REGIONAL double grants: idem_regional_double_grants_total.",
             &self.cross_region_conflict_total,
         );
         w.counters(
@@ -463,6 +464,11 @@ impl Metrics {
             "idem_raft_commit_index",
             "Last committed index of the group on this node.",
             &self.raft_commit_index,
+        );
+        w.counters(
+            "idem_regional_double_grants_total",
+            "REGIONAL double grants this group's region counted (replicated state: every replica of the group reports the same count; take the max per group, then sum).",
+            &self.regional_double_grants_total,
         );
         w.counters(
             "idem_raft_leader_changes_total",

@@ -84,6 +84,9 @@ impl NodeInfo {
             m.raft_last_log_index.with(&l).set(h.last_log_index as f64);
             m.raft_applied_index.with(&l).set(h.applied_index as f64);
             m.raft_commit_index.with(&l).set(h.committed_index as f64);
+            if let Ok(n) = self.state.double_grants(g.id().shard) {
+                m.regional_double_grants_total.with(&l).store(n);
+            }
             let prev = last.insert(g.id(), h.leader);
             if let (Some(Some(a)), Some(b)) = (prev, h.leader) {
                 if a != b {
@@ -152,7 +155,12 @@ struct GeoObserver {
 }
 
 impl idem_geo::Observer for GeoObserver {
-    fn conflict(&self, mode: idem_geo::Mode, _conflict: &idem_core::merge::Conflict) {
+    fn conflict(&self, mode: idem_geo::Mode, conflict: &idem_core::merge::Conflict) {
+        // REGIONAL double grants are counted exactly in replicated state
+        // (`idem_regional_double_grants_total`), not once per merge that meets one.
+        if matches!(conflict, idem_core::merge::Conflict::Overturned { .. }) {
+            return;
+        }
         self.metrics
             .cross_region_conflict_total
             .with(&[mode.as_str()])

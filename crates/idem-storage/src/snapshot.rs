@@ -1,11 +1,12 @@
 //! Snapshot files: one group's records at one applied index, streamed to and from disk
 //! so that building, sending and installing a snapshot never holds it in memory.
 //!
-//! Format (version 2): `"IDEMSNAP" | version u8 | meta_len u32 | meta | stamp u64 |
-//! { 1u8 | key_len u32 | key | value_len u32 | value }* | 0u8 | count u64`, where
-//! `stamp` is the group's applied stamp (the latest command time applied: later
-//! commands are judged at no earlier time). Version 1 (no stamp) is still read, as
-//! stamp 0. The trailer's count detects a truncated file.
+//! Format (version 3): `"IDEMSNAP" | version u8 | meta_len u32 | meta | stamp u64 |
+//! double_grants u64 | { 1u8 | key_len u32 | key | value_len u32 | value }* | 0u8 |
+//! count u64`, where `stamp` is the group's applied stamp (the latest command time
+//! applied: later commands are judged at no earlier time) and `double_grants` the
+//! group's replicated REGIONAL double-grant count. Versions 1 (neither) and 2 (no
+//! count) are still read, as 0. The trailer's count detects a truncated file.
 
 use crate::{Shard, StorageError};
 use std::fs::File;
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const MAGIC: &[u8; 8] = b"IDEMSNAP";
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 /// The oldest version still read.
 const OLDEST_READ: u8 = 1;
 /// Largest key or value a snapshot may carry: a record is bounded by `Limits`.
@@ -52,6 +53,7 @@ pub(crate) fn write<F>(
     shard: Shard,
     meta: &[u8],
     stamp: u64,
+    double_grants: u64,
     fill: F,
 ) -> Result<SnapshotFile, StorageError>
 where
@@ -64,6 +66,7 @@ where
     w.write_all(&(meta.len() as u32).to_be_bytes())?;
     w.write_all(meta)?;
     w.write_all(&stamp.to_be_bytes())?;
+    w.write_all(&double_grants.to_be_bytes())?;
     let mut count = 0u64;
     fill(&mut |k, v| {
         w.write_all(&[1])?;
@@ -100,7 +103,7 @@ fn read_vec(r: &mut impl Read, max: usize) -> Result<Vec<u8>, StorageError> {
 }
 
 impl SnapshotFile {
-    fn open_after_header(&self) -> Result<(BufReader<File>, Vec<u8>, u64), StorageError> {
+    fn open_after_header(&self) -> Result<(BufReader<File>, Vec<u8>, u64, u64), StorageError> {
         let mut r = BufReader::with_capacity(1 << 20, File::open(&self.path)?);
         let mut magic = [0u8; 9];
         r.read_exact(&mut magic).map_err(|_| corrupt("no header"))?;
@@ -112,19 +115,28 @@ impl SnapshotFile {
             return Err(corrupt(format!("unknown version {version}")));
         }
         let meta = read_vec(&mut r, MAX_META_BYTES)?;
-        let stamp = if version >= 2 {
+        let mut u64_since = |v: u8| -> Result<u64, StorageError> {
+            if version < v {
+                return Ok(0);
+            }
             let mut b = [0u8; 8];
             r.read_exact(&mut b).map_err(|_| corrupt("truncated"))?;
-            u64::from_be_bytes(b)
-        } else {
-            0
+            Ok(u64::from_be_bytes(b))
         };
-        Ok((r, meta, stamp))
+        let stamp = u64_since(2)?;
+        let double_grants = u64_since(3)?;
+        Ok((r, meta, stamp, double_grants))
     }
 
     /// The group's applied stamp when the snapshot was built (0: a version 1 file).
     pub fn read_stamp(&self) -> Result<u64, StorageError> {
         Ok(self.open_after_header()?.2)
+    }
+
+    /// The group's REGIONAL double-grant count when the snapshot was built (0 before
+    /// version 3).
+    pub fn read_double_grants(&self) -> Result<u64, StorageError> {
+        Ok(self.open_after_header()?.3)
     }
 
     /// The versioned metadata bytes stored in the header.
@@ -137,7 +149,7 @@ impl SnapshotFile {
     where
         F: FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
     {
-        let (mut r, _, _) = self.open_after_header()?;
+        let (mut r, _, _, _) = self.open_after_header()?;
         let mut count = 0u64;
         loop {
             let mut tag = [0u8; 1];

@@ -33,6 +33,9 @@ const CF_META: &str = "meta";
 const APPLIED: &str = "applied";
 /// The group's applied stamp: the latest command time applied (u64 BE).
 const STAMP: &str = "stamp";
+/// The group's REGIONAL double grants counted so far (u64 BE): merges that overturned a
+/// grant of this region by another claim's grant held at the same time.
+const DOUBLE_GRANTS: &str = "double_grants";
 const SNAPSHOT: &str = "snapshot";
 const FORMAT: &[u8] = b"format";
 const FORMAT_VERSION: u8 = 1;
@@ -395,6 +398,8 @@ impl StateEngine {
         // log, whichever leader stamped them: time never goes backwards in log order,
         // and the compaction horizon (a durable stamp) stays behind every future entry.
         let mut stamp = self.meta_u64(&meta_key(shard, STAMP))?;
+        let counted = self.meta_u64(&meta_key(shard, DOUBLE_GRANTS))?;
+        let mut double_grants = counted;
         let mut clamped;
         for item in items {
             let ApplyItem::Command(cmd, index) = item else {
@@ -445,6 +450,12 @@ impl StateEngine {
                 None => self.get_record(shard, &cmd.key)?,
             };
             let (result, write) = command::apply(stored.as_ref(), cmd);
+            if let CommandResult::Merge {
+                double_grant: true, ..
+            } = &result
+            {
+                double_grants = double_grants.saturating_add(1);
+            }
             if let Some(w) = write {
                 // Changes that came from another region are not sent on: every region
                 // ships its own changes to every other, and anti-entropy covers the rest.
@@ -494,6 +505,13 @@ impl StateEngine {
             meta_key(shard, STAMP),
             stamp.to_be_bytes(),
         );
+        if double_grants != counted {
+            batch.put_cf(
+                self.cf(CF_META),
+                meta_key(shard, DOUBLE_GRANTS),
+                double_grants.to_be_bytes(),
+            );
+        }
         // Not synced: the Raft log is durable, and a lost tail is re-applied from it.
         self.db.write(batch)?;
         Ok(results)
@@ -732,6 +750,12 @@ impl StateEngine {
         Ok((out, None))
     }
 
+    /// The group's replicated REGIONAL double-grant count (the same on every replica
+    /// that applied the same log; it survives restarts and travels in snapshots).
+    pub fn double_grants(&self, shard: Shard) -> Result<u64, StorageError> {
+        self.meta_u64(&meta_key(shard, DOUBLE_GRANTS))
+    }
+
     pub fn applied_state(&self, shard: Shard) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self.db.get_cf(self.cf(CF_META), meta_key(shard, APPLIED))?)
     }
@@ -753,25 +777,33 @@ impl StateEngine {
         let view = self.db.snapshot();
         let applied = view.get_cf(self.cf(CF_META), meta_key(shard, APPLIED))?;
         let stamp = u64_of(view.get_cf(self.cf(CF_META), meta_key(shard, STAMP))?);
+        let double_grants = u64_of(view.get_cf(self.cf(CF_META), meta_key(shard, DOUBLE_GRANTS))?);
         // Compaction filters do not spare what a RocksDB snapshot still shows: while the
         // file is written, nothing the view's stamp leaves live may be dropped.
         let _pin = self.horizon.pin(shard, stamp);
         let meta = make_meta(applied.as_deref())?;
-        let file = snapshot::write(&self.snapshot_dir(), shard, &meta, stamp, |sink| {
-            let mut ro = rocksdb::ReadOptions::default();
-            ro.set_snapshot(&view);
-            ro.set_iterate_upper_bound(shard_end(shard));
-            let it = self.db.iterator_cf_opt(
-                self.cf(CF_RECORDS),
-                ro,
-                rocksdb::IteratorMode::From(&shard_prefix(shard), rocksdb::Direction::Forward),
-            );
-            for item in it {
-                let (k, v) = item?;
-                sink(&k[4..], &v)?;
-            }
-            Ok(())
-        })?;
+        let file = snapshot::write(
+            &self.snapshot_dir(),
+            shard,
+            &meta,
+            stamp,
+            double_grants,
+            |sink| {
+                let mut ro = rocksdb::ReadOptions::default();
+                ro.set_snapshot(&view);
+                ro.set_iterate_upper_bound(shard_end(shard));
+                let it = self.db.iterator_cf_opt(
+                    self.cf(CF_RECORDS),
+                    ro,
+                    rocksdb::IteratorMode::From(&shard_prefix(shard), rocksdb::Direction::Forward),
+                );
+                for item in it {
+                    let (k, v) = item?;
+                    sink(&k[4..], &v)?;
+                }
+                Ok(())
+            },
+        )?;
         self.set_current_snapshot(shard, &file)?;
         // Synced by `set_current_snapshot`: the view's stamp is durable now.
         self.horizon.publish(shard, stamp);
@@ -844,11 +876,17 @@ impl StateEngine {
             Ok(())
         })?;
         let stamp = stable.read_stamp()?;
+        let double_grants = stable.read_double_grants()?;
         batch.put_cf(self.cf(CF_META), meta_key(shard, APPLIED), applied);
         batch.put_cf(
             self.cf(CF_META),
             meta_key(shard, STAMP),
             stamp.to_be_bytes(),
+        );
+        batch.put_cf(
+            self.cf(CF_META),
+            meta_key(shard, DOUBLE_GRANTS),
+            double_grants.to_be_bytes(),
         );
         self.db.write(batch)?;
         self.db.flush_wal(true)?;

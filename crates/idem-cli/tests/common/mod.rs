@@ -280,3 +280,89 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         .unwrap_or_default();
     Some((code, body))
 }
+
+/// A real Prometheus server (Debian's `prometheus` package, which `make deps` installs)
+/// scraping `targets` every second and evaluating Idem's shipped rules every second.
+pub struct Prometheus {
+    child: std::process::Child,
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    pub fn start(targets: &[String]) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/prometheus/alerts.yml")
+            .canonicalize()
+            .unwrap();
+        let list = targets
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: idem\n    static_configs:\n      - targets: [{list}]\n",
+                rules.display()
+            ),
+        )
+        .unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
+            .spawn()
+            .expect("prometheus not found: install Debian's `prometheus` package (make deps does)");
+        Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// The value of an instant query that returns one sample, if it does.
+    pub fn query_one(&self, q: &str) -> Option<f64> {
+        let (code, body) = http_get(&self.addr, &format!("/api/v1/query?query={q}"))?;
+        if code != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let result = v["data"]["result"].as_array()?;
+        if result.len() != 1 {
+            return None;
+        }
+        result[0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Wait until `q` reads `want` (scrapes and rule evaluations run every second).
+    pub fn wait_for(&self, q: &str, want: f64, timeout: Duration) {
+        let t = std::time::Instant::now();
+        loop {
+            let got = self.query_one(q);
+            if got == Some(want) {
+                return;
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "Prometheus query {q} reads {got:?}, not {want}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

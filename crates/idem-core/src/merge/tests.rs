@@ -180,8 +180,74 @@ fn guard_never_replaces_a_live_reservation_of_another_claim() {
     assert_eq!(m.write.unwrap().claim, claim(1));
     // REGIONAL mode merges at once and reports the overturned decision.
     let m = merge(Some(&local), &remote, 100, 50, false);
-    assert_eq!(m.conflict, Some(Conflict::Overturned));
+    assert_eq!(
+        m.conflict,
+        Some(Conflict::Overturned {
+            overturned: local.claim
+        })
+    );
     assert_eq!(m.write.unwrap().claim, claim(1));
+    // The other way round the local grant wins: nothing is overturned here (the other
+    // region counts it when this copy reaches it).
+    let m = merge(Some(&remote), &local, 100, 50, false);
+    assert_eq!(m.conflict, None);
+}
+
+/// A claim minted at `at_ms`.
+fn granted(c: u8, gen: u32, phase: Phase, at_ms: u64, lease_until: u64) -> Record {
+    let mut r = rec(c, gen, phase, lease_until);
+    r.claim.hlc = crate::Hlc::compose(at_ms, 0);
+    r
+}
+
+#[test]
+fn a_double_grant_is_two_grants_held_at_once_in_any_generation() {
+    // Granted in two regions 100 ms apart, both within the other's lease: in one
+    // generation or in different ones (a region that had seen an older record).
+    let a = granted(1, 1, Phase::Reserved, 1_000, 5_000);
+    let b = granted(2, 1, Phase::Reserved, 1_100, 5_100);
+    let b3 = granted(2, 3, Phase::Reserved, 1_100, 5_100);
+    assert!(double_grant(&a, &b) && double_grant(&b, &a));
+    assert!(double_grant(&a, &b3));
+    let m = merge(Some(&a), &b3, 2_000, 50, false);
+    assert_eq!(
+        m.conflict,
+        Some(Conflict::Overturned {
+            overturned: a.claim
+        })
+    );
+    // A takeover after the lease ended is no double grant; after a completion it is
+    // (the later region could not have known it, or it would have replayed it).
+    let late = granted(2, 2, Phase::Reserved, 6_000, 9_000);
+    assert!(!double_grant(&a, &late));
+    assert_eq!(merge(Some(&a), &late, 7_000, 50, false).conflict, None);
+    let done = granted(1, 1, Phase::Completed, 1_000, 5_000);
+    assert!(double_grant(&done, &late));
+    assert_eq!(
+        merge(Some(&late), &done, 7_000, 50, false).conflict,
+        Some(Conflict::Overturned {
+            overturned: late.claim
+        })
+    );
+    // Two completions of one generation in REGIONAL mode: a double grant like any
+    // other (in GLOBAL mode, `DualCompletion`); the later claim is overturned.
+    let b_done = granted(2, 1, Phase::Completed, 1_100, 5_100);
+    assert_eq!(
+        merge(Some(&b_done), &done, 7_000, 50, false).conflict,
+        Some(Conflict::Overturned {
+            overturned: b_done.claim
+        })
+    );
+    assert_eq!(
+        merge(Some(&b_done), &done, 7_000, 50, true).conflict,
+        Some(Conflict::DualCompletion)
+    );
+    // A released grant ran nothing; one claim is never a double grant with itself;
+    // GLOBAL merges report none.
+    let released = granted(1, 1, Phase::Released, 1_000, 5_000);
+    assert!(!double_grant(&released, &b));
+    assert!(!double_grant(&a, &a));
+    assert_eq!(merge(Some(&a), &b3, 2_000, 50, true).conflict, None);
 }
 
 #[test]

@@ -388,6 +388,7 @@ fn changes_are_queued_per_destination_and_acks_trim_or_dead_letter_them() {
             record: other,
             guarded: true,
             quorum: 2,
+            region: Some(0),
         },
     );
     let out = se
@@ -666,4 +667,103 @@ fn a_snapshot_being_written_holds_the_compaction_horizon_back() {
     assert_eq!(h.get(1), 0);
     drop(pin);
     assert_eq!(h.get(0), 5_000);
+}
+
+/// A REGIONAL merge of `record` into region `region`'s group at `now`.
+fn regional_merge(k: &str, now: u64, record: Record, region: u16) -> Command {
+    with_op(
+        reserve(k, now, 3_600_000, 0),
+        Op::Merge {
+            record,
+            guarded: false,
+            quorum: 0,
+            region: Some(region),
+        },
+    )
+}
+
+#[test]
+fn a_regional_double_grant_is_counted_once_by_the_overturned_region_and_survives_restarts_and_snapshots(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let now = wall_ms();
+    let count_in = |se: &StateEngine| se.double_grants(0).unwrap();
+    {
+        let se = StateEngine::open(dir.path()).unwrap();
+        // Region 0 granted k (its claim minted at `now`); region 1 granted it 10 ms
+        // later at a higher generation, within the first lease.
+        let mine = reserve("k", now, 3_600_000, 1);
+        se.apply(0, &[ApplyItem::Command(&mine, 1)], b"1").unwrap();
+        let local = se.get_record(0, &key("k")).unwrap().unwrap();
+        let mut theirs = local.clone();
+        theirs.claim = ClaimId {
+            hlc: idem_core::Hlc::compose(now + 10, 0),
+            region: 1,
+            node: 4,
+            nonce: 7,
+        };
+        theirs.generation = local.generation + 1;
+        theirs.lease_expires_ms = now + 1_010;
+        assert!(idem_core::merge::double_grant(&local, &theirs));
+        // Another group holding region 0's grant, as region 2 does, merges the same
+        // copy: it overturns no grant of its own.
+        let elsewhere = regional_merge("k", now + 20, theirs.clone(), 2);
+        se.apply(1, &[ApplyItem::Command(&mine, 1)], b"1").unwrap();
+        se.apply(1, &[ApplyItem::Command(&elsewhere, 2)], b"2")
+            .unwrap();
+        assert_eq!(se.double_grants(1).unwrap(), 0, "not region 2's grant");
+        // Region 0: counted once, however often the copy comes again (the relay and
+        // anti-entropy both deliver it).
+        let first = regional_merge("k", now + 20, theirs.clone(), 0);
+        let again = regional_merge("k", now + 30, theirs.clone(), 0);
+        let out = se
+            .apply(
+                0,
+                &[ApplyItem::Command(&first, 2), ApplyItem::Command(&again, 3)],
+                b"3",
+            )
+            .unwrap();
+        assert!(matches!(
+            out[0],
+            Some(CommandResult::Merge {
+                double_grant: true,
+                ..
+            })
+        ));
+        assert!(matches!(
+            out[1],
+            Some(CommandResult::Merge {
+                double_grant: false,
+                ..
+            })
+        ));
+        assert_eq!(count_in(&se), 1);
+        // A takeover after the lease ended is no double grant.
+        let next = reserve("j", now, 3_600_000, 2);
+        se.apply(0, &[ApplyItem::Command(&next, 4)], b"4").unwrap();
+        let mut later = se.get_record(0, &key("j")).unwrap().unwrap();
+        later.claim = ClaimId {
+            hlc: idem_core::Hlc::compose(now + 5_000, 0),
+            region: 1,
+            node: 4,
+            nonce: 8,
+        };
+        later.generation += 1;
+        later.lease_expires_ms = now + 6_000;
+        let takeover = regional_merge("j", now + 5_001, later, 0);
+        se.apply(0, &[ApplyItem::Command(&takeover, 5)], b"5")
+            .unwrap();
+        assert_eq!(count_in(&se), 1);
+    }
+    // A restart keeps it; a snapshot carries it to a replica that installs it.
+    let se = StateEngine::open(dir.path()).unwrap();
+    assert_eq!(count_in(&se), 1);
+    let (snap, _) = se.build_snapshot(0, |_| Ok(b"m".to_vec())).unwrap();
+    assert_eq!(snap.read_double_grants().unwrap(), 1);
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = StateEngine::open(other_dir.path()).unwrap();
+    let incoming = SnapshotFile::incoming(&other.snapshot_dir(), 0);
+    std::fs::copy(&snap.path, &incoming.path).unwrap();
+    other.install_snapshot(0, &incoming, b"5").unwrap();
+    assert_eq!(count_in(&other), 1);
 }
