@@ -82,9 +82,14 @@
 //!   to a record above its generation, or to a released record at it);
 //! * a region's crash stops its proposer from starting (it reads its local record).
 //!
+//! REGIONAL mode's double-grant count has its own model, [`regional`]: local grants,
+//! shipped copies delivered in any order and any number of times, anti-entropy, and the
+//! replicated count `command::apply` keeps.
+//!
 //! [stateright]: https://docs.rs/stateright
 
 mod model;
+pub mod regional;
 mod state;
 
 pub use model::{

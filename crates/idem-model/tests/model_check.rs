@@ -114,3 +114,50 @@ fn a_withdraw_without_a_tombstone_is_undone_by_a_late_propose() {
     }
     assert!(!actions.is_empty());
 }
+
+#[test]
+fn the_regional_double_grant_count_is_exact_in_every_delivery_order() {
+    use idem_model::regional::{RegionalConfig, RegionalModel};
+    let t0 = Instant::now();
+    let checker = RegionalModel::new(RegionalConfig::default())
+        .checker()
+        .threads(threads())
+        .spawn_bfs()
+        .join();
+    let states = checker.unique_state_count();
+    eprintln!(
+        "REGIONAL count (lease 2, tmax 3): {states} unique states, depth {}, {:.1}s",
+        checker.max_depth(),
+        t0.elapsed().as_secs_f64()
+    );
+    checker.assert_properties();
+    assert!(checker.is_done());
+    assert!(states > 10_000, "the search is too small to mean anything");
+}
+
+#[test]
+fn counting_every_overturn_counts_one_double_grant_twice() {
+    use idem_model::regional::{RegionalConfig, RegionalModel, RegionalVariant, COUNTED_ONCE};
+    let checker = RegionalModel::new(RegionalConfig {
+        variant: RegionalVariant::CountEveryOverturn,
+        ..RegionalConfig::default()
+    })
+    .checker()
+    .threads(1)
+    .finish_when(HasDiscoveries::AnyOf(BTreeSet::from([COUNTED_ONCE])))
+    .spawn_bfs()
+    .join();
+    let path = checker
+        .discovery(COUNTED_ONCE)
+        .expect("a count taken by every region that merges an overturn must be caught");
+    let actions = path.into_actions();
+    eprintln!(
+        "counting every overturn: counterexample of {} steps after {} states",
+        actions.len(),
+        checker.unique_state_count()
+    );
+    for (i, a) in actions.iter().enumerate() {
+        eprintln!("  {:2}. {a:?}", i + 1);
+    }
+    assert!(!actions.is_empty());
+}
