@@ -306,8 +306,8 @@ pub fn apply(stored: Option<&Record>, cmd: &Command) -> (CommandResult, Option<R
                 merge::settle_finality(w, *quorum);
             }
             let double_grant = matches!(
-                (&m.conflict, region),
-                (Some(Conflict::Overturned { overturned }), Some(r)) if overturned.region == *r
+                (m.overturned, region),
+                (Some(overturned), Some(r)) if overturned.region == *r
             );
             (
                 CommandResult::Merge {

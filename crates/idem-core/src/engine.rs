@@ -133,6 +133,8 @@ pub struct ReserveEngine {
     /// When the current fresh proposal (with its StaleGen rounds) started.
     proposal_started_ms: u64,
     round_started_ms: u64,
+    /// A majority of regions answered the round before the current one.
+    heard_majority: bool,
     tally: Tally,
     facts: Option<(u32, Option<u64>)>,
     takeover: Option<Fence>,
@@ -169,6 +171,7 @@ impl ReserveEngine {
             lease_until_ms: 0,
             proposal_started_ms: 0,
             round_started_ms: 0,
+            heard_majority: false,
             tally: Tally::new(regions),
             facts: None,
             takeover: None,
@@ -301,8 +304,8 @@ impl ReserveEngine {
 
     /// The round's verdict when no reply decided it; no StaleGen retry past the deadline.
     /// Unavailable only when a round had its whole timeout: a later round that the
-    /// deadline cut short (the regions answered the rounds before it) is contention, so
-    /// the caller gets a short hint, not an error for regions that are up.
+    /// deadline cut short, after a round a majority of regions answered, is contention,
+    /// so the caller gets a short hint, not an error for regions that are up.
     fn conclusion(&self, now_ms: u64) -> Verdict {
         let left = if now_ms < self.call.deadline_ms {
             self.stale_left
@@ -311,7 +314,7 @@ impl ReserveEngine {
         };
         match self.tally.conclude(self.generation, left) {
             Verdict::Unavailable
-                if self.proposal > 1
+                if self.heard_majority
                     && now_ms >= self.call.deadline_ms
                     && now_ms.saturating_sub(self.round_started_ms) < self.cfg.round_timeout_ms =>
             {
@@ -357,6 +360,7 @@ impl ReserveEngine {
 
     fn round(&mut self, now_ms: u64) -> Vec<Command> {
         self.stage = Stage::Proposing;
+        self.heard_majority = self.proposal > 0 && self.tally.answered() >= self.tally.majority();
         self.proposal = self.proposal.wrapping_add(1);
         self.round_started_ms = now_ms;
         self.tally = Tally::new(self.cfg.regions);
@@ -892,6 +896,23 @@ mod tests {
         assert!(matches!(
             answer(&e.on_lost(p2, 2, 720)),
             Some(Answer::Unavailable { answered: 0, .. })
+        ));
+        // A retry round after a round only one region answered (the others silent for a
+        // whole round timeout), cut short by the deadline: the regions are not shown
+        // up, so it is Unavailable.
+        let mut e = engine(3, ROUND + 300);
+        let c = e.start(0, 1);
+        let (p, _) = proposed(&c).unwrap();
+        let (t, at) = timer(&c).unwrap();
+        e.on_reply(p, 0, &ReserveOutcome::StaleGen { stored: 3 }, 1, None, 10);
+        let c = e.on_timer(t, at);
+        let (p2, _) = proposed(&c).unwrap();
+        let (t2, at2) = timer(&c).unwrap();
+        assert_eq!(at2, ROUND + 300, "the retry round ends at the deadline");
+        e.on_reply(p2, 0, &accepted(&e), 1, None, ROUND + 10);
+        assert!(matches!(
+            answer(&e.on_timer(t2, at2)),
+            Some(Answer::Unavailable { answered: 1, .. })
         ));
     }
 

@@ -73,6 +73,25 @@ pub fn join(a: &Record, b: &Record) -> Record {
     out
 }
 
+/// The unguarded join is the record's state-based CRDT: copies of one key's record merge
+/// to their least upper bound under the order above ([`join`]); the laws (commutative,
+/// associative, idempotent) are property-tested through this trait. What replication
+/// runs is [`merge`], which adds two admission checks before this join: retention (an
+/// expired copy is absent, [`join_at`]) and, in GLOBAL mode, the time-dependent guard
+/// that defers a copy the acceptor rules forbid now. Every merge validates: two copies
+/// of one key always have a join.
+impl crdts::CvRDT for Record {
+    type Validation = std::convert::Infallible;
+
+    fn validate_merge(&self, _other: &Self) -> Result<(), Self::Validation> {
+        Ok(())
+    }
+
+    fn merge(&mut self, other: Self) {
+        *self = join(self, &other);
+    }
+}
+
 /// The join with retention: an expired copy is absent.
 pub fn join_at(now_ms: u64, a: Option<&Record>, b: Option<&Record>) -> Option<Record> {
     let a = a.filter(|r| !r.is_expired(now_ms));
@@ -104,12 +123,13 @@ pub enum Conflict {
     /// (two holders both ran the side effect), which must be loud. (In REGIONAL mode
     /// that is a double grant like any other: `Overturned`.)
     DualCompletion,
-    /// REGIONAL mode: the merge replaced the grant of claim `overturned` by another
-    /// claim's grant that was held at the same time ([`double_grant`]), in any
-    /// generation: the mode's anomaly. The overturned claim's own region counts it
+    /// REGIONAL mode: the merge replaced a grant (its claim is [`Merged::overturned`])
+    /// by another claim's grant that was held at the same time ([`double_grant`]), in
+    /// any generation: the mode's anomaly. The overturned claim's own region counts it
     /// (`CommandResult::Merge::double_grant`), so one double grant counts once however
-    /// the copies travel. (GLOBAL merges are guarded and report no such conflict.)
-    Overturned { overturned: crate::ClaimId },
+    /// the copies travel. (GLOBAL merges are guarded and report no such conflict.) A
+    /// unit variant: results travel between nodes of adjacent releases.
+    Overturned,
 }
 
 /// When a grant started: its claim's mint time (the proposing leader's clock, which
@@ -141,6 +161,8 @@ pub struct Merged {
     /// The record to write, when `outcome` is `Applied`.
     pub write: Option<Record>,
     pub conflict: Option<Conflict>,
+    /// With `Conflict::Overturned`: the claim whose grant the merge replaced.
+    pub overturned: Option<crate::ClaimId>,
 }
 
 /// Fold `remote` into the local record at time `now_ms`. `guarded`: GLOBAL mode (the
@@ -156,6 +178,7 @@ pub fn merge(
         outcome,
         write,
         conflict,
+        overturned: None,
     };
     if remote.is_expired(now_ms) {
         return done(MergeOutcome::Expired, None, None);
@@ -193,15 +216,16 @@ pub fn merge(
             );
         }
     }
-    let conflict = if local.claim == remote.claim {
-        None
-    } else if !guarded {
-        (order(remote, local) == Ordering::Greater && double_grant(local, remote)).then_some(
-            Conflict::Overturned {
-                overturned: local.claim,
-            },
-        )
-    } else if local.generation == remote.generation
+    let overturned = (local.claim != remote.claim
+        && !guarded
+        && order(remote, local) == Ordering::Greater
+        && double_grant(local, remote))
+    .then_some(local.claim);
+    let conflict = if overturned.is_some() {
+        Some(Conflict::Overturned)
+    } else if local.claim != remote.claim
+        && guarded
+        && local.generation == remote.generation
         && local.phase == Phase::Completed
         && remote.phase == Phase::Completed
     {
@@ -210,11 +234,13 @@ pub fn merge(
         None
     };
     let joined = join(local, remote);
-    if joined == *local {
+    let mut m = if joined == *local {
         done(MergeOutcome::Unchanged, None, conflict)
     } else {
         done(MergeOutcome::Applied, Some(joined), conflict)
-    }
+    };
+    m.overturned = overturned;
+    m
 }
 
 /// A completion whose witness set reached `quorum` regions is final (0: no inference,

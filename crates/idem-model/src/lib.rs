@@ -83,8 +83,8 @@
 //! * a region's crash stops its proposer from starting (it reads its local record).
 //!
 //! REGIONAL mode's double-grant count has its own model, [`regional`]: local grants,
-//! shipped copies delivered in any order and any number of times, anti-entropy, and the
-//! replicated count `command::apply` keeps.
+//! any region's current record merged into any other at any step (what the relay and
+//! anti-entropy deliver), and the replicated count `command::apply` keeps.
 //!
 //! [stateright]: https://docs.rs/stateright
 

@@ -244,20 +244,22 @@ impl RegionalModel {
             quorum: 0,
             region: Some(u16::from(dst)),
         };
+        // What the state engine counts comes from the command result alone; which grant
+        // it was, from the merge itself (ghost bookkeeping).
+        let local = s.recs[dst as usize].as_ref().map(RRec::to_record);
+        let judged = idem_core::merge::merge(local.as_ref(), &rec.to_record(), ms(s.now), 0, false);
         if let CommandResult::Merge {
             conflict,
             double_grant,
             ..
         } = self.run(s, dst, op)
         {
+            let loser = judged.overturned.map(|c| c.region as u8);
             let counted = match (self.cfg.variant, &conflict) {
-                (RegionalVariant::Correct, Some(Conflict::Overturned { overturned })) => {
-                    double_grant.then_some(overturned.region as u8)
+                (RegionalVariant::Correct, Some(Conflict::Overturned)) => {
+                    double_grant.then_some(loser).flatten()
                 }
-                (
-                    RegionalVariant::CountEveryOverturn,
-                    Some(Conflict::Overturned { overturned }),
-                ) => Some(overturned.region as u8),
+                (RegionalVariant::CountEveryOverturn, Some(Conflict::Overturned)) => loser,
                 _ => None,
             };
             if let Some(c) = counted {
@@ -410,6 +412,15 @@ impl Model for RegionalModel {
                     !clique || released || total(s) == s.grants.len() - 1
                 },
             ),
+            Property::sometimes(SOME_EXACT_CASE, |m: &RegionalModel, s: &RState| {
+                s.grants.len() >= 2
+                    && m.quiescent(s)
+                    && !s.grants.iter().any(|g| g.released)
+                    && s.grants
+                        .iter()
+                        .enumerate()
+                        .all(|(i, a)| s.grants.iter().skip(i + 1).all(|b| leases_overlap(a, b)))
+            }),
             Property::sometimes(SOME_COUNTED, |_, s: &RState| total(s) >= 1),
             Property::sometimes(TWO_COUNTED, |_, s: &RState| total(s) >= 2),
         ]
@@ -424,5 +435,7 @@ pub const COUNTED_ONCE: &str = "a double grant is counted once";
 pub const COUNTED_ONLY_DOUBLE: &str = "only a grant held at once with another is counted";
 pub const EXACT_WHEN_ALL_HELD_AT_ONCE: &str =
     "grants whose leases all overlap count grants - 1 once the regions agree";
+pub const SOME_EXACT_CASE: &str =
+    "the regions agree on grants whose leases all overlap, none released";
 pub const SOME_COUNTED: &str = "a double grant is counted";
 pub const TWO_COUNTED: &str = "two double grants are counted";

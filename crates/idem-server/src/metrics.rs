@@ -191,7 +191,6 @@ pub struct Metrics {
     pub key_too_old_total: Counter,
     pub lease_lost_total: Counter,
     pub cross_region_conflict_total: Family<Counter>,
-    pub regional_double_grants_total: Family<Counter>,
     pub anti_entropy_repaired_total: Family<Counter>,
     pub geo_withdraws_total: Family<Counter>,
     pub outbox_queued: Family<Gauge>,
@@ -204,6 +203,8 @@ pub struct Metrics {
     pub raft_applied_index: Family<Gauge>,
     pub raft_commit_index: Family<Gauge>,
     pub raft_leader_changes_total: Family<Counter>,
+    /// Mirrors each group's replicated count (the state engine keeps it).
+    pub regional_double_grants_total: Family<Counter>,
     pub keys_stored: Gauge,
     pub state_disk_bytes: Gauge,
     pub log_disk_bytes: Gauge,

@@ -158,7 +158,7 @@ impl idem_geo::Observer for GeoObserver {
     fn conflict(&self, mode: idem_geo::Mode, conflict: &idem_core::merge::Conflict) {
         // REGIONAL double grants are counted exactly in replicated state
         // (`idem_regional_double_grants_total`), not once per merge that meets one.
-        if matches!(conflict, idem_core::merge::Conflict::Overturned { .. }) {
+        if matches!(conflict, idem_core::merge::Conflict::Overturned) {
             return;
         }
         self.metrics

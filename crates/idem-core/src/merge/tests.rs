@@ -95,6 +95,25 @@ proptest! {
         prop_assert!(same_replicated(&a, &bookkept));
     }
 
+    /// The CRDT laws of the record join, through `crdts::CvRDT` (no retention).
+    #[test]
+    fn the_record_is_a_cvrdt(a in arb_record(), b in arb_record(), c in arb_record()) {
+        use crdts::CvRDT;
+        let merged = |x: &Record, y: &Record| {
+            let mut m = x.clone();
+            prop_assert!(m.validate_merge(y).is_ok());
+            m.merge(y.clone());
+            Ok(m)
+        };
+        prop_assert_eq!(merged(&a, &b)?, merged(&b, &a)?);
+        prop_assert_eq!(merged(&merged(&a, &b)?, &c)?, merged(&a, &merged(&b, &c)?)?);
+        prop_assert_eq!(merged(&a, &a)?, a.clone());
+        // The join is an upper bound: merging either side in again changes nothing.
+        let ab = merged(&a, &b)?;
+        prop_assert_eq!(merged(&ab, &a)?, ab.clone());
+        prop_assert_eq!(merged(&ab, &b)?, ab);
+    }
+
     #[test]
     fn join_is_commutative(a in arb_opt(), b in arb_opt(), now in 0u64..80) {
         prop_assert_eq!(join_at(now, a.as_ref(), b.as_ref()), join_at(now, b.as_ref(), a.as_ref()));
@@ -180,17 +199,22 @@ fn guard_never_replaces_a_live_reservation_of_another_claim() {
     assert_eq!(m.write.unwrap().claim, claim(1));
     // REGIONAL mode merges at once and reports the overturned decision.
     let m = merge(Some(&local), &remote, 100, 50, false);
-    assert_eq!(
-        m.conflict,
-        Some(Conflict::Overturned {
-            overturned: local.claim
-        })
-    );
+    assert_eq!(overturned(&m), Some(local.claim));
     assert_eq!(m.write.unwrap().claim, claim(1));
     // The other way round the local grant wins: nothing is overturned here (the other
     // region counts it when this copy reaches it).
     let m = merge(Some(&remote), &local, 100, 50, false);
     assert_eq!(m.conflict, None);
+}
+
+/// The claim a merge reports it overturned (REGIONAL), checking the two agree.
+fn overturned(m: &Merged) -> Option<ClaimId> {
+    assert_eq!(
+        m.conflict == Some(Conflict::Overturned),
+        m.overturned.is_some(),
+        "{m:?}"
+    );
+    m.overturned
 }
 
 /// A claim minted at `at_ms`.
@@ -210,12 +234,7 @@ fn a_double_grant_is_two_grants_held_at_once_in_any_generation() {
     assert!(double_grant(&a, &b) && double_grant(&b, &a));
     assert!(double_grant(&a, &b3));
     let m = merge(Some(&a), &b3, 2_000, 50, false);
-    assert_eq!(
-        m.conflict,
-        Some(Conflict::Overturned {
-            overturned: a.claim
-        })
-    );
+    assert_eq!(overturned(&m), Some(a.claim));
     // A takeover after the lease ended is no double grant; after a completion it is
     // (the later region could not have known it, or it would have replayed it).
     let late = granted(2, 2, Phase::Reserved, 6_000, 9_000);
@@ -224,19 +243,15 @@ fn a_double_grant_is_two_grants_held_at_once_in_any_generation() {
     let done = granted(1, 1, Phase::Completed, 1_000, 5_000);
     assert!(double_grant(&done, &late));
     assert_eq!(
-        merge(Some(&late), &done, 7_000, 50, false).conflict,
-        Some(Conflict::Overturned {
-            overturned: late.claim
-        })
+        overturned(&merge(Some(&late), &done, 7_000, 50, false)),
+        Some(late.claim)
     );
     // Two completions of one generation in REGIONAL mode: a double grant like any
     // other (in GLOBAL mode, `DualCompletion`); the later claim is overturned.
     let b_done = granted(2, 1, Phase::Completed, 1_100, 5_100);
     assert_eq!(
-        merge(Some(&b_done), &done, 7_000, 50, false).conflict,
-        Some(Conflict::Overturned {
-            overturned: b_done.claim
-        })
+        overturned(&merge(Some(&b_done), &done, 7_000, 50, false)),
+        Some(b_done.claim)
     );
     assert_eq!(
         merge(Some(&b_done), &done, 7_000, 50, true).conflict,

@@ -236,6 +236,36 @@ fn replicas_that_compact_at_different_times_decide_every_entry_alike() {
 }
 
 #[test]
+fn a_version_2_snapshot_file_is_still_read_with_a_double_grant_count_of_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.snap");
+    let mut bytes = b"IDEMSNAP".to_vec();
+    bytes.push(2);
+    bytes.extend_from_slice(&4u32.to_be_bytes());
+    bytes.extend_from_slice(b"meta");
+    bytes.extend_from_slice(&77u64.to_be_bytes());
+    bytes.push(1);
+    bytes.extend_from_slice(&2u32.to_be_bytes());
+    bytes.extend_from_slice(b"k1");
+    bytes.extend_from_slice(&2u32.to_be_bytes());
+    bytes.extend_from_slice(b"v1");
+    bytes.push(0);
+    bytes.extend_from_slice(&1u64.to_be_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let f = SnapshotFile { path };
+    assert_eq!(f.read_meta().unwrap(), b"meta");
+    assert_eq!(f.read_stamp().unwrap(), 77);
+    assert_eq!(f.read_double_grants().unwrap(), 0);
+    let mut seen = Vec::new();
+    f.read_records(|k, v| {
+        seen.push((k.to_vec(), v.to_vec()));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen, vec![(b"k1".to_vec(), b"v1".to_vec())]);
+}
+
+#[test]
 fn a_version_1_snapshot_file_is_still_read_as_stamp_0() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v1.snap");
@@ -249,6 +279,7 @@ fn a_version_1_snapshot_file_is_still_read_as_stamp_0() {
     let f = SnapshotFile { path };
     assert_eq!(f.read_meta().unwrap(), b"meta");
     assert_eq!(f.read_stamp().unwrap(), 0);
+    assert_eq!(f.read_double_grants().unwrap(), 0);
     assert_eq!(f.read_records(|_, _| Ok(())).unwrap(), 0);
 }
 
@@ -692,9 +723,15 @@ fn a_regional_double_grant_is_counted_once_by_the_overturned_region_and_survives
         let se = StateEngine::open(dir.path()).unwrap();
         // Region 0 granted k (its claim minted at `now`); region 1 granted it 10 ms
         // later at a higher generation, within the first lease.
-        let mine = reserve("k", now, 3_600_000, 1);
+        // A claim carries its mint time (the fixture's carries `now` raw).
+        let minted = |mut c: Command| {
+            c.claim.hlc = idem_core::Hlc::compose(c.now_ms, 0);
+            c
+        };
+        let mine = minted(reserve("k", now, 3_600_000, 1));
         se.apply(0, &[ApplyItem::Command(&mine, 1)], b"1").unwrap();
         let local = se.get_record(0, &key("k")).unwrap().unwrap();
+        assert_eq!(local.claim.hlc, idem_core::Hlc::compose(now, 0));
         let mut theirs = local.clone();
         theirs.claim = ClaimId {
             hlc: idem_core::Hlc::compose(now + 10, 0),
@@ -739,7 +776,7 @@ fn a_regional_double_grant_is_counted_once_by_the_overturned_region_and_survives
         ));
         assert_eq!(count_in(&se), 1);
         // A takeover after the lease ended is no double grant.
-        let next = reserve("j", now, 3_600_000, 2);
+        let next = minted(reserve("j", now, 3_600_000, 2));
         se.apply(0, &[ApplyItem::Command(&next, 4)], b"4").unwrap();
         let mut later = se.get_record(0, &key("j")).unwrap().unwrap();
         later.claim = ClaimId {
