@@ -38,12 +38,10 @@
 use idem_core::acceptor::ReserveOutcome;
 use idem_core::command::{apply, Command, CommandResult, Op};
 use idem_core::merge::Conflict;
-use idem_core::{ClaimId, Fence, Fingerprint, Hlc, Key, Phase, Record, StoredResponse};
+use idem_core::{ClaimId, Fence, Fingerprint, Hlc, Key, Phase, Record};
 use stateright::{Model, Property};
 
-const REGIONS: usize = 3;
-const TICK_MS: u64 = 1_000;
-const RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
+use crate::state::{ms, response_of, REGIONS, RETENTION_MS, TICK_MS};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RegionalVariant {
@@ -81,24 +79,12 @@ pub struct RRec {
     pub lease: u8,
 }
 
-fn ms(t: u8) -> u64 {
-    u64::from(t) * TICK_MS
-}
-
 fn claim_of(region: u8, minted: u8) -> ClaimId {
     ClaimId {
         hlc: Hlc::compose(ms(minted), 0),
         region: u16::from(region),
         node: 1,
         nonce: u32::from(region),
-    }
-}
-
-fn response_of(region: u8) -> StoredResponse {
-    StoredResponse {
-        status: 200,
-        headers: vec![],
-        body: vec![b'r', b'0' + region],
     }
 }
 

@@ -10,13 +10,26 @@ fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-fn check_correct(name: &str, cfg: Config) {
+/// Bounds a model needs for a multi-threaded breadth-first check.
+trait Checked: Model<State = Self::S, Action = Self::A> + Send + Sync + 'static {
+    type S: Clone + std::fmt::Debug + Eq + std::hash::Hash + Send + Sync + 'static;
+    type A: Clone + std::fmt::Debug + Eq + std::hash::Hash + Send + Sync + 'static;
+}
+
+impl<M> Checked for M
+where
+    M: Model + Send + Sync + 'static,
+    M::State: Clone + std::fmt::Debug + Eq + std::hash::Hash + Send + Sync + 'static,
+    M::Action: Clone + std::fmt::Debug + Eq + std::hash::Hash + Send + Sync + 'static,
+{
+    type S = M::State;
+    type A = M::Action;
+}
+
+/// The whole space: every property holds (and every `sometimes` is reached).
+fn check_correct_model<M: Checked>(name: &str, model: M) {
     let t0 = Instant::now();
-    let checker = IdemModel::new(cfg)
-        .checker()
-        .threads(threads())
-        .spawn_bfs()
-        .join();
+    let checker = model.checker().threads(threads()).spawn_bfs().join();
     let states = checker.unique_state_count();
     eprintln!(
         "{name}: {states} unique states ({} generated), depth {}, {:.1}s",
@@ -27,6 +40,38 @@ fn check_correct(name: &str, cfg: Config) {
     checker.assert_properties();
     assert!(checker.is_done());
     assert!(states > 10_000, "the search is too small to mean anything");
+}
+
+fn check_correct(name: &str, cfg: Config) {
+    check_correct_model(name, IdemModel::new(cfg));
+}
+
+/// A broken variant: breadth-first on one thread, so the counterexample to `property`
+/// is a shortest one; prints it and returns its last state.
+fn shortest_counterexample<M: Checked>(name: &str, model: M, property: &'static str) -> M::S {
+    let t0 = Instant::now();
+    let checker = model
+        .checker()
+        .threads(1)
+        .finish_when(HasDiscoveries::AnyOf(BTreeSet::from([property])))
+        .spawn_bfs()
+        .join();
+    let path = checker
+        .discovery(property)
+        .unwrap_or_else(|| panic!("{name}: must break \"{property}\""));
+    let last = path.last_state().clone();
+    let actions = path.into_actions();
+    eprintln!(
+        "{name}: counterexample of {} steps after {} states, {:.1}s",
+        actions.len(),
+        checker.unique_state_count(),
+        t0.elapsed().as_secs_f64()
+    );
+    for (i, a) in actions.iter().enumerate() {
+        eprintln!("  {:2}. {a:?}", i + 1);
+    }
+    assert!(!actions.is_empty());
+    last
 }
 
 #[test]
@@ -60,104 +105,47 @@ fn correct_rules_hold_with_extend() {
 
 #[test]
 fn broken_local_accept_gives_two_live_grants() {
-    let t0 = Instant::now();
-    let checker = IdemModel::new(Config {
-        variant: Variant::BrokenLocalAccept,
-        ..Config::default()
-    })
-    .checker()
-    // One thread: breadth-first order, so the counterexample is a shortest one.
-    .threads(1)
-    .finish_when(HasDiscoveries::AnyOf(BTreeSet::from([TWO_LIVE_GRANTS])))
-    .spawn_bfs()
-    .join();
-    let path = checker
-        .discovery(TWO_LIVE_GRANTS)
-        .expect("the broken rule must give two live grants");
-    let last = path.last_state().clone();
-    let actions = path.into_actions();
-    eprintln!(
-        "broken local accept: counterexample of {} steps after {} states, {:.1}s",
-        actions.len(),
-        checker.unique_state_count(),
-        t0.elapsed().as_secs_f64()
+    let last = shortest_counterexample(
+        "broken local accept",
+        IdemModel::new(Config {
+            variant: Variant::BrokenLocalAccept,
+            ..Config::default()
+        }),
+        TWO_LIVE_GRANTS,
     );
-    for (i, a) in actions.iter().enumerate() {
-        eprintln!("  {:2}. {a:?}", i + 1);
-    }
     eprintln!("  last state: {last:?}");
-    assert!(!actions.is_empty());
 }
 
 #[test]
 fn a_withdraw_without_a_tombstone_is_undone_by_a_late_propose() {
-    let checker = IdemModel::new(Config {
-        variant: Variant::BrokenWithdrawWithoutTombstone,
-        ..Config::default()
-    })
-    .checker()
-    .threads(1)
-    .finish_when(HasDiscoveries::AnyOf(BTreeSet::from([WITHDRAW_STICKS])))
-    .spawn_bfs()
-    .join();
-    let path = checker
-        .discovery(WITHDRAW_STICKS)
-        .expect("a withdraw that only takes an accept back must be caught");
-    let actions = path.into_actions();
-    eprintln!(
-        "withdraw without a tombstone: counterexample of {} steps after {} states",
-        actions.len(),
-        checker.unique_state_count()
+    shortest_counterexample(
+        "withdraw without a tombstone",
+        IdemModel::new(Config {
+            variant: Variant::BrokenWithdrawWithoutTombstone,
+            ..Config::default()
+        }),
+        WITHDRAW_STICKS,
     );
-    for (i, a) in actions.iter().enumerate() {
-        eprintln!("  {:2}. {a:?}", i + 1);
-    }
-    assert!(!actions.is_empty());
 }
 
 #[test]
 fn the_regional_double_grant_count_is_exact_in_every_delivery_order() {
     use idem_model::regional::{RegionalConfig, RegionalModel};
-    let t0 = Instant::now();
-    let checker = RegionalModel::new(RegionalConfig::default())
-        .checker()
-        .threads(threads())
-        .spawn_bfs()
-        .join();
-    let states = checker.unique_state_count();
-    eprintln!(
-        "REGIONAL count (lease 2, tmax 3): {states} unique states, depth {}, {:.1}s",
-        checker.max_depth(),
-        t0.elapsed().as_secs_f64()
+    check_correct_model(
+        "REGIONAL count (lease 2, tmax 3)",
+        RegionalModel::new(RegionalConfig::default()),
     );
-    checker.assert_properties();
-    assert!(checker.is_done());
-    assert!(states > 10_000, "the search is too small to mean anything");
 }
 
 #[test]
 fn counting_every_overturn_counts_one_double_grant_twice() {
     use idem_model::regional::{RegionalConfig, RegionalModel, RegionalVariant, COUNTED_ONCE};
-    let checker = RegionalModel::new(RegionalConfig {
-        variant: RegionalVariant::CountEveryOverturn,
-        ..RegionalConfig::default()
-    })
-    .checker()
-    .threads(1)
-    .finish_when(HasDiscoveries::AnyOf(BTreeSet::from([COUNTED_ONCE])))
-    .spawn_bfs()
-    .join();
-    let path = checker
-        .discovery(COUNTED_ONCE)
-        .expect("a count taken by every region that merges an overturn must be caught");
-    let actions = path.into_actions();
-    eprintln!(
-        "counting every overturn: counterexample of {} steps after {} states",
-        actions.len(),
-        checker.unique_state_count()
+    shortest_counterexample(
+        "counting every overturn",
+        RegionalModel::new(RegionalConfig {
+            variant: RegionalVariant::CountEveryOverturn,
+            ..RegionalConfig::default()
+        }),
+        COUNTED_ONCE,
     );
-    for (i, a) in actions.iter().enumerate() {
-        eprintln!("  {:2}. {a:?}", i + 1);
-    }
-    assert!(!actions.is_empty());
 }
