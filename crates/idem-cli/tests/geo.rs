@@ -612,6 +612,66 @@ async fn a_node_2_s_fast_is_fenced_no_lease_ends_early_and_it_resumes_when_its_c
     ));
 }
 
+/// A caller that gives up mid-proposal (its deadline is shorter than the WAN round trip
+/// of its region's calls) leaves no orphan: dropping the handler withdraws the proposal
+/// from every region, and the withdraw outlasts the Propose it chases (the tombstone),
+/// so another region's Reserve a moment later is NEW, not IN_FLIGHT for the abandoned
+/// claim's 30 s lease; the withdraws are counted as applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserve_abandoned_mid_proposal_leaves_no_orphan() {
+    let _alone = alone().await;
+    const KEYS: usize = 5;
+    let c = GeoCluster::start(GeoOptions::default());
+    let from = c.region_nodes(0)[0];
+    let applied = |c: &GeoCluster| -> f64 {
+        c.metrics(from)
+            .lines()
+            .filter(|l| {
+                l.starts_with("idem_geo_withdraws_total{") && l.contains("result=\"applied\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let before = applied(&c);
+    c.delay_from(0, 400);
+    let mut cfg = idem_client::ClientConfig::new(c.nodes[from].grpc.clone());
+    cfg.timeout = Duration::from_millis(150);
+    cfg.retry = idem_client::RetryPolicy {
+        max_attempts: 1,
+        ..idem_client::RetryPolicy::default()
+    };
+    let impatient = Client::connect(cfg).await.unwrap();
+    let reqs: Vec<_> = (0..KEYS)
+        .map(|i| {
+            let mut r = req("orphan", &format!("k-{i}"));
+            r.lease_ms = 30_000;
+            r
+        })
+        .collect();
+    for r in &reqs {
+        let a = impatient.reserve(r).await;
+        assert!(
+            a.is_err(),
+            "answered within 150 ms over a 400 ms link: {a:?}"
+        );
+    }
+    // The abandoned proposals' Proposes and withdraws land (400 ms each way).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.delay_from(0, 0);
+    let other = c.client_once(c.region_nodes(1)[0]).await;
+    for r in &reqs {
+        match other.reserve(r).await {
+            Ok(Reservation::New(_)) => {}
+            a => panic!("an abandoned Reserve left its key held: {a:?}"),
+        }
+    }
+    let withdrawn = applied(&c) - before;
+    assert!(
+        withdrawn >= (KEYS * 2) as f64,
+        "{withdrawn} withdraws applied in the other regions for {KEYS} abandoned Reserves"
+    );
+}
+
 /// The group leader of one region: the node (index) its first node names in `/status`.
 fn region_leader(c: &GeoCluster, r: usize) -> Option<usize> {
     region_leader_as_seen_by(c, r, c.region_nodes(r)[0])

@@ -44,6 +44,8 @@ struct Link {
     src_region: usize,
     dst_region: usize,
     cut: Arc<AtomicBool>,
+    /// Added to every chunk forwarded, each way (a slow WAN link).
+    delay_ms: Arc<AtomicU64>,
     /// Bumped on every cut and heal: connections of an older epoch are closed.
     epoch: Arc<AtomicU64>,
 }
@@ -87,6 +89,7 @@ async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     cut: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
     epoch: Arc<AtomicU64>,
     born: u64,
 ) {
@@ -106,6 +109,10 @@ async fn pipe(
         // Cut: a black hole. The bytes are dropped and the peer hears nothing.
         if cut.load(Ordering::SeqCst) {
             continue;
+        }
+        let delay = delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
@@ -149,6 +156,7 @@ impl GeoCluster {
                     continue;
                 }
                 let cut = Arc::new(AtomicBool::new(false));
+                let delay_ms = Arc::new(AtomicU64::new(0));
                 let epoch = Arc::new(AtomicU64::new(0));
                 for (j, (dst_grpc, _)) in dst_nodes.iter().enumerate() {
                     // Bound at once (no gap between choosing the port and taking it).
@@ -162,7 +170,7 @@ impl GeoCluster {
                         .expect("a free port for a proxy");
                     proxy_port.insert((src, dst, j), port);
                     let target = format!("127.0.0.1:{dst_grpc}");
-                    let (cut, epoch) = (cut.clone(), epoch.clone());
+                    let (cut, delay_ms, epoch) = (cut.clone(), delay_ms.clone(), epoch.clone());
                     listener.set_nonblocking(true).expect("nonblocking");
                     rt.spawn(async move {
                         let listener =
@@ -172,7 +180,8 @@ impl GeoCluster {
                                 continue;
                             };
                             let born = epoch.load(Ordering::SeqCst);
-                            let (cut, epoch, target) = (cut.clone(), epoch.clone(), target.clone());
+                            let (cut, delay_ms, epoch, target) =
+                                (cut.clone(), delay_ms.clone(), epoch.clone(), target.clone());
                             tokio::spawn(async move {
                                 let _ = inbound.set_nodelay(true);
                                 let Ok(outbound) = tokio::net::TcpStream::connect(&target).await
@@ -182,9 +191,15 @@ impl GeoCluster {
                                 let _ = outbound.set_nodelay(true);
                                 let (ri, wi) = inbound.into_split();
                                 let (ro, wo) = outbound.into_split();
-                                let a =
-                                    tokio::spawn(pipe(ri, wo, cut.clone(), epoch.clone(), born));
-                                let b = tokio::spawn(pipe(ro, wi, cut, epoch, born));
+                                let a = tokio::spawn(pipe(
+                                    ri,
+                                    wo,
+                                    cut.clone(),
+                                    delay_ms.clone(),
+                                    epoch.clone(),
+                                    born,
+                                ));
+                                let b = tokio::spawn(pipe(ro, wi, cut, delay_ms, epoch, born));
                                 let _ = tokio::join!(a, b);
                             });
                         }
@@ -194,6 +209,7 @@ impl GeoCluster {
                     src_region: src,
                     dst_region: dst,
                     cut,
+                    delay_ms,
                     epoch,
                 });
             }
@@ -356,6 +372,16 @@ impl GeoCluster {
             if l.src_region == r || l.dst_region == r {
                 l.cut.store(true, Ordering::SeqCst);
                 l.epoch.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Delay the calls region `r`'s nodes make to the other regions, and their answers,
+    /// by `ms` per chunk each way (0: no delay).
+    pub fn delay_from(&self, r: usize, ms: u64) {
+        for l in &self.links {
+            if l.src_region == r {
+                l.delay_ms.store(ms, Ordering::SeqCst);
             }
         }
     }
