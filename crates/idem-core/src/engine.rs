@@ -12,7 +12,7 @@
 
 use crate::acceptor::ReserveOutcome;
 use crate::proposer::{Reply, Tally, Verdict};
-use crate::{ClaimId, Fence, Fingerprint, Op, Phase, Record};
+use crate::{ClaimId, CommandResult, Fence, Fingerprint, Op, Phase, Record};
 
 /// The rule that turns replies into NEW.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -22,6 +22,9 @@ pub enum Rule {
     /// Deliberately broken, for the fault suite and the model check: NEW as soon as the
     /// local region accepted.
     BrokenLocalAccept,
+    /// Deliberately broken, for the fault suite: a Complete acknowledged as soon as one
+    /// region stored it (the holder engine's rule; Reserves follow `Majority`).
+    BrokenEarlyAck,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -69,21 +72,44 @@ pub struct ReserveCall {
     pub deadline_ms: u64,
 }
 
-/// What the driver does next.
+/// What the driver does next (`A`: the engine's answer).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Command {
-    /// Send `op` to the key's group in every region; report each reply with
-    /// `proposal` (replies of an earlier proposal are ignored).
-    Propose { proposal: u32, op: Op },
+pub enum Command<A = Answer> {
+    /// Send `op` to the key's group in every region; report each reply with `round`
+    /// (replies of an earlier round are ignored, and its calls need not go on).
+    Send { round: u32, op: Op },
     /// Send `op` (an `Op::Withdraw` of the current claim at the highest generation it
     /// was proposed at) to every region; nobody waits for the replies, but the driver
     /// must not drop it (a withdraw that is lost leaves the key held for nobody).
     Withdraw { op: Op },
-    /// Call [`ReserveEngine::on_timer`] with `token` at `at_ms`; replaces any timer set
+    /// Send `op` to every region and forget the replies (a completion's final notice:
+    /// anti-entropy carries it where the notice is lost).
+    Notify { op: Op },
+    /// Call the engine's `on_timer` with `token` at `at_ms`; replaces any timer set
     /// before.
     Timer { token: u32, at_ms: u64 },
     /// The call's answer; the engine does nothing more.
-    Answer(Answer),
+    Answer(A),
+}
+
+/// An engine as its driver sees it: [`ReserveEngine`] and
+/// [`crate::holder::HolderEngine`]. The driver performs the commands and reports back;
+/// it decides nothing.
+pub trait Engine {
+    type Answer;
+    /// Region `region` answered round `round` with `result`; `None`: the call failed
+    /// and no reply will come.
+    fn on_result(
+        &mut self,
+        round: u32,
+        region: usize,
+        result: Option<&CommandResult>,
+        now_ms: u64,
+    ) -> Vec<Command<Self::Answer>>;
+    /// The timer set with `token` fired.
+    fn on_timer(&mut self, token: u32, now_ms: u64) -> Vec<Command<Self::Answer>>;
+    /// The caller is gone: what must still be sent.
+    fn abandon(&mut self) -> Vec<Command<Self::Answer>>;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -377,8 +403,8 @@ impl ReserveEngine {
             .saturating_add(self.cfg.round_timeout_ms)
             .min(self.call.deadline_ms.max(now_ms));
         vec![
-            Command::Propose {
-                proposal: self.proposal,
+            Command::Send {
+                round: self.proposal,
                 op,
             },
             self.set_timer(at_ms),
@@ -480,6 +506,36 @@ impl ReserveEngine {
     }
 }
 
+impl Engine for ReserveEngine {
+    type Answer = Answer;
+
+    fn on_result(
+        &mut self,
+        round: u32,
+        region: usize,
+        result: Option<&CommandResult>,
+        now_ms: u64,
+    ) -> Vec<Command> {
+        match result {
+            Some(CommandResult::Reserve {
+                outcome,
+                attempt,
+                since_previous_ms,
+            }) => self.on_reply(round, region, outcome, *attempt, *since_previous_ms, now_ms),
+            // A failed call, or an answer that is no reply to a proposal.
+            _ => self.on_lost(round, region, now_ms),
+        }
+    }
+
+    fn on_timer(&mut self, token: u32, now_ms: u64) -> Vec<Command> {
+        ReserveEngine::on_timer(self, token, now_ms)
+    }
+
+    fn abandon(&mut self) -> Vec<Command> {
+        ReserveEngine::abandon(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -556,7 +612,7 @@ mod tests {
     /// The proposal a command list sends, with its op.
     fn proposed(cmds: &[Command]) -> Option<(u32, Op)> {
         cmds.iter().find_map(|c| match c {
-            Command::Propose { proposal, op } => Some((*proposal, op.clone())),
+            Command::Send { round, op } => Some((*round, op.clone())),
             _ => None,
         })
     }

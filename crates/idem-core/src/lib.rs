@@ -12,6 +12,7 @@ pub mod command;
 pub mod engine;
 pub mod fingerprint;
 pub mod hlc;
+pub mod holder;
 pub mod limits;
 pub mod merge;
 pub mod proposer;

@@ -23,7 +23,10 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use idem_core::acceptor::{CompleteError, ExtendError, ReleaseError, ReserveOutcome};
 use idem_core::command::TouchItem;
-use idem_core::engine::{self, Answer, Command, EngineConfig, ReserveCall, ReserveEngine, Rule};
+use idem_core::engine::{
+    self, Answer, Command, Engine, EngineConfig, ReserveCall, ReserveEngine, Rule,
+};
+use idem_core::holder::{HolderAnswer, HolderCall, HolderEngine, Refusal};
 use idem_core::merge::Conflict;
 use idem_core::shard::shard_of;
 use idem_core::{CommandResult, Fence, Fingerprint, Key, Op, Phase};
@@ -328,10 +331,6 @@ impl Geo {
             .map_or(Mode::Global, |r| r.mode)
     }
 
-    fn majority(&self) -> usize {
-        self.inner.cfg.regions.len() / 2 + 1
-    }
-
     pub(crate) fn local_group(&self, shard: u32) -> Option<Arc<Group>> {
         self.inner.router.get(GroupId {
             region: self.inner.cfg.my_region,
@@ -539,8 +538,11 @@ impl Geo {
             max_contention_rounds: engine::MAX_CONTENTION_ROUNDS,
             // Deliberately broken build for the fault suite: NEW on the local accept
             // alone (the rule the model check rejects).
+            // Deliberately broken build: a Complete acknowledged on its first store.
             rule: if cfg!(feature = "broken-local-accept") {
                 Rule::BrokenLocalAccept
+            } else if cfg!(feature = "broken-early-ack") {
+                Rule::BrokenEarlyAck
             } else {
                 Rule::Majority
             },
@@ -586,7 +588,8 @@ impl Geo {
         let cmds = run
             .engine
             .start(now, engine::first_generation(rec.as_ref(), now));
-        run.drive(cmds).await
+        let answer = run.drive(cmds).await?;
+        self.reserve_answer(answer)
     }
 
     /// The engine's answer as the server reports it.
@@ -611,43 +614,6 @@ impl Geo {
         }
     }
 
-    /// Send a holder's call to every region; return the results once a majority
-    /// succeeded (`ok`), or all answered, or the round timed out.
-    async fn majority_call<T>(
-        &self,
-        key: &Key,
-        op: Op,
-        needed: usize,
-        ok: impl Fn(&CommandResult) -> Option<T>,
-    ) -> (Option<T>, Vec<CommandResult>, usize) {
-        let shard = shard_of(key, self.inner.cfg.shards);
-        let mut replies = self.fan_out(shard, key, &op);
-        let mut oks = 0;
-        let mut answered = 0;
-        let mut others = Vec::new();
-        let round = tokio::time::sleep(self.inner.cfg.round_timeout);
-        tokio::pin!(round);
-        loop {
-            tokio::select! {
-                next = replies.next() => {
-                    let Some((_, res)) = next else { break };
-                    let Ok(r) = res else { continue };
-                    answered += 1;
-                    if let Some(v) = ok(&r) {
-                        oks += 1;
-                        if oks >= needed {
-                            return (Some(v), others, answered);
-                        }
-                    } else {
-                        others.push(r);
-                    }
-                }
-                _ = &mut round => break,
-            }
-        }
-        (None, others, answered)
-    }
-
     fn unknown(&self, what: &str, answered: usize) -> GeoError {
         GeoError::Unavailable(format!(
             "{what} reached a majority of regions not yet ({answered} of {} answered); the outcome is unknown, retry with the same fence while the lease lasts",
@@ -655,69 +621,43 @@ impl Geo {
         ))
     }
 
+    /// Run a holder's call on the holder engine (`idem_core::holder`): sent to every
+    /// region, judged there.
+    async fn holder_call(&self, key: Key, call: HolderCall) -> Result<HolderAnswer, GeoError> {
+        self.clock_gate()?;
+        let shard = shard_of(&key, self.inner.cfg.shards);
+        let mut run = EngineRun {
+            geo: self,
+            shard,
+            key: &key,
+            engine: HolderEngine::new(self.engine_config(), call),
+        };
+        let cmds = run.engine.start(self.inner.stamper.now_ms());
+        run.drive(cmds).await
+    }
+
     /// A GLOBAL Complete: acknowledged only once final (a majority stored it within the
-    /// lease); then every region is told it is final.
+    /// lease), after telling the regions it is final (see `idem_core::holder`).
     pub async fn complete(
         &self,
         key: Key,
         fence: Fence,
         response: idem_core::StoredResponse,
     ) -> Result<Result<(), CompleteError>, GeoError> {
-        self.clock_gate()?;
-        let op = Op::Complete {
-            fence,
-            response,
-            quorum: self.majority() as u32,
-        };
-        // Deliberately broken build for the fault suite: acknowledge on the first store.
-        let needed = if cfg!(feature = "broken-early-ack") {
-            1
-        } else {
-            self.majority()
-        };
-        let (ok, others, answered) = self
-            .majority_call(&key, op, needed, |r| {
-                matches!(r, CommandResult::Complete(Ok(()))).then_some(())
-            })
-            .await;
-        if ok.is_some() {
-            // Final: a majority witnessed it. Before acknowledging, make a majority know
-            // it is final too, so that a retry through any surviving majority finds a
-            // final copy even if this region is lost right after the acknowledgement.
-            // (The completion is final either way; this only bounds how long its
-            // finality may be unknown.) The other regions learn it in the background.
-            // Bounded: the acknowledgement must reach the holder well inside its lease.
-            let wait = self.inner.cfg.round_timeout / 3;
-            let told = tokio::time::timeout(
-                wait,
-                // Counted only where the record holds this completion as final.
-                self.majority_call(&key, Op::Final { fence }, self.majority(), |r| {
-                    matches!(r, CommandResult::Complete(Ok(()))).then_some(())
-                }),
-            )
-            .await
-            .ok()
-            .and_then(|(told, _, _)| told);
-            if told.is_none() {
-                tracing::debug!(key = %key, "final notice not yet stored by a majority");
-            }
-            let shard = shard_of(&key, self.inner.cfg.shards);
-            self.broadcast(shard, key, Op::Final { fence });
-            return Ok(Ok(()));
-        }
-        for r in &others {
-            if let CommandResult::Complete(Err(e @ CompleteError::LeaseLost { .. })) = r {
-                return Ok(Err(e.clone()));
-            }
-        }
-        if others.len() >= self.majority()
-            && others
-                .iter()
-                .all(|r| matches!(r, CommandResult::Complete(Err(CompleteError::NotFound))))
+        match self
+            .holder_call(key, HolderCall::Complete { fence, response })
+            .await?
         {
-            return Ok(Err(CompleteError::NotFound));
+            HolderAnswer::Stored { .. } => Ok(Ok(())),
+            HolderAnswer::Refused(Refusal::LeaseLost { current }) => {
+                Ok(Err(CompleteError::LeaseLost { current }))
+            }
+            HolderAnswer::Refused(Refusal::NotFound) => Ok(Err(CompleteError::NotFound)),
+            HolderAnswer::Refused(Refusal::AlreadyCompleted) => Err(GeoError::Internal(
+                "the holder engine refused a Complete as already completed".into(),
+            )),
+            HolderAnswer::Unknown { answered, .. } => Err(self.unknown("the completion", answered)),
         }
-        Err(self.unknown("the completion", answered))
     }
 
     /// A GLOBAL Release: acknowledged after a majority stored it.
@@ -726,57 +666,46 @@ impl Geo {
         key: Key,
         fence: Fence,
     ) -> Result<Result<(), ReleaseError>, GeoError> {
-        self.clock_gate()?;
-        let (ok, others, answered) = self
-            .majority_call(&key, Op::Release { fence }, self.majority(), |r| {
-                matches!(r, CommandResult::Release(Ok(()))).then_some(())
-            })
-            .await;
-        if ok.is_some() {
-            return Ok(Ok(()));
-        }
-        for r in &others {
-            if let CommandResult::Release(Err(e)) = r {
-                if !matches!(e, ReleaseError::NotFound) || others.len() >= self.majority() {
-                    return Ok(Err(e.clone()));
-                }
+        match self.holder_call(key, HolderCall::Release { fence }).await? {
+            HolderAnswer::Stored { .. } => Ok(Ok(())),
+            HolderAnswer::Refused(Refusal::LeaseLost { current }) => {
+                Ok(Err(ReleaseError::LeaseLost { current }))
             }
+            HolderAnswer::Refused(Refusal::AlreadyCompleted) => {
+                Ok(Err(ReleaseError::AlreadyCompleted))
+            }
+            HolderAnswer::Refused(Refusal::NotFound) => Ok(Err(ReleaseError::NotFound)),
+            HolderAnswer::Unknown { answered, .. } => Err(self.unknown("the release", answered)),
         }
-        Err(self.unknown("the release", answered))
     }
 
-    /// A GLOBAL Extend: the proposer picks the new lease end, the same in every
-    /// region; acknowledged after a majority stored it.
+    /// A GLOBAL Extend: this node picks the new lease end, the same in every region;
+    /// acknowledged after a majority stored it.
     pub async fn extend(
         &self,
         key: Key,
         fence: Fence,
         lease_ms: u64,
     ) -> Result<Result<u64, ExtendError>, GeoError> {
-        self.clock_gate()?;
-        let until = self.inner.stamper.now_ms().saturating_add(lease_ms);
-        let op = Op::Extend {
+        let until_ms = self.inner.stamper.now_ms().saturating_add(lease_ms);
+        let call = HolderCall::Extend {
             fence,
             lease_ms,
-            until_ms: Some(until),
+            until_ms,
         };
-        let (ok, others, answered) = self
-            .majority_call(&key, op, self.majority(), |r| match r {
-                CommandResult::Extend(Ok(v)) => Some(*v),
-                _ => None,
-            })
-            .await;
-        if let Some(v) = ok {
-            return Ok(Ok(v));
-        }
-        for r in &others {
-            if let CommandResult::Extend(Err(e)) = r {
-                if !matches!(e, ExtendError::NotFound) || others.len() >= self.majority() {
-                    return Ok(Err(e.clone()));
-                }
+        match self.holder_call(key, call).await? {
+            HolderAnswer::Stored { lease_expires_ms } => {
+                Ok(Ok(lease_expires_ms.unwrap_or(until_ms)))
             }
+            HolderAnswer::Refused(Refusal::LeaseLost { current }) => {
+                Ok(Err(ExtendError::LeaseLost { current }))
+            }
+            HolderAnswer::Refused(Refusal::NotFound) => Ok(Err(ExtendError::NotFound)),
+            HolderAnswer::Refused(Refusal::AlreadyCompleted) => Err(GeoError::Internal(
+                "the holder engine refused an Extend as already completed".into(),
+            )),
+            HolderAnswer::Unknown { answered, .. } => Err(self.unknown("the extension", answered)),
         }
-        Err(self.unknown("the extension", answered))
     }
 
     /// Age of the oldest unshipped change per destination region, over this node's
@@ -885,40 +814,41 @@ fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// One Reserve's engine and what its commands need.
-struct EngineRun<'a> {
+/// One call's engine (a Reserve's or a holder's) and what its commands need.
+struct EngineRun<'a, E: Engine> {
     geo: &'a Geo,
     shard: u32,
     key: &'a Key,
-    engine: ReserveEngine,
+    engine: E,
 }
 
-/// A region's reply to a proposal: `(proposal, region slot, result)`.
+/// A region's reply to a round: `(round, region slot, result)`.
 type ReplyFuture = std::pin::Pin<
     Box<dyn std::future::Future<Output = (u32, usize, Result<CommandResult, String>)> + Send>,
 >;
 
-impl EngineRun<'_> {
+impl<E: Engine> EngineRun<'_, E> {
     /// Perform the engine's commands and feed it replies and timers until it answers.
-    async fn drive(&mut self, mut cmds: Vec<Command>) -> Result<ReserveAnswer, GeoError> {
+    async fn drive(&mut self, mut cmds: Vec<Command<E::Answer>>) -> Result<E::Answer, GeoError> {
         let geo = self.geo;
         let mut replies: FuturesUnordered<ReplyFuture> = FuturesUnordered::new();
         let mut timer: Option<(u32, u64)> = None;
         loop {
             for c in std::mem::take(&mut cmds) {
                 match c {
-                    Command::Propose { proposal, op } => {
+                    Command::Send { round, op } => {
                         // Every proposal fixes a lease on this node's clock: not once
                         // its peers stopped confirming it (a contended Reserve runs for
-                        // seconds).
-                        // (Returning drops the run, which abandons the engine.)
-                        geo.clock_gate()?;
-                        // The earlier proposal's calls are no longer waited for.
+                        // seconds). (Returning drops the run, which abandons the engine.)
+                        if matches!(op, Op::Propose { .. }) {
+                            geo.clock_gate()?;
+                        }
+                        // The earlier round's calls are no longer waited for.
                         replies = geo
                             .calls(self.shard, self.key, &op)
                             .into_iter()
                             .map(|f| {
-                                Box::pin(f.map(move |(i, res)| (proposal, i, res))) as ReplyFuture
+                                Box::pin(f.map(move |(i, res)| (round, i, res))) as ReplyFuture
                             })
                             .collect();
                     }
@@ -928,28 +858,24 @@ impl EngineRun<'_> {
                         replies = FuturesUnordered::new();
                         geo.withdraw(self.shard, self.key.clone(), op)
                     }
+                    Command::Notify { op } => geo.broadcast(self.shard, self.key.clone(), op),
                     Command::Timer { token, at_ms } => timer = Some((token, at_ms)),
-                    Command::Answer(a) => return geo.reserve_answer(a),
+                    Command::Answer(a) => return Ok(a),
                 }
             }
             let Some((token, at_ms)) = timer else {
                 return Err(GeoError::Internal(
-                    "the proposer engine set no timer while it had not answered".into(),
+                    "an engine set no timer while it had not answered".into(),
                 ));
             };
             let wait = at_ms.saturating_sub(geo.inner.stamper.now_ms());
             tokio::select! {
-                Some((proposal, i, res)) = replies.next(), if !replies.is_empty() => {
+                Some((round, i, res)) = replies.next(), if !replies.is_empty() => {
                     let now = geo.inner.stamper.now_ms();
-                    cmds = match res {
-                        Ok(CommandResult::Reserve { outcome, attempt, since_previous_ms }) => self
-                            .engine
-                            .on_reply(proposal, i, &outcome, attempt, since_previous_ms, now),
-                        other => {
-                            tracing::debug!(region = i, answer = ?other.err(), "no answer to a proposal");
-                            self.engine.on_lost(proposal, i, now)
-                        }
-                    };
+                    let res = res
+                        .inspect_err(|e| tracing::debug!(region = i, error = %e, "a region's call failed"))
+                        .ok();
+                    cmds = self.engine.on_result(round, i, res.as_ref(), now);
                 }
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => {
                     timer = None;
@@ -960,13 +886,16 @@ impl EngineRun<'_> {
     }
 }
 
-impl Drop for EngineRun<'_> {
+impl<E: Engine> Drop for EngineRun<'_, E> {
     /// A caller that gives up (its deadline passed, its connection closed) drops the
-    /// call mid-proposal: what the proposal collected is withdrawn all the same.
+    /// call midway: what the engine still has to send is sent all the same (a
+    /// proposal's withdraw, a final completion's notice).
     fn drop(&mut self) {
         for c in self.engine.abandon() {
-            if let Command::Withdraw { op } = c {
-                self.geo.withdraw(self.shard, self.key.clone(), op);
+            match c {
+                Command::Withdraw { op } => self.geo.withdraw(self.shard, self.key.clone(), op),
+                Command::Notify { op } => self.geo.broadcast(self.shard, self.key.clone(), op),
+                _ => {}
             }
         }
     }

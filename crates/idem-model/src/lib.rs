@@ -15,13 +15,18 @@
 //!   Proposes, reports one reply per region and proposal, fires its round timer at any
 //!   time (the `Decide` action), broadcasts its Withdraws and takes its answer. The first
 //!   generation is `engine::first_generation` of the local record. The engine is
-//!   configured as idem-geo configures it except for contention rounds (0 here): a fresh
-//!   proposal after contention is another Reserve with another claim, which the model's
-//!   two proposers already are.
+//!   configured as idem-geo configures it, with `Config::contention` fresh proposals
+//!   after contention (0 by default, 1 in the contention check), each with a claim of
+//!   its own (a claim *code*: proposer and try, see `state::claim_of`);
+//! * every Complete, Release and Extend runs in the holder engine,
+//!   [`idem_core::holder::HolderEngine`], the state machine idem-geo's `Geo::complete`,
+//!   `Geo::release` and `Geo::extend` drive: its round goes to every region, each
+//!   region's result goes back to it, and its answer acknowledges (or not). Its wait for
+//!   a completion's final notice ends at once (a schedule the real timer allows; the
+//!   confirmations change no record), so the notice goes out with the acknowledgement.
 //!
-//! The holder's own choices (fast path on a final local completion, Final after an
-//! acknowledgement, Extend to `now + lease`) follow idem-geo's `Geo::reserve`,
-//! `Geo::complete` and `Geo::extend`.
+//! The holder's own choices (fast path on a final local completion, Extend to
+//! `now + lease`) follow idem-geo's `Geo::reserve` and `Geo::extend`.
 //!
 //! # What is modelled
 //!
@@ -42,11 +47,14 @@
 //!   every verdict that withdraws sends Withdraw to every region. Replies can be
 //!   delivered late, past a lease end too;
 //! * a holder sends Complete (its response is its own id) or Release to every region.
-//!   A Complete is acknowledged once `complete()` returned Ok at a majority of regions
-//!   before the holder's lease ended; Final is then sent to every region;
+//!   The holder engine acknowledges a Complete once `complete()` returned Ok at a
+//!   majority of regions (a holder whose lease ended stops waiting); Final is then sent
+//!   to every region. A Complete answered otherwise leaves the holder holding its lease
+//!   (it may Complete again with the same fence);
 //! * with `Config::extends > 0`, a holder sends Extend (lease end `now + lease`) to
 //!   every region; once `extend()` returned Ok at a majority within its current lease
-//!   its lease is the new one; it may also stop waiting and keep its lease;
+//!   its lease is the earliest end among them; it may also stop waiting and keep its
+//!   lease;
 //! * anti-entropy: any up region merges any other region's current record;
 //! * the clock ticks (a holder whose lease ended stops acting);
 //! * one region crashes, at any time, for good: it applies and answers nothing more.
@@ -55,21 +63,23 @@
 //!
 //! `always`: never two live grants; no NEW after an acknowledged completion; replays
 //! return the acknowledged response and never change; MISMATCH exactly on another
-//! fingerprint; convergence (at `tmax`, every merge order between up regions reaches
-//! the same identical records); no two completions of one generation meet in a merge;
+//! fingerprint; convergence (at `tmax`, once every lease has ended, every merge order
+//! between up regions reaches the same identical records); no two completions of one generation meet in a merge;
 //! a withdrawn claim is not accepted again where it was withdrawn (unless another
 //! claim's live lease stands there). The `BrokenWithdrawWithoutTombstone` variant (a
 //! withdraw that only takes an accept back) must break the last one.
 //! `sometimes` (so the search is not vacuous): a NEW happens; a completion is
 //! acknowledged; both proposers are granted the key in turn; a REPLAY happens (one
-//! fingerprint) or a MISMATCH happens (two); an Extend is acknowledged (with Extend).
+//! fingerprint) or a MISMATCH happens (two); an Extend is acknowledged (with Extend); a
+//! fresh proposal after contention is granted (with contention rounds).
 //!
 //! # Bounds and abstractions
 //!
 //! * time: ticks `0..=tmax` (default 2) of [`TICK_MS`] ms, lease 1 tick (default),
 //!   lease ends capped at `tmax`, skew margin 0 (exact clocks); at `tmax` every lease
 //!   has ended;
-//! * 1 StaleGen retry per Reserve (`Config::retries`); one Reserve per proposer;
+//! * 1 StaleGen retry per Reserve (`Config::retries`); one Reserve per proposer; no
+//!   contention rounds by default, one in the contention check (no crash there);
 //! * Extend: off by default (as in the Python model); the Extend check runs with one
 //!   Extend per holder, lease 2 ticks, `tmax` 3;
 //! * a record's retention fields (`expires_ms`, `created_ms`) and retry bookkeeping
@@ -94,7 +104,7 @@ mod state;
 
 pub use model::{
     Action, Config, IdemModel, Variant, CONVERGENCE, MISMATCH_EXACT, NO_DUAL_COMPLETION,
-    NO_NEW_AFTER_ACK, REPLAYS_STABLE, SOME_ACK, SOME_EXTEND, SOME_MISMATCH, SOME_NEW, SOME_REPLAY,
-    SOME_TAKEOVER, TWO_LIVE_GRANTS, WITHDRAW_STICKS,
+    NO_NEW_AFTER_ACK, REPLAYS_STABLE, SOME_ACK, SOME_EXTEND, SOME_MISMATCH, SOME_NEW,
+    SOME_NEW_AFTER_CONTENTION, SOME_REPLAY, SOME_TAKEOVER, TWO_LIVE_GRANTS, WITHDRAW_STICKS,
 };
 pub use state::{Answer, Ghost, Msg, Rec, Rep, State, Status, PROPOSERS, QUORUM, REGIONS, TICK_MS};

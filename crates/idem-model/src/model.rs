@@ -1,18 +1,19 @@
 //! The stateright [`Model`]: actions, transitions and properties.
 
 use crate::state::{
-    fence_of, fingerprint_of, ms, response_of, Answer, Msg, Rec, Rep, State, Status, PROPOSERS,
-    QUORUM, REGIONS, RETENTION_MS, SKEW_MS, TICK_MS,
+    claim_of, code_of, fence_of, fingerprint_of, ms, proposer, response_of, Answer, Msg, Rec, Rep,
+    State, Status, PROPOSERS, QUORUM, REGIONS, RETENTION_MS, SKEW_MS, TICK_MS,
 };
 use idem_core::acceptor::ReserveOutcome;
 use idem_core::acceptor::{self, ReserveArgs, WithdrawArgs};
 use idem_core::engine::{
     self, Answer as EngineAnswer, Command, EngineConfig, ReserveCall, ReserveEngine, Rule,
 };
+use idem_core::holder::{HolderAnswer, HolderCall, HolderEngine};
 use idem_core::merge::{digest_bytes, merge, settle_finality, Conflict, Merged};
 use idem_core::proposer::Reply;
-use idem_core::Op;
 use idem_core::{ClaimId, Phase, Record};
+use idem_core::{CommandResult, Fence, Op};
 use stateright::{Model, Property};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -45,6 +46,9 @@ pub struct Config {
     pub crash: bool,
     /// Extend calls each holder may make (0: Extend is not modelled).
     pub extends: u8,
+    /// Fresh proposals after contention per Reserve (the engine's
+    /// `max_contention_rounds`; below `TRIES`).
+    pub contention: u8,
     pub variant: Variant,
 }
 
@@ -58,6 +62,7 @@ impl Default for Config {
             local: [0, 1],
             crash: true,
             extends: 0,
+            contention: 0,
             variant: Variant::Correct,
         }
     }
@@ -104,6 +109,7 @@ pub const SOME_ACK: &str = "a completion is acknowledged";
 pub const SOME_MISMATCH: &str = "a MISMATCH happens";
 pub const SOME_EXTEND: &str = "an Extend is acknowledged";
 pub const SOME_TAKEOVER: &str = "both proposers are granted the key in turn";
+pub const SOME_NEW_AFTER_CONTENTION: &str = "a fresh proposal after contention is granted";
 
 /// The claim of a Reserve that only looks (it is never applied).
 const PROBE_CLAIM: ClaimId = ClaimId {
@@ -124,6 +130,7 @@ impl IdemModel {
     pub fn new(cfg: Config) -> IdemModel {
         assert!(cfg.lease >= 1 && cfg.tmax >= 1);
         assert!(cfg.local.iter().all(|r| usize::from(*r) < REGIONS));
+        assert!(usize::from(cfg.contention) < crate::state::TRIES);
         IdemModel {
             cfg,
             converged: Mutex::new(HashMap::new()),
@@ -157,16 +164,16 @@ impl IdemModel {
     }
 
     /// The proposer engine's settings for proposer `p`, as idem-geo's
-    /// `Geo::engine_config` makes them (no contention rounds: a fresh proposal after
-    /// contention is another Reserve with another claim, which the model's two
-    /// proposers already are).
+    /// `Geo::engine_config` makes them, with `Config::contention` fresh proposals after
+    /// contention (each with a claim of its own) and a round timer the `Decide` action
+    /// fires at any time.
     fn engine_config(&self, p: usize) -> EngineConfig {
         EngineConfig {
             regions: REGIONS,
             local: Some(usize::from(self.cfg.local[p])),
             round_timeout_ms: u64::MAX / 4,
             max_stale_retries: u32::from(self.cfg.retries),
-            max_contention_rounds: 0,
+            max_contention_rounds: u32::from(self.cfg.contention),
             rule: match self.cfg.variant {
                 Variant::Correct | Variant::BrokenWithdrawWithoutTombstone => Rule::Majority,
                 Variant::BrokenLocalAccept => Rule::BrokenLocalAccept,
@@ -178,11 +185,10 @@ impl IdemModel {
     /// every region, the answer ends the Reserve (timers are the `Decide` action, which
     /// may fire at any time).
     fn perform(&self, s: &mut State, p: usize, cmds: Vec<Command>) {
-        let p8 = p as u8;
         for c in cmds {
             match c {
-                Command::Propose {
-                    proposal,
+                Command::Send {
+                    round: proposal,
                     op:
                         Op::Propose {
                             generation,
@@ -191,12 +197,13 @@ impl IdemModel {
                             ..
                         },
                 } => {
-                    assert_eq!(claim, crate::state::claim_of(p8), "one claim per proposer");
+                    let c = code_of(&claim);
+                    assert_eq!(proposer(c), p, "a claim of this proposer");
                     let gen = u8::try_from(generation).expect("generation beyond the model");
                     let proposal = u8::try_from(proposal).expect("proposals beyond the model");
                     for r in 0..REGIONS as u8 {
                         s.net.insert(Msg::Propose {
-                            p: p8,
+                            c,
                             region: r,
                             proposal,
                             gen,
@@ -204,31 +211,187 @@ impl IdemModel {
                         });
                     }
                 }
-                Command::Propose { op, .. } => panic!("the engine proposed {op:?}"),
+                Command::Send { op, .. } => panic!("the engine proposed {op:?}"),
                 Command::Withdraw {
                     op:
                         Op::Withdraw {
                             claim, generation, ..
                         },
                 } => {
-                    assert_eq!(claim, crate::state::claim_of(p8), "one claim per proposer");
+                    let c = code_of(&claim);
+                    assert_eq!(proposer(c), p, "a claim of this proposer");
                     let gen = u8::try_from(generation).expect("generation beyond the model");
                     for r in 0..REGIONS as u8 {
-                        s.net.insert(Msg::Withdraw {
-                            p: p8,
-                            region: r,
-                            gen,
-                        });
+                        s.net.insert(Msg::Withdraw { c, region: r, gen });
                     }
                 }
                 Command::Withdraw { op } => panic!("the engine withdrew with {op:?}"),
                 Command::Timer { .. } => {}
+                Command::Notify { op } => panic!("the proposer engine notified {op:?}"),
                 Command::Answer(a) => {
-                    s.engines[p] = None;
+                    let contended = s.engines[p]
+                        .take()
+                        .is_some_and(|e| e.contention_rounds() > 0);
+                    let new = matches!(
+                        a,
+                        EngineAnswer::Decided {
+                            outcome: ReserveOutcome::New { .. },
+                            ..
+                        }
+                    );
+                    if contended && new {
+                        s.ghost.new_after_contention = true;
+                    }
                     self.answered(s, p, a);
                 }
             }
         }
+    }
+
+    /// Start holder `p`'s call on the holder engine, as idem-geo does.
+    fn start_holder(&self, s: &mut State, p: usize, call: HolderCall) {
+        let mut e = HolderEngine::new(self.engine_config(p), call);
+        let cmds = e.start(Self::now_ms(s));
+        s.holders[p] = Some(e);
+        self.perform_holder(s, p, cmds);
+    }
+
+    /// Region `r`'s reply to holder `p`'s current call.
+    fn holder_reply(&self, s: &mut State, p: usize, r: usize, res: &CommandResult) {
+        let now_ms = Self::now_ms(s);
+        let Some(e) = s.holders[p].as_mut() else {
+            return;
+        };
+        let Some(round) = e.awaiting(r) else {
+            return;
+        };
+        let cmds = e.on_result(round, r, Some(res), now_ms);
+        self.perform_holder(s, p, cmds);
+    }
+
+    /// Carry out holder `p`'s engine commands: its calls go to every region. The wait
+    /// for a completion's final notice ends at once (the model takes that schedule: the
+    /// confirmations it waits for change no record), so its notice and answer follow.
+    fn perform_holder(&self, s: &mut State, p: usize, cmds: Vec<Command<HolderAnswer>>) {
+        let now_ms = Self::now_ms(s);
+        for c in cmds {
+            match c {
+                Command::Send {
+                    op: Op::Final { .. },
+                    ..
+                } => {
+                    let e = s.holders[p].as_mut().expect("a running holder engine");
+                    let more = e.on_timer(e.timer_token(), now_ms);
+                    self.perform_holder(s, p, more);
+                }
+                Command::Send { op, .. } | Command::Notify { op } => self.send_holder_op(s, p, &op),
+                Command::Timer { .. } => {}
+                Command::Answer(a) => {
+                    s.holders[p] = None;
+                    self.holder_answered(s, p, a);
+                }
+                c => panic!("the holder engine asked for {c:?}"),
+            }
+        }
+    }
+
+    /// Send holder `p`'s `op` to every region.
+    fn send_holder_op(&self, s: &mut State, p: usize, op: &Op) {
+        let gen_of = |f: &Fence| u8::try_from(f.generation).expect("generation beyond the model");
+        for region in 0..REGIONS as u8 {
+            let m = match (op, s.proposers[p]) {
+                (Op::Complete { fence, .. }, Status::Completing { lease_until, .. }) => {
+                    Msg::Complete {
+                        c: code_of(&fence.claim),
+                        region,
+                        gen: gen_of(fence),
+                        live_until: self.live_until(lease_until),
+                    }
+                }
+                (
+                    Op::Extend {
+                        fence,
+                        until_ms: Some(until_ms),
+                        ..
+                    },
+                    Status::Extending { lease_until, .. },
+                ) => Msg::Extend {
+                    c: code_of(&fence.claim),
+                    region,
+                    gen: gen_of(fence),
+                    until: tick_of(*until_ms),
+                    live_until: self.live_until(lease_until),
+                },
+                (Op::Release { fence }, _) => Msg::Release {
+                    c: code_of(&fence.claim),
+                    region,
+                    gen: gen_of(fence),
+                },
+                (Op::Final { fence }, _) => Msg::Final {
+                    c: code_of(&fence.claim),
+                    region,
+                    gen: gen_of(fence),
+                },
+                (op, st) => panic!("the holder engine sent {op:?} while {st:?}"),
+            };
+            s.net.insert(m);
+        }
+    }
+
+    /// A holder's call answered: acknowledged, or the holder goes on holding its lease
+    /// as it was (it may Complete again with the same fence).
+    fn holder_answered(&self, s: &mut State, p: usize, a: HolderAnswer) {
+        s.proposers[p] = match (s.proposers[p], a) {
+            (Status::Completing { .. }, HolderAnswer::Stored { .. }) => Status::Acked,
+            (
+                Status::Extending {
+                    claim,
+                    gen,
+                    extends_left,
+                    ..
+                },
+                HolderAnswer::Stored {
+                    lease_expires_ms: Some(until_ms),
+                },
+            ) => {
+                s.ghost.extended = true;
+                Status::Holder {
+                    claim,
+                    gen,
+                    lease_until: tick_of(until_ms),
+                    extends_left,
+                }
+            }
+            (
+                Status::Completing {
+                    claim,
+                    gen,
+                    lease_until,
+                },
+                _,
+            ) => Status::Holder {
+                claim,
+                gen,
+                lease_until,
+                extends_left: 0,
+            },
+            (
+                Status::Extending {
+                    claim,
+                    gen,
+                    lease_until,
+                    extends_left,
+                    ..
+                },
+                _,
+            ) => Status::Holder {
+                claim,
+                gen,
+                lease_until,
+                extends_left,
+            },
+            (st, a) => panic!("the holder engine answered {a:?} while {st:?}"),
+        };
     }
 
     fn answered(&self, s: &mut State, p: usize, a: EngineAnswer) {
@@ -244,6 +407,7 @@ impl IdemModel {
             } => {
                 self.check_new(s, p);
                 s.proposers[p] = Status::Holder {
+                    claim: code_of(&fence.claim),
                     gen: u8::try_from(fence.generation).expect("generation beyond the model"),
                     lease_until: tick_of(lease_expires_ms),
                     extends_left: self.cfg.extends,
@@ -286,7 +450,7 @@ impl IdemModel {
                 .records
                 .iter()
                 .flatten()
-                .filter(|r| usize::from(r.claim) == q && r.live_reserved(s.now))
+                .filter(|r| s.proposers[q].claim() == Some(r.claim) && r.live_reserved(s.now))
                 .count();
             if completed >= QUORUM as usize
                 || (s.proposers[q].live_grant(s.now) && live >= QUORUM as usize)
@@ -329,7 +493,7 @@ impl IdemModel {
                 first_attempt_ms: 0,
                 deadline_ms: u64::MAX,
             },
-            crate::state::claim_of(p as u8),
+            claim_of(p as u8),
             0,
         );
         let gen = engine::first_generation(s.record(loc).as_ref(), now_ms);
@@ -356,19 +520,20 @@ impl IdemModel {
         let stored = s.record(r);
         match msg {
             Msg::Propose {
-                p,
+                c,
                 proposal,
                 gen,
                 lease_until,
                 region,
             } => {
+                let pi = proposer(c);
                 let d = acceptor::reserve(
                     stored.as_ref(),
                     &ReserveArgs {
                         now_ms,
                         skew_margin_ms: SKEW_MS,
-                        fingerprint: fingerprint_of(self.cfg.fingerprints[usize::from(p)]),
-                        claim: crate::state::claim_of(p),
+                        fingerprint: fingerprint_of(self.cfg.fingerprints[pi]),
+                        claim: claim_of(c),
                         generation: Some(u32::from(gen)),
                         lease_ms: u64::from(self.cfg.lease) * TICK_MS,
                         lease_until_ms: Some(ms(lease_until)),
@@ -381,7 +546,6 @@ impl IdemModel {
                     s.write(r, w);
                 }
                 // One reply per region and proposal reaches the engine, as in idem-geo.
-                let pi = usize::from(p);
                 let waiting = s.engines[pi].as_ref().and_then(|e| e.awaiting(r));
                 if received && waiting == Some(u32::from(proposal)) {
                     let e = s.engines[pi].as_mut().expect("a waiting engine");
@@ -390,12 +554,12 @@ impl IdemModel {
                     self.perform(s, pi, cmds);
                 }
             }
-            Msg::Withdraw { p, gen, .. } => {
+            Msg::Withdraw { c, gen, .. } => {
                 let broken = self.cfg.variant == Variant::BrokenWithdrawWithoutTombstone;
                 let args = WithdrawArgs {
-                    claim: crate::state::claim_of(p),
+                    claim: claim_of(c),
                     generation: if broken { 0 } else { u32::from(gen) },
-                    fingerprint: fingerprint_of(self.cfg.fingerprints[usize::from(p)]),
+                    fingerprint: fingerprint_of(self.cfg.fingerprints[proposer(c)]),
                     retention_ms: RETENTION_MS,
                     now_ms,
                     skew_margin_ms: SKEW_MS,
@@ -438,94 +602,54 @@ impl IdemModel {
                     }
                 }
             }
-            Msg::Complete { p, gen, .. } => {
+            Msg::Complete { c, gen, .. } => {
+                let pi = proposer(c);
                 let res = acceptor::complete(
                     stored.as_ref(),
-                    fence_of(p, gen),
-                    response_of(p),
+                    fence_of(c, gen),
+                    response_of(pi as u8),
                     now_ms,
                     1 << r,
                     QUORUM,
                 );
-                if let Ok(w) = res {
-                    if let Some(w) = &w {
-                        s.write(r, w);
-                    }
-                    let pi = usize::from(p);
-                    if let Status::Completing {
-                        gen: g,
-                        lease_until,
-                        stored,
-                    } = s.proposers[pi]
-                    {
-                        // Acknowledged only from stores within the holder's lease.
-                        if g == gen && s.now < lease_until && stored & (1 << r) == 0 {
-                            let stored = stored | (1 << r);
-                            if stored.count_ones() >= QUORUM {
-                                s.proposers[pi] = Status::Acked;
-                                for rr in 0..REGIONS as u8 {
-                                    s.net.insert(Msg::Final { p, region: rr, gen });
-                                }
-                            } else {
-                                s.proposers[pi] = Status::Completing {
-                                    gen,
-                                    lease_until,
-                                    stored,
-                                };
-                            }
-                        }
-                    }
+                if let Ok(Some(w)) = &res {
+                    s.write(r, w);
+                }
+                // The reply reaches the holder engine of this fence's Complete.
+                if matches!(s.proposers[pi],
+                    Status::Completing { claim, gen: g, .. } if claim == c && g == gen)
+                {
+                    self.holder_reply(s, pi, r, &CommandResult::Complete(res.map(|_| ())));
                 }
             }
-            Msg::Extend { p, gen, until, .. } => {
+            Msg::Extend { c, gen, until, .. } => {
+                let pi = proposer(c);
                 let res = acceptor::extend(
                     stored.as_ref(),
-                    fence_of(p, gen),
+                    fence_of(c, gen),
                     u64::from(self.cfg.lease) * TICK_MS,
                     Some(ms(until)),
                     now_ms,
                 );
-                if let Ok(w) = res {
-                    s.write(r, &w);
-                    let pi = usize::from(p);
-                    if let Status::Extending {
-                        gen: g,
-                        lease_until,
-                        until: u,
-                        stored,
-                        extends_left,
-                    } = s.proposers[pi]
-                    {
-                        // Acknowledged after a majority stored it, within the lease.
-                        if g == gen && u == until && s.now < lease_until && stored & (1 << r) == 0 {
-                            let stored = stored | (1 << r);
-                            s.proposers[pi] = if stored.count_ones() >= QUORUM {
-                                s.ghost.extended = true;
-                                Status::Holder {
-                                    gen,
-                                    lease_until: until,
-                                    extends_left,
-                                }
-                            } else {
-                                Status::Extending {
-                                    gen,
-                                    lease_until,
-                                    until,
-                                    stored,
-                                    extends_left,
-                                }
-                            };
-                        }
-                    }
+                if let Ok(w) = &res {
+                    s.write(r, w);
+                }
+                // The reply reaches the holder engine of this Extend (not an earlier one).
+                if matches!(s.proposers[pi],
+                    Status::Extending { claim, gen: g, until: u, .. }
+                        if claim == c && g == gen && u == until)
+                {
+                    let res = res.map(|w| w.lease_expires_ms);
+                    self.holder_reply(s, pi, r, &CommandResult::Extend(res));
                 }
             }
-            Msg::Release { p, gen, .. } => {
-                if let Ok(Some(w)) = acceptor::release(stored.as_ref(), fence_of(p, gen), now_ms) {
+            Msg::Release { c, gen, .. } => {
+                if let Ok(Some(w)) = acceptor::release(stored.as_ref(), fence_of(c, gen), now_ms) {
                     s.write(r, &w);
                 }
             }
-            Msg::Final { p, gen, .. } => {
-                if let Some(w) = acceptor::finalize(stored.as_ref(), fence_of(p, gen), now_ms) {
+            Msg::Final { c, gen, .. } => {
+                if let Some(w) = acceptor::finalize(stored.as_ref(), fence_of(c, gen), now_ms) {
                     s.write(r, &w);
                 }
             }
@@ -551,7 +675,7 @@ impl IdemModel {
         for r in s.records.iter_mut().flatten() {
             *r = r.at(now);
         }
-        for st in s.proposers.iter_mut() {
+        for (st, holder) in s.proposers.iter_mut().zip(s.holders.iter_mut()) {
             if matches!(
                 st,
                 Status::Holder { .. } | Status::Extending { .. } | Status::Completing { .. }
@@ -560,6 +684,7 @@ impl IdemModel {
                 // The lease is over: the holder stops acting (a Complete it sent is
                 // refused from now on, so it can never be acknowledged).
                 *st = Status::LeaseEnded;
+                *holder = None;
             }
         }
     }
@@ -576,11 +701,9 @@ impl IdemModel {
             let rec = s.records[r];
             match *m {
                 Msg::Propose {
-                    p, proposal, gen, ..
+                    c, proposal, gen, ..
                 } => {
-                    let waiting = s.engines[usize::from(p)]
-                        .as_ref()
-                        .and_then(|e| e.awaiting(r))
+                    let waiting = s.engines[proposer(c)].as_ref().and_then(|e| e.awaiting(r))
                         == Some(u32::from(proposal));
                     !waiting && rec.is_some_and(|x| x.phase == Phase::Completed || x.gen >= gen)
                 }
@@ -594,23 +717,23 @@ impl IdemModel {
                 }),
                 Msg::Complete { live_until, .. } => s.now >= live_until,
                 Msg::Extend {
-                    p, gen, live_until, ..
+                    c, gen, live_until, ..
                 } => {
                     s.now >= live_until
                         || rec.is_some_and(|x| {
                             x.phase == Phase::Completed
                                 || x.gen > gen
-                                || (x.gen == gen && x.claim == p && x.phase == Phase::Released)
+                                || (x.gen == gen && x.claim == c && x.phase == Phase::Released)
                         })
                 }
-                Msg::Release { p, gen, .. } => rec.is_some_and(|x| {
+                Msg::Release { c, gen, .. } => rec.is_some_and(|x| {
                     x.phase == Phase::Completed
                         || x.gen > gen
-                        || (x.gen == gen && x.claim == p && x.phase == Phase::Released)
+                        || (x.gen == gen && x.claim == c && x.phase == Phase::Released)
                 }),
-                Msg::Final { p, gen, .. } => rec.is_some_and(|x| {
+                Msg::Final { c, gen, .. } => rec.is_some_and(|x| {
                     x.phase == Phase::Completed
-                        && (x.gen > gen || (x.gen == gen && x.claim == p && x.is_final))
+                        && (x.gen > gen || (x.gen == gen && x.claim == c && x.is_final))
                 }),
             }
         };
@@ -812,37 +935,47 @@ impl Model for IdemModel {
             Action::SendComplete(p) => {
                 let pi = usize::from(p);
                 if let Status::Holder {
-                    gen, lease_until, ..
+                    claim,
+                    gen,
+                    lease_until,
+                    ..
                 } = s.proposers[pi]
                 {
                     s.proposers[pi] = Status::Completing {
+                        claim,
                         gen,
                         lease_until,
-                        stored: 0,
                     };
-                    let live_until = self.live_until(lease_until);
-                    for r in 0..REGIONS as u8 {
-                        s.net.insert(Msg::Complete {
-                            p,
-                            region: r,
-                            gen,
-                            live_until,
-                        });
-                    }
+                    let call = HolderCall::Complete {
+                        fence: fence_of(claim, gen),
+                        response: response_of(p),
+                    };
+                    self.start_holder(&mut s, pi, call);
                 }
             }
             Action::SendRelease(p) => {
                 let pi = usize::from(p);
-                if let Status::Holder { gen, .. } = s.proposers[pi] {
+                if let Status::Holder { claim, gen, .. } = s.proposers[pi] {
+                    // The holder stops holding at once; the acknowledgement matters to
+                    // no property, so the engine's answer is not waited for.
                     s.proposers[pi] = Status::Released;
-                    for r in 0..REGIONS as u8 {
-                        s.net.insert(Msg::Release { p, region: r, gen });
+                    let mut e = HolderEngine::new(
+                        self.engine_config(pi),
+                        HolderCall::Release {
+                            fence: fence_of(claim, gen),
+                        },
+                    );
+                    for c in e.start(Self::now_ms(&s)) {
+                        if let Command::Send { op, .. } = c {
+                            self.send_holder_op(&mut s, pi, &op);
+                        }
                     }
                 }
             }
             Action::SendExtend(p) => {
                 let pi = usize::from(p);
                 if let Status::Holder {
+                    claim,
                     gen,
                     lease_until,
                     extends_left,
@@ -850,34 +983,33 @@ impl Model for IdemModel {
                 {
                     let until = self.extend_until(&s);
                     s.proposers[pi] = Status::Extending {
+                        claim,
                         gen,
                         lease_until,
                         until,
-                        stored: 0,
                         extends_left: extends_left - 1,
                     };
-                    let live_until = self.live_until(lease_until);
-                    for r in 0..REGIONS as u8 {
-                        s.net.insert(Msg::Extend {
-                            p,
-                            region: r,
-                            gen,
-                            until,
-                            live_until,
-                        });
-                    }
+                    let call = HolderCall::Extend {
+                        fence: fence_of(claim, gen),
+                        lease_ms: u64::from(self.cfg.lease) * TICK_MS,
+                        until_ms: ms(until),
+                    };
+                    self.start_holder(&mut s, pi, call);
                 }
             }
             Action::GiveUpExtend(p) => {
                 let pi = usize::from(p);
                 if let Status::Extending {
+                    claim,
                     gen,
                     lease_until,
                     extends_left,
                     ..
                 } = s.proposers[pi]
                 {
+                    s.holders[pi] = None;
                     s.proposers[pi] = Status::Holder {
+                        claim,
                         gen,
                         lease_until,
                         extends_left,
@@ -905,7 +1037,18 @@ impl Model for IdemModel {
                 !s.ghost.mismatch_same_fp && !s.ghost.new_over_other_fp
             }),
             Property::always(CONVERGENCE, |m: &IdemModel, s: &State| {
-                s.now < m.cfg.tmax || m.converges(s.now, &s.records, &s.down)
+                if s.now < m.cfg.tmax {
+                    return true;
+                }
+                // Judged once every lease has ended (a fresh proposal after contention
+                // can end its lease past `tmax`): a live lease rightly holds off a merge.
+                let end = s
+                    .records
+                    .iter()
+                    .flatten()
+                    .map(|r| r.lease)
+                    .fold(s.now, u8::max);
+                m.converges(end, &s.records.map(|r| r.map(|x| x.at(end))), &s.down)
             }),
             Property::always(NO_DUAL_COMPLETION, |_, s: &State| !s.ghost.dual_completion),
             Property::always(WITHDRAW_STICKS, |_, s: &State| !s.ghost.withdraw_undone),
@@ -931,6 +1074,12 @@ impl Model for IdemModel {
             props.push(Property::sometimes(SOME_MISMATCH, |_, s: &State| {
                 s.proposers.contains(&Status::Done(Answer::Mismatch))
             }));
+        }
+        if self.cfg.contention > 0 {
+            props.push(Property::sometimes(
+                SOME_NEW_AFTER_CONTENTION,
+                |_, s: &State| s.ghost.new_after_contention,
+            ));
         }
         if self.cfg.extends > 0 {
             props.push(Property::sometimes(SOME_EXTEND, |_, s: &State| {

@@ -6,6 +6,7 @@
 //! The translation keeps every field the rules read; what it drops is listed on [`Rec`].
 
 use idem_core::engine::ReserveEngine;
+use idem_core::holder::HolderEngine;
 use idem_core::proposer::Reply;
 use idem_core::{ClaimId, Fence, Fingerprint, Phase, Record, StoredResponse};
 use std::collections::BTreeSet;
@@ -24,20 +25,34 @@ pub const SKEW_MS: u64 = 0;
 /// Retention: far beyond the model's horizon, so no record ever expires.
 pub const RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
 
-/// The claim id of proposer `p`. Proposer 0's claim is the earlier one.
-pub fn claim_of(p: u8) -> ClaimId {
+/// Claims per proposer: its first, and one for each fresh proposal after contention
+/// (`Config::contention`, at most `TRIES - 1`).
+pub const TRIES: usize = 2;
+
+/// The claim id of claim code `c`: proposer `c % PROPOSERS`'s claim of its try
+/// `c / PROPOSERS` (the proposer engine varies the nonce of the Reserve's claim for each
+/// fresh proposal). Proposer 0's claims are the earlier ones.
+pub fn claim_of(c: u8) -> ClaimId {
+    let (p, t) = (c % PROPOSERS as u8, c / PROPOSERS as u8);
+    assert!(usize::from(t) < TRIES, "claim code {c} beyond the model");
     ClaimId {
         hlc: u64::from(p) + 1,
         region: u16::from(p),
         node: 1,
-        nonce: u32::from(p),
+        nonce: 16 * u32::from(p) + u32::from(t),
     }
 }
 
-fn proposer_of(c: &ClaimId) -> u8 {
-    (0..PROPOSERS as u8)
-        .find(|p| claim_of(*p) == *c)
-        .unwrap_or_else(|| panic!("claim {c} is not one of the model's proposers"))
+/// The claim code of a claim id (see [`claim_of`]).
+pub fn code_of(c: &ClaimId) -> u8 {
+    (0..(PROPOSERS * TRIES) as u8)
+        .find(|x| claim_of(*x) == *c)
+        .unwrap_or_else(|| panic!("claim {c} is not one of the model's proposers' claims"))
+}
+
+/// The proposer of claim code `c`.
+pub fn proposer(c: u8) -> usize {
+    usize::from(c) % PROPOSERS
 }
 
 /// Fingerprint number `fp` (the configuration gives each proposer one).
@@ -66,10 +81,11 @@ fn response_index(r: &StoredResponse) -> u8 {
     i
 }
 
-pub fn fence_of(p: u8, gen: u8) -> Fence {
+/// The fence of claim code `c` at generation `gen`.
+pub fn fence_of(c: u8, gen: u8) -> Fence {
     Fence {
         generation: u32::from(gen),
-        claim: claim_of(p),
+        claim: claim_of(c),
     }
 }
 
@@ -87,7 +103,7 @@ pub fn ms(tick: u8) -> u64 {
 /// and the clock never goes back, so an ended lease is indistinguishable from 0.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Rec {
-    /// The proposer whose claim this is.
+    /// The claim's code (see [`claim_of`]).
     pub claim: u8,
     pub fp: u8,
     pub gen: u8,
@@ -129,7 +145,7 @@ impl Rec {
         );
         let lease = u8::try_from(r.lease_expires_ms / TICK_MS).expect("lease beyond the model");
         Rec {
-            claim: proposer_of(&r.claim),
+            claim: code_of(&r.claim),
             fp: fingerprint_index(&r.fingerprint),
             gen: u8::try_from(r.generation).expect("generation beyond the model"),
             phase: r.phase,
@@ -193,11 +209,11 @@ impl Rep {
         match r {
             Reply::Accepted => Rep::Accepted,
             Reply::Held { holder, .. } => Rep::Held {
-                claim: proposer_of(&holder.claim),
+                claim: code_of(&holder.claim),
                 gen: u8::try_from(holder.generation).expect("generation beyond the model"),
             },
             Reply::Completed { fence, response } => Rep::Completed {
-                claim: proposer_of(&fence.claim),
+                claim: code_of(&fence.claim),
                 gen: u8::try_from(fence.generation).expect("generation beyond the model"),
                 resp: response_index(response),
             },
@@ -247,27 +263,28 @@ pub enum Status {
     Idle,
     /// Its Reserve runs in the proposer engine (`State::engines`).
     Proposing,
-    /// Decided NEW: holds the key until `lease_until`.
+    /// Decided NEW for claim code `claim`: holds the key until `lease_until`.
     Holder {
+        claim: u8,
         gen: u8,
         lease_until: u8,
         extends_left: u8,
     },
-    /// Sent Extend to `until`; `stored`: regions whose `extend()` returned Ok.
+    /// Its Extend to `until` runs in the holder engine (`State::holders`).
     Extending {
+        claim: u8,
         gen: u8,
         lease_until: u8,
         until: u8,
-        stored: u8,
         extends_left: u8,
     },
-    /// Sent Complete; `stored`: regions whose `complete()` returned Ok within the lease.
+    /// Its Complete runs in the holder engine (`State::holders`).
     Completing {
+        claim: u8,
         gen: u8,
         lease_until: u8,
-        stored: u8,
     },
-    /// The completion was acknowledged (stored by a majority within the lease).
+    /// The holder engine acknowledged the completion (a majority stored it).
     Acked,
     /// Sent Release.
     Released,
@@ -287,6 +304,16 @@ impl Status {
         }
     }
 
+    /// The claim code of the grant it holds or held last.
+    pub fn claim(&self) -> Option<u8> {
+        match *self {
+            Status::Holder { claim, .. }
+            | Status::Extending { claim, .. }
+            | Status::Completing { claim, .. } => Some(claim),
+            _ => None,
+        }
+    }
+
     /// The proposer decided NEW at some point.
     pub fn was_granted(&self) -> bool {
         matches!(
@@ -301,12 +328,13 @@ impl Status {
     }
 }
 
-/// A request in flight to one region. Requests are never consumed: each can be applied
-/// any number of times, in any order, or never (loss, duplication, reordering).
+/// A request in flight to one region, from the holder of claim code `c` (see
+/// [`claim_of`]). Requests are never consumed: each can be applied any number of times,
+/// in any order, or never (loss, duplication, reordering).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Msg {
     Propose {
-        p: u8,
+        c: u8,
         region: u8,
         /// The engine's proposal number the reply is reported with.
         proposal: u8,
@@ -314,32 +342,32 @@ pub enum Msg {
         lease_until: u8,
     },
     Withdraw {
-        p: u8,
+        c: u8,
         region: u8,
         /// The highest generation the withdrawn claim was proposed at.
         gen: u8,
     },
     /// `live_until`: no record of this fence can have a live lease from then on.
     Complete {
-        p: u8,
+        c: u8,
         region: u8,
         gen: u8,
         live_until: u8,
     },
     Extend {
-        p: u8,
+        c: u8,
         region: u8,
         gen: u8,
         until: u8,
         live_until: u8,
     },
     Release {
-        p: u8,
+        c: u8,
         region: u8,
         gen: u8,
     },
     Final {
-        p: u8,
+        c: u8,
         region: u8,
         gen: u8,
     },
@@ -381,6 +409,8 @@ pub struct Ghost {
     pub withdraw_undone: bool,
     /// An Extend was acknowledged (a holder's lease was extended).
     pub extended: bool,
+    /// A Reserve was granted NEW by a fresh proposal after a round of contention.
+    pub new_after_contention: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -393,6 +423,8 @@ pub struct State {
     pub proposers: [Status; PROPOSERS],
     /// The proposer engine of each proposer whose Reserve is running (`Proposing`).
     pub engines: [Option<ReserveEngine>; PROPOSERS],
+    /// The holder engine of each holder whose Complete or Extend runs.
+    pub holders: [Option<HolderEngine>; PROPOSERS],
     pub net: BTreeSet<Msg>,
     pub ghost: Ghost,
 }
@@ -405,6 +437,7 @@ impl State {
             down: [false; REGIONS],
             proposers: [Status::Idle; PROPOSERS],
             engines: [None, None],
+            holders: [None, None],
             net: BTreeSet::new(),
             ghost: Ghost::default(),
         }

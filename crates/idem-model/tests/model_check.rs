@@ -104,6 +104,23 @@ fn correct_rules_hold_with_extend() {
 }
 
 #[test]
+fn correct_rules_hold_with_contention_rounds() {
+    // A Reserve that meets contention withdraws and, after its pause (the round timer,
+    // fired at any step), proposes again with a claim of its own at a higher
+    // generation; the check reaches such a fresh proposal being granted.
+    check_correct(
+        "correct rules, one fresh proposal after contention",
+        Config {
+            contention: 1,
+            crash: false,
+            retries: 0,
+            tmax: 1,
+            ..Config::default()
+        },
+    );
+}
+
+#[test]
 fn broken_local_accept_gives_two_live_grants() {
     let last = shortest_counterexample(
         "broken local accept",
