@@ -5,10 +5,12 @@
 //! else:
 //! - stored by a majority of regions: acknowledged (an Extend with the earliest lease end
 //!   among the regions that stored it, which every majority now protects);
-//! - once a majority can no longer store it (every region answered or failed, or the
-//!   round timed out): a refusal that names the key's state wins (the key is held by
-//!   another claim or the lease is over, the key is completed); else `NotFound` when a
-//!   majority of regions hold no record; else the outcome is unknown;
+//! - once the replies still to come can no longer make a majority store it, or the round
+//!   timed out: a refusal heard so far that names the key's state wins (the key is held
+//!   by another claim or the lease is over, the key is completed); else `NotFound` when
+//!   a majority of regions hold no record; else the outcome is unknown. Replies that
+//!   come after the verdict are not waited for: a majority without the record answers
+//!   `NotFound` even if the last region would have named the key;
 //! - a Complete that a majority stored is final. Before acknowledging it, the engine
 //!   tells every region it is final and waits up to a third of a round for a majority
 //!   to confirm, so that a retry through any surviving majority finds a final copy even

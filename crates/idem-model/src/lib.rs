@@ -50,7 +50,7 @@
 //!   The holder engine acknowledges a Complete once `complete()` returned Ok at a
 //!   majority of regions (a holder whose lease ended stops waiting); Final is then sent
 //!   to every region. A Complete answered otherwise leaves the holder holding its lease
-//!   (it may Complete again with the same fence);
+//!   (it may Complete again with the same fence, no longer Extend);
 //! * with `Config::extends > 0`, a holder sends Extend (lease end `now + lease`) to
 //!   every region; once `extend()` returned Ok at a majority within its current lease
 //!   its lease is the earliest end among them; it may also stop waiting and keep its
@@ -76,7 +76,8 @@
 //! # Bounds and abstractions
 //!
 //! * time: ticks `0..=tmax` (default 2) of [`TICK_MS`] ms, lease 1 tick (default),
-//!   lease ends capped at `tmax`, skew margin 0 (exact clocks); at `tmax` every lease
+//!   a Reserve's first lease end capped at `tmax` (a fresh proposal after contention may end
+//!   its lease later), skew margin 0 (exact clocks); at `tmax` every first lease
 //!   has ended;
 //! * 1 StaleGen retry per Reserve (`Config::retries`); one Reserve per proposer; no
 //!   contention rounds by default, one in the contention check (no crash there);

@@ -34,7 +34,7 @@ pub enum Variant {
 pub struct Config {
     /// The clock runs 0..=tmax ticks.
     pub tmax: u8,
-    /// Lease length in ticks (a lease end is capped at `tmax`).
+    /// Lease length in ticks (a Reserve's first lease end is capped at `tmax`).
     pub lease: u8,
     /// StaleGen retries per Reserve.
     pub retries: u8,
@@ -119,7 +119,7 @@ const PROBE_CLAIM: ClaimId = ClaimId {
     nonce: 9,
 };
 
-type ConvergenceKey = ([Option<Rec>; REGIONS], [bool; REGIONS]);
+type ConvergenceKey = (u8, [Option<Rec>; REGIONS], [bool; REGIONS]);
 
 pub struct IdemModel {
     pub cfg: Config,
@@ -373,6 +373,7 @@ impl IdemModel {
                 claim,
                 gen,
                 lease_until,
+                // It may Complete again, not Extend (its Extends come before it completes).
                 extends_left: 0,
             },
             (
@@ -797,7 +798,7 @@ impl IdemModel {
         records: &[Option<Rec>; REGIONS],
         down: &[bool; REGIONS],
     ) -> bool {
-        let key = (*records, *down);
+        let key = (now, *records, *down);
         if let Some(v) = self.converged.lock().expect("cache").get(&key) {
             return *v;
         }

@@ -171,7 +171,12 @@ impl Rec {
 
 impl fmt::Debug for Rec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}(P{},g{}", self.phase.as_str(), self.claim, self.gen)?;
+        write!(f, "{}(P{}", self.phase.as_str(), proposer(self.claim))?;
+        let t = usize::from(self.claim) / PROPOSERS;
+        if t > 0 {
+            write!(f, "t{t}")?;
+        }
+        write!(f, ",g{}", self.gen)?;
         if self.fp != 0 {
             write!(f, ",fp{}", self.fp)?;
         }
@@ -304,7 +309,8 @@ impl Status {
         }
     }
 
-    /// The claim code of the grant it holds or held last.
+    /// The claim code of the grant it holds (while a holder: `Holder`, `Extending`,
+    /// `Completing`).
     pub fn claim(&self) -> Option<u8> {
         match *self {
             Status::Holder { claim, .. }

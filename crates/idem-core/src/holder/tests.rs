@@ -355,3 +355,40 @@ fn an_extend_refused_for_a_lost_lease_says_who_holds_the_key() {
         }))
     );
 }
+
+#[test]
+fn a_second_reply_of_one_region_counts_once() {
+    let (mut e, _) = complete(3, Rule::Majority);
+    e.on_result(1, 0, Some(&DONE), 1_010);
+    assert!(
+        e.on_result(1, 0, Some(&DONE), 1_020).is_empty(),
+        "one region's two replies are not a majority"
+    );
+    assert_eq!(e.awaiting(0), None);
+    assert_eq!(e.awaiting(1), Some(1));
+}
+
+#[test]
+fn the_store_rounds_timer_counts_for_nothing_once_the_final_notice_is_out() {
+    let (mut e, cmds) = complete(3, Rule::Majority);
+    let (store_timer, _) = timer(&cmds).expect("a round timer");
+    e.on_result(1, 0, Some(&DONE), 1_010);
+    let cmds = e.on_result(1, 1, Some(&DONE), 1_020);
+    let (notice_timer, _) = timer(&cmds).expect("a timer for the notice");
+    assert_ne!(store_timer, notice_timer);
+    assert!(e.on_timer(store_timer, 2_500).is_empty());
+    assert_eq!(answer(&e.on_timer(notice_timer, 2_600)), Some(STORED));
+}
+
+#[test]
+fn abandoning_a_release_or_an_extend_sends_nothing() {
+    let mut r = release();
+    assert!(r.abandon().is_empty());
+    assert!(r.is_done());
+    let (mut x, _) = extend();
+    x.on_result(1, 0, Some(&CommandResult::Extend(Ok(31_000))), 1_010);
+    assert!(x.abandon().is_empty());
+    assert!(x
+        .on_result(1, 1, Some(&CommandResult::Extend(Ok(31_000))), 1_020)
+        .is_empty());
+}
