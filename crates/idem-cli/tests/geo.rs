@@ -1,8 +1,9 @@
 //! Three regions of three `idem server` processes each, over real gRPC, with the links
 //! between regions cut and healed by the test: GLOBAL mode grants a key once whatever
 //! region the retries land in, an isolated region neither grants nor forgets, a region
-//! rebuilt from nothing is restored by anti-entropy, and REGIONAL mode's double grants
-//! under a partition are resolved identically everywhere and counted.
+//! rebuilt from nothing is restored by anti-entropy, a holder's Extend, Release and
+//! Complete through other regions are judged by a majority, and REGIONAL mode's double
+//! grants under a partition are resolved identically everywhere and counted.
 
 mod common;
 
@@ -875,5 +876,52 @@ async fn one_region_with_every_clock_2_s_fast_is_fenced_and_the_others_serve() {
             panic!("{k} not NEW");
         };
         r.complete(&lease, &body(&k)).await.unwrap();
+    }
+}
+
+/// A holder's Extend, Release and Complete sent through other regions than the one
+/// that granted the key are judged by a majority of regions: the extended lease holds
+/// the key in every region, a released key is NEW again elsewhere, a completed key
+/// cannot be released, a stale fence is refused and a key nobody reserved is not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_calls_through_other_regions_are_judged_by_a_majority_of_regions() {
+    let c = GeoCluster::start(GeoOptions::default());
+    let cl = clients(&c).await;
+    let Reservation::New(mut first) = cl[0].reserve(&req("p", "held")).await.unwrap() else {
+        panic!("fresh key not NEW");
+    };
+    let before = first.expires_at_ms;
+    cl[1].extend(&mut first, 40_000).await.unwrap();
+    assert!(
+        first.expires_at_ms >= before + 20_000,
+        "the lease end moved from {before} to {} only",
+        first.expires_at_ms
+    );
+    // The extended lease, not the first one, is what another region waits for.
+    match cl[2].reserve(&req("p", "held")).await.unwrap() {
+        Reservation::InFlight { retry_after } => assert!(
+            retry_after > Duration::from_secs(20),
+            "hint {retry_after:?} ignores the extension"
+        ),
+        other => panic!("an extended lease answered {other:?}"),
+    }
+    cl[2].release(&first).await.unwrap();
+    let Reservation::New(second) = cl[1].reserve(&req("p", "held")).await.unwrap() else {
+        panic!("a released key is not NEW again");
+    };
+    assert_ne!(second.fence, first.fence);
+    match cl[0].extend(&mut first, 10_000).await {
+        Err(Error::LeaseLost(_)) => {}
+        other => panic!("Extend with the released fence answered {other:?}"),
+    }
+    cl[2].complete(&second, &body("held")).await.unwrap();
+    match cl[0].release(&second).await {
+        Err(Error::AlreadyCompleted) => {}
+        other => panic!("Release of a completed key answered {other:?}"),
+    }
+    let nobody = idem_client::Lease::from_fence("p".into(), b"never".to_vec(), second.fence);
+    match cl[1].release(&nobody).await {
+        Err(Error::NotFound(_)) => {}
+        other => panic!("Release of a key nobody reserved answered {other:?}"),
     }
 }

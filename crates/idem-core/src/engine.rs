@@ -279,32 +279,6 @@ impl ReserveEngine {
         self.judge(now_ms)
     }
 
-    /// The timer set with `token` fired.
-    pub fn on_timer(&mut self, token: u32, now_ms: u64) -> Vec<Command> {
-        if token != self.timer {
-            return Vec::new();
-        }
-        match self.stage {
-            // The round timed out (or the deadline came).
-            Stage::Proposing => {
-                let v = self.conclusion(now_ms);
-                self.finish(v, now_ms)
-            }
-            Stage::Pausing => self.fresh_proposal(now_ms),
-            Stage::Idle | Stage::Done => Vec::new(),
-        }
-    }
-
-    /// The call is abandoned (its caller is gone): withdraw what the current proposal
-    /// may have collected. Nothing when it was answered or is between proposals.
-    pub fn abandon(&mut self) -> Vec<Command> {
-        let was = std::mem::replace(&mut self.stage, Stage::Done);
-        match was {
-            Stage::Proposing => vec![self.withdraw()],
-            _ => Vec::new(),
-        }
-    }
-
     fn withdraw(&self) -> Command {
         Command::Withdraw {
             op: Op::Withdraw {
@@ -527,12 +501,30 @@ impl Engine for ReserveEngine {
         }
     }
 
+    /// The timer set with `token` fired.
     fn on_timer(&mut self, token: u32, now_ms: u64) -> Vec<Command> {
-        ReserveEngine::on_timer(self, token, now_ms)
+        if token != self.timer {
+            return Vec::new();
+        }
+        match self.stage {
+            // The round timed out (or the deadline came).
+            Stage::Proposing => {
+                let v = self.conclusion(now_ms);
+                self.finish(v, now_ms)
+            }
+            Stage::Pausing => self.fresh_proposal(now_ms),
+            Stage::Idle | Stage::Done => Vec::new(),
+        }
     }
 
+    /// The call is abandoned (its caller is gone): withdraw what the current proposal
+    /// may have collected. Nothing when it was answered or is between proposals.
     fn abandon(&mut self) -> Vec<Command> {
-        ReserveEngine::abandon(self)
+        let was = std::mem::replace(&mut self.stage, Stage::Done);
+        match was {
+            Stage::Proposing => vec![self.withdraw()],
+            _ => Vec::new(),
+        }
     }
 }
 

@@ -129,10 +129,12 @@ impl HolderEngine {
             return Vec::new();
         }
         self.stage = Stage::Storing;
-        let op = match &self.call {
+        let op = match &mut self.call {
+            // The response moves into the op: the engine needs only the fence from now
+            // on, and a response can be a MiB.
             HolderCall::Complete { fence, response } => Op::Complete {
                 fence: *fence,
-                response: response.clone(),
+                response: std::mem::take(response),
                 quorum: self.majority() as u32,
             },
             HolderCall::Release { fence } => Op::Release { fence: *fence },
@@ -236,46 +238,6 @@ impl HolderEngine {
         }
     }
 
-    /// Region `region` answered round `round` (`None`: its call failed).
-    pub fn on_result(
-        &mut self,
-        round: u32,
-        region: usize,
-        result: Option<&CommandResult>,
-        now_ms: u64,
-    ) -> Vec<Command<HolderAnswer>> {
-        if self.awaiting(region) != Some(round) {
-            return Vec::new();
-        }
-        self.heard[region] = self.hear(result);
-        let stored = self.count(|h| matches!(h, Heard::Stored(_)));
-        let waiting = self.count(|h| *h == Heard::Waiting);
-        if stored >= self.needed() {
-            return self.stored_by_majority(now_ms);
-        }
-        if stored + waiting < self.needed() {
-            return self.round_over();
-        }
-        Vec::new()
-    }
-
-    /// The timer set with `token` fired: the round is over.
-    pub fn on_timer(&mut self, token: u32, _now_ms: u64) -> Vec<Command<HolderAnswer>> {
-        if token != self.timer {
-            return Vec::new();
-        }
-        self.round_over()
-    }
-
-    /// The caller is gone. A final completion's notice still goes out.
-    pub fn abandon(&mut self) -> Vec<Command<HolderAnswer>> {
-        let was = std::mem::replace(&mut self.stage, Stage::Done);
-        match was {
-            Stage::Telling => vec![self.final_notice()],
-            _ => Vec::new(),
-        }
-    }
-
     fn count(&self, f: impl Fn(&Heard) -> bool) -> usize {
         self.heard.iter().filter(|h| f(h)).count()
     }
@@ -351,6 +313,7 @@ impl HolderEngine {
 impl Engine for HolderEngine {
     type Answer = HolderAnswer;
 
+    /// Region `region` answered round `round` (`None`: its call failed).
     fn on_result(
         &mut self,
         round: u32,
@@ -358,15 +321,36 @@ impl Engine for HolderEngine {
         result: Option<&CommandResult>,
         now_ms: u64,
     ) -> Vec<Command<HolderAnswer>> {
-        HolderEngine::on_result(self, round, region, result, now_ms)
+        if self.awaiting(region) != Some(round) {
+            return Vec::new();
+        }
+        self.heard[region] = self.hear(result);
+        let stored = self.count(|h| matches!(h, Heard::Stored(_)));
+        let waiting = self.count(|h| *h == Heard::Waiting);
+        if stored >= self.needed() {
+            return self.stored_by_majority(now_ms);
+        }
+        if stored + waiting < self.needed() {
+            return self.round_over();
+        }
+        Vec::new()
     }
 
-    fn on_timer(&mut self, token: u32, now_ms: u64) -> Vec<Command<HolderAnswer>> {
-        HolderEngine::on_timer(self, token, now_ms)
+    /// The timer set with `token` fired: the round is over.
+    fn on_timer(&mut self, token: u32, _now_ms: u64) -> Vec<Command<HolderAnswer>> {
+        if token != self.timer {
+            return Vec::new();
+        }
+        self.round_over()
     }
 
+    /// The caller is gone. A final completion's notice still goes out.
     fn abandon(&mut self) -> Vec<Command<HolderAnswer>> {
-        HolderEngine::abandon(self)
+        let was = std::mem::replace(&mut self.stage, Stage::Done);
+        match was {
+            Stage::Telling => vec![self.final_notice()],
+            _ => Vec::new(),
+        }
     }
 }
 

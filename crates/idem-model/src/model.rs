@@ -7,7 +7,7 @@ use crate::state::{
 use idem_core::acceptor::ReserveOutcome;
 use idem_core::acceptor::{self, ReserveArgs, WithdrawArgs};
 use idem_core::engine::{
-    self, Answer as EngineAnswer, Command, EngineConfig, ReserveCall, ReserveEngine, Rule,
+    self, Answer as EngineAnswer, Command, Engine, EngineConfig, ReserveCall, ReserveEngine, Rule,
 };
 use idem_core::holder::{HolderAnswer, HolderCall, HolderEngine};
 use idem_core::merge::{digest_bytes, merge, settle_finality, Conflict, Merged};
