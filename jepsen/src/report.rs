@@ -43,6 +43,9 @@ pub struct Results {
     pub violations: Vec<crate::checker::Violation>,
     pub windows: Vec<WindowStats>,
     pub quiet: WindowStats,
+    /// Milliseconds from the moment every node was ready again after healing until
+    /// every node's record digest agreed (`None`: not within the bound).
+    pub converged_after_ms: Option<u64>,
 }
 
 fn definite(o: &Outcome) -> bool {
@@ -136,6 +139,7 @@ pub fn build(
         violations: verdict.violations.clone(),
         windows: ws,
         quiet: stats("none", "no fault", s, e, &quiet_ops),
+        converged_after_ms: None,
     }
 }
 
@@ -172,6 +176,17 @@ pub fn summary(r: &Results) -> String {
     let _ = writeln!(out, "{}", row(&r.quiet));
     for w in &r.windows {
         let _ = writeln!(out, "{}", row(w));
+    }
+    match r.converged_after_ms {
+        Some(ms) => {
+            let _ = writeln!(out, "\nregions converged {ms} ms after healing");
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "\nregions did NOT converge within the bound after healing"
+            );
+        }
     }
     let _ = writeln!(out, "\noutcomes:");
     for (k, v) in &r.outcomes {

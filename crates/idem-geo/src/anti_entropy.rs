@@ -88,45 +88,92 @@ pub async fn pass(geo: &Geo, shard: u32, region: u16) -> Result<u64, String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    let differing: Vec<u32> = ours
+        .iter()
+        .zip(theirs.digests.iter())
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(bucket, _)| bucket as u32)
+        .collect();
+    // Each pass starts at another bucket and a bucket that fails does not end the pass,
+    // so no bucket (one whose page keeps timing out, say) keeps the others from being
+    // repaired; a link that fails several buckets in a row ends it.
+    let first = (rand::random::<u64>() % differing.len().max(1) as u64) as usize;
     let mut repaired = 0;
-    for (bucket, (a, b)) in ours.iter().zip(theirs.digests.iter()).enumerate() {
-        if a == b {
-            continue;
-        }
-        let mut after = None;
-        loop {
-            let req = FetchRequest {
-                shard,
-                bucket: bucket as u32,
-                buckets,
-                after: after.take(),
-                limit: cfg.page,
-            };
-            let bytes = link
-                .call(Kind::Fetch, encode(&req), cfg.timeout)
-                .await
-                .map_err(|e| e.to_string())?;
-            let page: FetchResponse = decode(&bytes).map_err(|e| e.to_string())?;
-            for raw in &page.records {
-                let Ok(s) = decode_shipped(raw) else {
-                    continue;
-                };
-                let local = group.read_local(&s.key).map_err(|e| e.to_string())?;
-                if local
-                    .as_ref()
-                    .is_some_and(|l| same_replicated(l, &s.record))
-                {
-                    continue;
-                }
-                if geo.merge_record(shard, s.key, s.record).await == EntryResult::Merged {
-                    repaired += 1;
-                }
+    let mut failures = 0;
+    let mut last_error = None;
+    for &bucket in differing.iter().cycle().skip(first).take(differing.len()) {
+        match repair_bucket(geo, &group, link, shard, bucket, buckets, &cfg).await {
+            Ok(n) => {
+                repaired += n;
+                failures = 0;
             }
-            match page.next {
-                Some(n) => after = Some(n),
-                None => break,
+            Err(e) => {
+                failures += 1;
+                last_error = Some(e);
+                if failures >= MAX_FAILED_BUCKETS_IN_A_ROW {
+                    break;
+                }
             }
         }
     }
-    Ok(repaired)
+    match last_error {
+        Some(e) if repaired == 0 => Err(e),
+        Some(e) => {
+            tracing::debug!(shard, region, repaired, error = %e, "anti-entropy pass repaired some buckets, not all");
+            Ok(repaired)
+        }
+        None => Ok(repaired),
+    }
+}
+
+/// Buckets in a row whose repair fails before a pass gives up on the region.
+const MAX_FAILED_BUCKETS_IN_A_ROW: u32 = 3;
+
+/// Page through one bucket of the remote region and merge every record that differs
+/// from the local copy: the number merged.
+async fn repair_bucket(
+    geo: &Geo,
+    group: &idem_raft::Group,
+    link: &crate::link::RegionLink,
+    shard: u32,
+    bucket: u32,
+    buckets: u32,
+    cfg: &AntiEntropyConfig,
+) -> Result<u64, String> {
+    let mut repaired = 0;
+    let mut after = None;
+    loop {
+        let req = FetchRequest {
+            shard,
+            bucket,
+            buckets,
+            after: after.take(),
+            limit: cfg.page,
+        };
+        let bytes = link
+            .call(Kind::Fetch, encode(&req), cfg.timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let page: FetchResponse = decode(&bytes).map_err(|e| e.to_string())?;
+        for raw in &page.records {
+            let Ok(s) = decode_shipped(raw) else {
+                continue;
+            };
+            let local = group.read_local(&s.key).map_err(|e| e.to_string())?;
+            if local
+                .as_ref()
+                .is_some_and(|l| same_replicated(l, &s.record))
+            {
+                continue;
+            }
+            if geo.merge_record(shard, s.key, s.record).await == EntryResult::Merged {
+                repaired += 1;
+            }
+        }
+        match page.next {
+            Some(n) => after = Some(n),
+            None => return Ok(repaired),
+        }
+    }
 }

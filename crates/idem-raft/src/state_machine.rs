@@ -89,22 +89,27 @@ impl StateMachine {
         }
         for ((entry, responder), result) in batch.into_iter().zip(results) {
             let Some(r) = responder else { continue };
-            let answer = match (&entry.payload, result) {
-                (EntryPayload::Normal(_), Some(result)) => result,
-                // A command that apply did not answer: never make an answer up.
-                (EntryPayload::Normal(cmd), None) => {
-                    return Err(io::Error::other(format!(
-                        "apply produced no result for {cmd} at {}",
-                        entry.log_id
-                    )))
-                }
-                // A membership change (or blank entry) someone waits for: it was
-                // applied, and that is all it answers.
-                _ => CommandResult::Done,
-            };
-            r.send(answer);
+            r.send(answer(&entry.payload, result, &entry.log_id)?);
         }
         Ok(())
+    }
+}
+
+/// What a waiting caller is told for an applied entry. A command that apply did not
+/// answer is an error (the group stops), never an answer made up for it.
+fn answer(
+    payload: &openraft::alias::EntryPayloadOf<TypeConfig>,
+    result: Option<CommandResult>,
+    log_id: &LogId,
+) -> io::Result<CommandResult> {
+    match (payload, result) {
+        (EntryPayload::Normal(_), Some(result)) => Ok(result),
+        (EntryPayload::Normal(cmd), None) => Err(io::Error::other(format!(
+            "apply produced no result for {cmd} at {log_id}"
+        ))),
+        // A membership change (or blank entry) someone waits for: it was applied, and
+        // that is all it answers.
+        _ => Ok(CommandResult::Done),
     }
 }
 
@@ -198,5 +203,44 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             meta: decode(&meta_bytes)?,
             snapshot: file,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idem_core::{ClaimId, Command, Fence, Key, Op};
+    use openraft::vote::RaftLeaderIdExt;
+
+    #[test]
+    fn a_command_apply_did_not_answer_is_an_error_never_a_made_up_answer() {
+        let leader = <TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(3, 1);
+        let log_id = LogId::new(leader, 7);
+        let release = EntryPayload::Normal(Command {
+            now_ms: 1_700_000_000_000,
+            skew_margin_ms: 500,
+            claim: ClaimId::default(),
+            region_bit: 1,
+            key: Key::default(),
+            op: Op::Release {
+                fence: Fence::default(),
+            },
+        });
+        let err = answer(&release, None, &log_id).expect_err("no answer was made up");
+        assert!(
+            err.to_string().contains("apply produced no result for"),
+            "{err}"
+        );
+        // What apply answered is passed on as it is.
+        let refused = CommandResult::Release(Err(idem_core::ReleaseError::NotFound));
+        assert_eq!(
+            answer(&release, Some(refused.clone()), &log_id).unwrap(),
+            refused
+        );
+        // A blank entry has nothing to answer but that it was applied.
+        assert_eq!(
+            answer(&EntryPayload::Blank, None, &log_id).unwrap(),
+            CommandResult::Done
+        );
     }
 }

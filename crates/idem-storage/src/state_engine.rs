@@ -198,6 +198,9 @@ pub struct StateEngine {
     dir: PathBuf,
     outbox: Arc<RwLock<OutboxConfig>>,
     horizon: Horizon,
+    /// Dropped with the last clone of the engine: its horizon thread then ends at once
+    /// (`None` in the engine that thread itself builds).
+    _horizon_stop: Option<Arc<std::sync::mpsc::Sender<()>>>,
 }
 
 /// How often the durable applied stamps are published to the compaction filter.
@@ -220,6 +223,14 @@ fn u64_of(v: Option<Vec<u8>>) -> u64 {
 
 impl StateEngine {
     pub fn open(path: &Path) -> Result<StateEngine, StorageError> {
+        Self::open_with_horizon_thread(path).map(|(engine, _thread)| engine)
+    }
+
+    /// `open`, and the thread that publishes the compaction horizon (it ends when the
+    /// last clone of the engine is dropped).
+    fn open_with_horizon_thread(
+        path: &Path,
+    ) -> Result<(StateEngine, std::thread::JoinHandle<()>), StorageError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -249,11 +260,13 @@ impl StateEngine {
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let engine = StateEngine {
             db: Arc::new(db),
             dir: path.to_path_buf(),
             outbox: Arc::default(),
             horizon,
+            _horizon_stop: Some(Arc::new(stop)),
         };
         engine.check_format()?;
         std::fs::create_dir_all(engine.snapshot_dir())?;
@@ -265,10 +278,15 @@ impl StateEngine {
         let weak = Arc::downgrade(&engine.db);
         let (horizon, outbox) = (engine.horizon.clone(), engine.outbox.clone());
         let dir = engine.dir.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("idem-horizon".into())
             .spawn(move || loop {
-                std::thread::sleep(HORIZON_EVERY);
+                // Nothing is ever sent: the wait ends early only when the engine is gone.
+                if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
+                    stopped.recv_timeout(HORIZON_EVERY)
+                {
+                    return;
+                }
                 let Some(db) = weak.upgrade() else {
                     return;
                 };
@@ -277,12 +295,13 @@ impl StateEngine {
                     dir: dir.clone(),
                     outbox: outbox.clone(),
                     horizon: horizon.clone(),
+                    _horizon_stop: None,
                 };
                 if let Err(err) = e.publish_horizon() {
                     tracing::warn!(error = %err, "could not publish the compaction horizon");
                 }
             })?;
-        Ok(engine)
+        Ok((engine, thread))
     }
 
     /// Every shard's applied stamp as stored.

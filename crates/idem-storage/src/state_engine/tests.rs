@@ -804,3 +804,32 @@ fn a_regional_double_grant_is_counted_once_by_the_overturned_region_and_survives
     other.install_snapshot(0, &incoming, b"5").unwrap();
     assert_eq!(count_in(&other), 1);
 }
+
+#[test]
+fn the_horizon_thread_ends_when_the_last_engine_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, thread) = StateEngine::open_with_horizon_thread(dir.path()).unwrap();
+    let clone = engine.clone();
+    drop(engine);
+    // A clone still holds the engine: the thread keeps running.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        !thread.is_finished(),
+        "the thread ended while a clone was alive"
+    );
+    drop(clone);
+    // It used to sleep out its 30 s period before noticing. (Waited out in steps: the
+    // storage crate reads no clock.)
+    let mut waited_ms = 0;
+    while !thread.is_finished() {
+        assert!(
+            waited_ms < 5_000,
+            "the horizon thread still runs {waited_ms} ms after the engine was dropped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        waited_ms += 10;
+    }
+    thread.join().unwrap();
+    // And the database can be opened again at once.
+    StateEngine::open(dir.path()).unwrap();
+}
