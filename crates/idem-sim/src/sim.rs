@@ -1,0 +1,2036 @@
+//! One simulated run: regions, network, clocks, clients and faults, driven by one event
+//! queue in simulated time from one seed. Single-threaded; no clock, thread or I/O.
+//!
+//! What runs for real (idem-core, as the servers run it):
+//! * every region's group applies every command through `command::apply`, stamped by
+//!   its leader with a clock that never goes back and stays within the clock bound (the
+//!   stamper's guarantee), and judged at that stamp;
+//! * every GLOBAL Reserve runs in `engine::ReserveEngine` and every Complete, Release and
+//!   Extend in `holder::HolderEngine`, driven as idem-geo's `EngineRun::drive` drives
+//!   them (a new round replaces the last, withdraws and notices go to every region, the
+//!   caller going away abandons the engine), with the fast path of a final local
+//!   completion in front, as `Geo::reserve` has it;
+//! * every change a region makes is queued for every other region and shipped as a
+//!   guarded `Merge` of the record as it is when the relay ships it, acknowledged and
+//!   retried; a deferred merge is offered again; anti-entropy merges every record that
+//!   differs (`merge::same_replicated`), now and then, both ways;
+//! * a region that crashes keeps its records through the record codec
+//!   (`codec::encode_record` / `decode_record`); one rebuilt from nothing has none.
+//!
+//! What is modelled: a region's group is one linearizable log (its Raft group); the
+//! stamper's clock bound is a region's skew, drawn within the bound; a clock beyond the
+//! bound fences its region (its node stops granting, accepting and acknowledging, as
+//! the clock fail-stop does) until it is back.
+
+use crate::oracle::{FenceId, Oracle, Violation};
+use crate::rng::{Rng, TraceHash};
+use idem_core::codec::{decode_record, encode_record};
+use idem_core::engine::{
+    first_generation, Answer, Command as Cmd, Engine, EngineConfig, ReserveCall, ReserveEngine,
+    Rule,
+};
+use idem_core::holder::{HolderAnswer, HolderCall, HolderEngine, Refusal};
+use idem_core::merge::{same_replicated, MergeOutcome};
+use idem_core::{
+    command, ClaimId, Command, CommandResult, Fence, Fingerprint, Key, Op, Phase, Record,
+    ReserveOutcome, StoredResponse,
+};
+use std::cmp::Ordering;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::hash::BuildHasherDefault;
+
+/// A hash map whose iteration order depends only on what was put in it (no random
+/// hasher keys): one seed, one run.
+type HashMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
+
+fn map<K, V>() -> HashMap<K, V> {
+    HashMap::default()
+}
+
+const RETENTION_MS: u64 = 30 * 24 * 3_600_000;
+/// Records per relay batch, as idem-geo's relay ships them.
+const RELAY_BATCH: usize = 256;
+const RELAY_POLL_MS: u64 = 20;
+const RELAY_TIMEOUT_MS: u64 = 5_000;
+/// Deferred merges are offered again at most this many times (idem-geo's bound).
+const MAX_DEFER_ROUNDS: u32 = 8;
+/// Withdraws and final notices are sent this many times to each region.
+const BROADCAST_TRIES: u32 = 3;
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub regions: usize,
+    pub clients: u32,
+    /// New requests stop once this many Reserves were made.
+    pub reserves: u64,
+    /// Keys the clients race for (the rest are fresh).
+    pub hot_keys: u32,
+    pub lease_ms: u64,
+    pub skew_margin_ms: u64,
+    pub round_timeout_ms: u64,
+    pub reserve_deadline_ms: u64,
+    pub anti_entropy_ms: u64,
+    /// Draw a fault schedule (off: a fault-free run).
+    pub faults: bool,
+    pub rule: Rule,
+    /// Print every step that touches this key (`idem-sim --seed N --trace-key K`).
+    pub trace_key: Option<u32>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            regions: 3,
+            clients: 24,
+            reserves: 2_000,
+            hot_keys: 6,
+            lease_ms: 4_000,
+            skew_margin_ms: 500,
+            round_timeout_ms: 1_500,
+            reserve_deadline_ms: 6_000,
+            anti_entropy_ms: 3_000,
+            faults: true,
+            rule: Rule::Majority,
+            trace_key: None,
+        }
+    }
+}
+
+/// The kinds of fault a run can draw; coverage is counted per kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FaultKind {
+    /// One region cut off from the others.
+    Isolate,
+    /// Traffic from one region to another lost, the reverse direction intact.
+    OneWay,
+    /// Messages between regions lost at random.
+    Loss,
+    /// Messages between regions duplicated.
+    Duplicate,
+    /// WAN delays with multi-second tails.
+    Slow,
+    /// A region down (its records kept), restarted at the window's end.
+    Crash,
+    /// A region down and its records lost, rebuilt from nothing by anti-entropy.
+    Rebuild,
+    /// A region's stamping leader skewed within the clock bound.
+    Skew,
+    /// A region's clock beyond the bound (1 to 10 s either way): its node refuses work.
+    ClockJump,
+    /// Holders pause longer than their lease.
+    Pause,
+}
+
+pub const FAULT_KINDS: [FaultKind; 10] = [
+    FaultKind::Isolate,
+    FaultKind::OneWay,
+    FaultKind::Loss,
+    FaultKind::Duplicate,
+    FaultKind::Slow,
+    FaultKind::Crash,
+    FaultKind::Rebuild,
+    FaultKind::Skew,
+    FaultKind::ClockJump,
+    FaultKind::Pause,
+];
+
+#[derive(Clone, Debug)]
+struct Fault {
+    kind: FaultKind,
+    region: usize,
+    other: usize,
+    start_ms: u64,
+    end_ms: u64,
+    /// Skew or jump (ms, signed), loss or duplication rate (per mille).
+    amount: i64,
+    active: bool,
+}
+
+/// What one run did and found.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub seed: u64,
+    pub reserves: u64,
+    /// Reserves on a key that another client's grant held open, or had just lost,
+    /// while a fault was active.
+    pub contended: u64,
+    pub new: u64,
+    pub replay: u64,
+    pub in_flight: u64,
+    pub mismatch: u64,
+    pub unavailable: u64,
+    pub completions_acked: u64,
+    pub takeovers: u64,
+    pub events: u64,
+    pub sim_ms: u64,
+    /// Reserves made while each fault kind was active.
+    pub coverage: BTreeMap<String, u64>,
+    pub faults: Vec<String>,
+    pub violations: Vec<Violation>,
+    pub trace_hash: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Ev {
+    /// A command reaches a region's group; `reply`: the proposer and round waiting.
+    Apply {
+        region: usize,
+        from: usize,
+        key: u32,
+        op: Op,
+        reply: Option<(u32, u32)>,
+    },
+    Reply {
+        proc: u32,
+        round: u32,
+        region: usize,
+        result: Option<CommandResult>,
+    },
+    Timer {
+        proc: u32,
+        token: u32,
+    },
+    Client {
+        client: u32,
+        wake: u32,
+    },
+    Relay {
+        from: usize,
+        to: usize,
+    },
+    RelayBatch {
+        from: usize,
+        to: usize,
+        batch: u64,
+        records: Vec<(u32, u64, Record)>,
+    },
+    RelayAck {
+        from: usize,
+        to: usize,
+        batch: u64,
+        keys: Vec<(u32, u64)>,
+    },
+    RelayTimeout {
+        from: usize,
+        to: usize,
+        batch: u64,
+    },
+    AntiEntropy {
+        region: usize,
+    },
+    Deferred {
+        region: usize,
+        key: u32,
+        record: Record,
+        round: u32,
+    },
+    FaultStart(usize),
+    FaultEnd(usize),
+}
+
+impl Ev {
+    fn code(&self) -> u64 {
+        match self {
+            Ev::Apply { region, key, .. } => 1 | (*region as u64) << 8 | (*key as u64) << 16,
+            Ev::Reply { proc, region, .. } => 2 | (*region as u64) << 8 | (*proc as u64) << 16,
+            Ev::Timer { proc, token } => 3 | (*token as u64) << 8 | (*proc as u64) << 32,
+            Ev::Client { client, .. } => 4 | (*client as u64) << 8,
+            Ev::Relay { from, to } => 5 | (*from as u64) << 8 | (*to as u64) << 16,
+            Ev::RelayBatch { batch, .. } => 6 | batch << 8,
+            Ev::RelayAck { batch, .. } => 7 | batch << 8,
+            Ev::RelayTimeout { batch, .. } => 8 | batch << 8,
+            Ev::AntiEntropy { region } => 9 | (*region as u64) << 8,
+            Ev::Deferred { region, key, .. } => 10 | (*region as u64) << 8 | (*key as u64) << 16,
+            Ev::FaultStart(i) => 11 | (*i as u64) << 8,
+            Ev::FaultEnd(i) => 12 | (*i as u64) << 8,
+        }
+    }
+}
+
+struct Queued {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    /// The earliest first (the heap is a max-heap).
+    fn cmp(&self, o: &Self) -> Ordering {
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+struct Region {
+    up: bool,
+    records: HashMap<u32, Record>,
+    /// Records as stored while the region is down.
+    on_disk: Vec<(u32, Vec<u8>)>,
+    /// The leader's last stamp: stamps never go back in log order.
+    stamp: u64,
+    skew_ms: i64,
+    /// Beyond the clock bound: its node refuses work.
+    fenced: bool,
+    minted: u32,
+    /// The node's hybrid clock for claims (never reset: it lives on the node's disk).
+    hlc: u64,
+    /// Per destination: keys changed here and not yet acknowledged there (key ->
+    /// change number), and the batch in flight.
+    outbox: Vec<HashMap<u32, u64>>,
+    in_flight: Vec<Option<u64>>,
+    relay_scheduled: Vec<bool>,
+    relay_backoff: Vec<u64>,
+}
+
+enum Eng {
+    Reserve(ReserveEngine),
+    Holder(HolderEngine),
+}
+
+struct Proc {
+    client: u32,
+    key: u32,
+    region: usize,
+    eng: Eng,
+    timer: Option<u32>,
+    /// The client's call that started it, for its answer.
+    call: u32,
+    /// When the client sent it (true time).
+    sent_ms: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Stage {
+    Idle,
+    Reserving {
+        procs: Vec<u32>,
+        sent_ms: u64,
+    },
+    Working {
+        fence: Fence,
+        trusted_until: u64,
+    },
+    Completing {
+        proc: u32,
+        fence: Fence,
+        trusted_until: u64,
+        response: u64,
+    },
+    Releasing,
+    Extending {
+        fence: Fence,
+        sent_ms: u64,
+        trusted_until: u64,
+    },
+}
+
+struct Request {
+    key: u32,
+    fp: u64,
+    first_attempt_ms: u64,
+    tries: u32,
+}
+
+struct Client {
+    home: usize,
+    wake: u32,
+    /// Counts the calls a client made: an answer to an earlier one is stale.
+    call: u32,
+    stage: Stage,
+    req: Option<Request>,
+}
+
+pub struct Sim {
+    cfg: SimConfig,
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Queued>,
+    regions: Vec<Region>,
+    procs: HashMap<u32, Proc>,
+    next_proc: u32,
+    clients: Vec<Client>,
+    hot: Vec<u32>,
+    next_key: u32,
+    faults: Vec<Fault>,
+    wan_ms: Vec<Vec<u64>>,
+    oracle: Oracle,
+    report: Report,
+    hash: TraceHash,
+    next_batch: u64,
+    change: u64,
+    /// No new requests once this many Reserves were made.
+    stopping: bool,
+}
+
+fn key_of(k: u32) -> Key {
+    Key {
+        tenant: "t".into(),
+        scope: "sim".into(),
+        key: k.to_be_bytes().to_vec(),
+    }
+}
+
+fn fingerprint_of(fp: u64) -> Fingerprint {
+    let mut b = [0u8; 32];
+    b[..8].copy_from_slice(&fp.to_le_bytes());
+    Fingerprint(b)
+}
+
+fn fence_id(f: &Fence) -> FenceId {
+    let c = f.claim;
+    (
+        f.generation,
+        c.hlc ^ (c.region as u64) << 48 ^ (c.node as u64) << 32 ^ c.nonce as u64,
+    )
+}
+
+fn op_summary(op: &Op) -> String {
+    match op {
+        Op::Propose {
+            claim,
+            generation,
+            lease_until_ms,
+            ..
+        } => format!("Propose claim {claim} gen {generation} until {lease_until_ms}"),
+        Op::Merge { record, .. } => format!("Merge {}", record_summary(record)),
+        Op::Withdraw {
+            claim, generation, ..
+        } => format!("Withdraw claim {claim} gen {generation}"),
+        other => format!("{} {:?}", other.name(), other)
+            .chars()
+            .take(160)
+            .collect(),
+    }
+}
+
+fn record_summary(r: &Record) -> String {
+    format!(
+        "{:?} gen {} claim {} lease {} witnesses {:b} final {}",
+        r.phase, r.generation, r.claim, r.lease_expires_ms, r.witnesses, r.is_final
+    )
+}
+
+fn response_id(r: &StoredResponse) -> u64 {
+    r.body
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(u64::MAX)
+}
+
+impl Sim {
+    pub fn new(cfg: SimConfig, seed: u64) -> Sim {
+        let mut rng = Rng::new(seed);
+        let n = cfg.regions;
+        // One-way WAN delays per pair (35 to 150 ms: round trips of 70 to 300 ms).
+        let mut wan_ms = vec![vec![1; n]; n];
+        let pairs: Vec<(usize, usize)> = (0..n)
+            .flat_map(|a| (a + 1..n).map(move |b| (a, b)))
+            .collect();
+        for (a, b) in pairs {
+            let d = rng.between(35, 150);
+            wan_ms[a][b] = d;
+            wan_ms[b][a] = d;
+        }
+        let bound = cfg.skew_margin_ms / 2;
+        let regions = (0..n)
+            .map(|_| Region {
+                up: true,
+                records: map(),
+                on_disk: Vec::new(),
+                stamp: 0,
+                skew_ms: rng.below(bound + 1) as i64 - (bound / 2) as i64,
+                fenced: false,
+                minted: 0,
+                hlc: 0,
+                outbox: vec![map(); n],
+                in_flight: vec![None; n],
+                relay_scheduled: vec![false; n],
+                relay_backoff: vec![100; n],
+            })
+            .collect();
+        let clients = (0..cfg.clients)
+            .map(|i| Client {
+                home: i as usize % n,
+                wake: 0,
+                call: 0,
+                stage: Stage::Idle,
+                req: None,
+            })
+            .collect();
+        let hot = (0..cfg.hot_keys).collect();
+        let next_key = cfg.hot_keys;
+        let mut sim = Sim {
+            cfg,
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            regions,
+            procs: map(),
+            next_proc: 0,
+            clients,
+            hot,
+            next_key,
+            faults: Vec::new(),
+            wan_ms,
+            oracle: Oracle::default(),
+            report: Report {
+                seed,
+                ..Report::default()
+            },
+            hash: TraceHash::default(),
+            next_batch: 0,
+            change: 0,
+            stopping: false,
+        };
+        if sim.cfg.faults {
+            sim.draw_faults();
+        }
+        for c in 0..sim.cfg.clients {
+            let at = sim.rng.below(200);
+            sim.at(at, Ev::Client { client: c, wake: 0 });
+        }
+        for r in 0..n {
+            let at = sim.rng.below(sim.cfg.anti_entropy_ms);
+            sim.at(at, Ev::AntiEntropy { region: r });
+        }
+        sim
+    }
+
+    /// A fault schedule drawn by the seed: which kinds, how often, how long, and
+    /// several at once. At most a minority of regions is ever down or rebuilt at once.
+    fn draw_faults(&mut self) {
+        let n = self.cfg.regions;
+        // Which kinds this seed uses, and the rate of windows.
+        let kinds: Vec<FaultKind> = FAULT_KINDS
+            .iter()
+            .copied()
+            .filter(|_| self.rng.chance(0.6))
+            .collect();
+        if kinds.is_empty() {
+            return;
+        }
+        // Expected run length: the Reserves at about one per client per second.
+        let span = (self.cfg.reserves * 1_000 / self.cfg.clients.max(1) as u64).max(10_000);
+        let count = 2 + self.rng.below(4 + span / 10_000);
+        let mut down_until = vec![0u64; n];
+        for _ in 0..count {
+            let kind = kinds[self.rng.below(kinds.len() as u64) as usize];
+            let start = self.rng.below(span);
+            let len = self.rng.between(500, 20_000);
+            let region = self.rng.below(n as u64) as usize;
+            let mut other = self.rng.below(n as u64 - 1) as usize;
+            if other >= region {
+                other += 1;
+            }
+            let amount = match kind {
+                FaultKind::Loss | FaultKind::Duplicate => self.rng.between(50, 600) as i64,
+                FaultKind::Skew => {
+                    let b = self.cfg.skew_margin_ms / 2;
+                    self.rng.below(2 * b + 1) as i64 - b as i64
+                }
+                FaultKind::ClockJump => {
+                    let ms = self.rng.between(1_000, 10_000) as i64;
+                    if self.rng.chance(0.5) {
+                        ms
+                    } else {
+                        -ms
+                    }
+                }
+                _ => 0,
+            };
+            if matches!(kind, FaultKind::Crash | FaultKind::Rebuild) {
+                // Another region down over this window would take a majority.
+                let busy = (0..n)
+                    .filter(|&r| r != region && down_until[r] > start)
+                    .count();
+                if busy + 1 > (n - 1) / 2 || down_until[region] > start {
+                    continue;
+                }
+                down_until[region] = start + len;
+            }
+            let i = self.faults.len();
+            self.faults.push(Fault {
+                kind,
+                region,
+                other,
+                start_ms: start,
+                end_ms: start + len,
+                amount,
+                active: false,
+            });
+            self.report.faults.push(format!(
+                "{kind:?} region {region} other {other} {start}..{} ms ({amount})",
+                start + len
+            ));
+            self.at(start, Ev::FaultStart(i));
+            self.at(start + len, Ev::FaultEnd(i));
+        }
+    }
+
+    fn at(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Queued {
+            at: at.max(self.now),
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn active(&self, kind: FaultKind) -> impl Iterator<Item = &Fault> {
+        self.faults
+            .iter()
+            .filter(move |f| f.active && f.kind == kind)
+    }
+
+    fn any_fault(&self) -> bool {
+        self.faults.iter().any(|f| f.active)
+    }
+
+    fn cut(&self, from: usize, to: usize) -> bool {
+        if from == to {
+            return false;
+        }
+        self.active(FaultKind::Isolate)
+            .any(|f| f.region == from || f.region == to)
+            || self
+                .active(FaultKind::OneWay)
+                .any(|f| f.region == from && f.other == to)
+    }
+
+    /// When a message sent now from `from` to `to` arrives; `None`: lost.
+    fn delay(&mut self, from: usize, to: usize) -> Option<u64> {
+        if from == to {
+            return Some(self.rng.between(1, 3));
+        }
+        if self.cut(from, to) {
+            return None;
+        }
+        let loss: i64 = self
+            .active(FaultKind::Loss)
+            .map(|f| f.amount)
+            .max()
+            .unwrap_or(0);
+        if loss > 0 && self.rng.below(1_000) < loss as u64 {
+            return None;
+        }
+        let base = self.wan_ms[from][to];
+        let mut d = base + self.rng.below(base / 4 + 1);
+        // A long tail always; multi-second stalls while the WAN is slow.
+        if self.rng.chance(0.01) {
+            d += self.rng.between(100, 1_000);
+        }
+        if self.active(FaultKind::Slow).next().is_some() && self.rng.chance(0.2) {
+            d += self.rng.between(200, 3_000);
+        }
+        Some(d)
+    }
+
+    /// Send `ev` over the network (possibly lost, delayed, duplicated).
+    fn send(&mut self, from: usize, to: usize, ev: Ev) {
+        let Some(d) = self.delay(from, to) else {
+            return;
+        };
+        let dup: i64 = self
+            .active(FaultKind::Duplicate)
+            .map(|f| f.amount)
+            .max()
+            .unwrap_or(0);
+        if from != to && dup > 0 && self.rng.below(1_000) < dup as u64 {
+            let extra = self.rng.below(500);
+            self.at(self.now + d + extra, ev.clone());
+        }
+        self.at(self.now + d, ev);
+    }
+
+    /// A region node's clock (its stamp clock: true time plus its skew).
+    fn node_ms(&self, r: usize) -> u64 {
+        (self.now as i64 + self.regions[r].skew_ms).max(0) as u64
+    }
+
+    fn majority(&self) -> usize {
+        self.cfg.regions / 2 + 1
+    }
+
+    fn engine_config(&self, local: usize) -> EngineConfig {
+        EngineConfig {
+            regions: self.cfg.regions,
+            local: Some(local),
+            round_timeout_ms: self.cfg.round_timeout_ms,
+            max_stale_retries: 2,
+            max_contention_rounds: idem_core::engine::MAX_CONTENTION_ROUNDS,
+            rule: self.cfg.rule,
+        }
+    }
+
+    /// Run until every client is idle after the last Reserve, then heal everything
+    /// and let the regions converge; judge the run.
+    pub fn run(mut self) -> Report {
+        let mut healed_at = None;
+        while let Some(q) = self.queue.pop() {
+            self.now = q.at;
+            self.report.events += 1;
+            self.hash.add(q.at);
+            self.hash.add(q.ev.code());
+            self.step(q.ev);
+            if self.stopping && healed_at.is_none() && self.all_idle() {
+                self.heal_all();
+                healed_at = Some(self.now);
+            }
+            if let Some(h) = healed_at {
+                // Enough for every lease to end, every deferred merge to be offered
+                // again and several anti-entropy passes to run.
+                if self.now > h + 4 * self.cfg.lease_ms + 8 * self.cfg.anti_entropy_ms {
+                    break;
+                }
+            }
+            if self.now > 3_600_000 * 24 {
+                self.report.violations.push(Violation {
+                    kind: "no_progress",
+                    key: 0,
+                    at_ms: self.now,
+                    detail: "the run did not end within a simulated day".into(),
+                });
+                break;
+            }
+        }
+        self.report.sim_ms = self.now;
+        if healed_at.is_none() {
+            self.report.violations.push(Violation {
+                kind: "liveness",
+                key: 0,
+                at_ms: self.now,
+                detail: "clients were still busy when the events ran out".into(),
+            });
+        }
+        self.final_checks();
+        self.oracle.finish();
+        self.report.violations.append(&mut self.oracle.violations);
+        self.report.trace_hash = self.hash.value();
+        self.report
+    }
+
+    fn all_idle(&self) -> bool {
+        self.clients.iter().all(|c| matches!(c.stage, Stage::Idle))
+    }
+
+    fn heal_all(&mut self) {
+        for i in 0..self.faults.len() {
+            if self.faults[i].active {
+                self.end_fault(i);
+            }
+            self.faults[i].end_ms = self.faults[i].end_ms.min(self.now);
+        }
+        // Faults not yet started never will.
+        for f in &mut self.faults {
+            f.start_ms = u64::MAX;
+        }
+    }
+
+    fn step(&mut self, ev: Ev) {
+        match ev {
+            Ev::Apply {
+                region,
+                from,
+                key,
+                op,
+                reply,
+            } => {
+                let result = self.apply(region, key, op);
+                if let Some((proc, round)) = reply {
+                    // A region that is down or fenced answers with an error.
+                    let ev = Ev::Reply {
+                        proc,
+                        round,
+                        region,
+                        result,
+                    };
+                    self.send(region, from, ev);
+                }
+            }
+            Ev::Reply {
+                proc,
+                round,
+                region,
+                result,
+            } => self.on_reply(proc, round, region, result),
+            Ev::Timer { proc, token } => self.on_timer(proc, token),
+            Ev::Client { client, wake } => {
+                if self.clients[client as usize].wake == wake {
+                    self.client_step(client);
+                }
+            }
+            Ev::Relay { from, to } => self.relay(from, to),
+            Ev::RelayBatch {
+                from,
+                to,
+                batch,
+                records,
+            } => {
+                if !self.regions[to].up {
+                    return;
+                }
+                let mut keys = Vec::with_capacity(records.len());
+                for (k, change, rec) in records {
+                    self.merge_in(to, k, rec, 1);
+                    keys.push((k, change));
+                }
+                self.send(
+                    to,
+                    from,
+                    Ev::RelayAck {
+                        from,
+                        to,
+                        batch,
+                        keys,
+                    },
+                );
+            }
+            Ev::RelayAck {
+                from,
+                to,
+                batch,
+                keys,
+            } => {
+                let reg = &mut self.regions[from];
+                if reg.in_flight[to] != Some(batch) {
+                    return;
+                }
+                reg.in_flight[to] = None;
+                reg.relay_backoff[to] = 100;
+                for (k, change) in keys {
+                    if reg.outbox[to].get(&k) == Some(&change) {
+                        reg.outbox[to].remove(&k);
+                    }
+                }
+                self.schedule_relay(from, to, 0);
+            }
+            Ev::RelayTimeout { from, to, batch } => {
+                let reg = &mut self.regions[from];
+                if reg.in_flight[to] == Some(batch) {
+                    reg.in_flight[to] = None;
+                    let b = reg.relay_backoff[to];
+                    reg.relay_backoff[to] = (b * 2).min(10_000);
+                    let wait = b / 2 + self.rng.below(b / 2 + 1);
+                    self.schedule_relay(from, to, wait);
+                }
+            }
+            Ev::AntiEntropy { region } => {
+                self.anti_entropy(region);
+                let i = self.cfg.anti_entropy_ms;
+                let next = self.now + i * 3 / 4 + self.rng.below(i / 2 + 1);
+                self.at(next, Ev::AntiEntropy { region });
+            }
+            Ev::Deferred {
+                region,
+                key,
+                record,
+                round,
+            } => self.merge_in(region, key, record, round),
+            Ev::FaultStart(i) => {
+                if self.faults[i].start_ms != u64::MAX {
+                    self.start_fault(i);
+                }
+            }
+            Ev::FaultEnd(i) => {
+                if self.faults[i].active {
+                    self.end_fault(i);
+                }
+            }
+        }
+    }
+
+    fn start_fault(&mut self, i: usize) {
+        self.faults[i].active = true;
+        let f = self.faults[i].clone();
+        match f.kind {
+            FaultKind::Crash | FaultKind::Rebuild => self.crash(f.region),
+            FaultKind::Skew => self.regions[f.region].skew_ms = f.amount,
+            // The stamper does not follow a clock that jumps: its stamps advance by the
+            // monotonic time elapsed. Peers see the offset and the node stops serving.
+            FaultKind::ClockJump => self.regions[f.region].fenced = true,
+            _ => {}
+        }
+    }
+
+    fn end_fault(&mut self, i: usize) {
+        self.faults[i].active = false;
+        let f = self.faults[i].clone();
+        match f.kind {
+            FaultKind::Crash => self.restart(f.region, false),
+            FaultKind::Rebuild => self.restart(f.region, true),
+            FaultKind::Skew => {
+                let b = (self.cfg.skew_margin_ms / 2) as i64;
+                self.regions[f.region].skew_ms = self.rng.below(b as u64 + 1) as i64 - b / 2;
+            }
+            FaultKind::ClockJump => {
+                self.regions[f.region].fenced = self
+                    .faults
+                    .iter()
+                    .any(|g| g.active && g.kind == FaultKind::ClockJump && g.region == f.region)
+            }
+            _ => {}
+        }
+        // Outboxes that waited for a link start shipping again.
+        for from in 0..self.cfg.regions {
+            for to in 0..self.cfg.regions {
+                if from != to && !self.regions[from].outbox[to].is_empty() {
+                    self.schedule_relay(from, to, 0);
+                }
+            }
+        }
+    }
+
+    /// Every node of the region stops: its engines die with it (no withdraw, no notice),
+    /// its records stay on disk.
+    fn crash(&mut self, r: usize) {
+        let reg = &mut self.regions[r];
+        reg.up = false;
+        let mut on_disk: Vec<(u32, Vec<u8>)> = reg
+            .records
+            .drain()
+            .map(|(k, rec)| (k, encode_record(&rec)))
+            .collect();
+        on_disk.sort_unstable_by_key(|(k, _)| *k);
+        reg.on_disk = on_disk;
+        for f in reg.in_flight.iter_mut() {
+            *f = None;
+        }
+        let dead: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.region == r)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dead {
+            if let Some(p) = self.procs.remove(&id) {
+                // The client's connection breaks: it sees an error and retries.
+                let c = p.client;
+                if self.clients[c as usize].call == p.call {
+                    self.call_failed(c, id);
+                }
+            }
+        }
+    }
+
+    fn restart(&mut self, r: usize, wiped: bool) {
+        let n = self.cfg.regions;
+        let reg = &mut self.regions[r];
+        reg.up = true;
+        let on_disk = std::mem::take(&mut reg.on_disk);
+        if wiped {
+            reg.stamp = 0;
+            reg.outbox = vec![map(); n];
+        } else {
+            for (k, bytes) in on_disk {
+                match decode_record(&bytes) {
+                    Ok(rec) => {
+                        reg.records.insert(k, rec);
+                    }
+                    Err(e) => self.report.violations.push(Violation {
+                        kind: "codec",
+                        key: k,
+                        at_ms: self.now,
+                        detail: format!("a stored record did not decode: {e}"),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Apply one command to a region's group, as its leader stamps it.
+    fn apply(&mut self, r: usize, k: u32, op: Op) -> Option<CommandResult> {
+        let reg = &self.regions[r];
+        if !reg.up {
+            return None;
+        }
+        // A node whose clock is in doubt stamps, proposes and acknowledges nothing.
+        if reg.fenced && !matches!(op, Op::Merge { .. }) {
+            return None;
+        }
+        let (result, _) = self.apply_stamped(r, k, op);
+        Some(result)
+    }
+
+    fn apply_stamped(&mut self, r: usize, k: u32, op: Op) -> (CommandResult, bool) {
+        let now = self.node_ms(r);
+        let n = self.cfg.regions;
+        let reg = &mut self.regions[r];
+        reg.stamp = reg.stamp.max(now);
+        reg.minted += 1;
+        let is_merge = matches!(op, Op::Merge { .. });
+        let cmd = Command {
+            now_ms: reg.stamp,
+            skew_margin_ms: self.cfg.skew_margin_ms,
+            claim: ClaimId {
+                hlc: reg.stamp,
+                region: r as u16,
+                node: r as u16,
+                nonce: reg.minted,
+            },
+            region_bit: 1 << r,
+            key: key_of(k),
+            op,
+        };
+        let stored = reg.records.get(&k);
+        let (result, write) = command::apply(stored, &cmd);
+        if self.cfg.trace_key == Some(k) {
+            println!(
+                "{:>8} region {r} stamp {} applies {}: {:?}\n{:>8}   before {:?}\n{:>8}   after  {:?}",
+                self.now,
+                cmd.now_ms,
+                op_summary(&cmd.op),
+                result,
+                "",
+                stored.map(record_summary),
+                "",
+                write.as_ref().map(record_summary)
+            );
+        }
+        let mut changed = false;
+        if let Some(w) = write {
+            changed = stored.is_none_or(|s| !same_replicated(s, &w));
+            reg.records.insert(k, w);
+            if changed && !is_merge {
+                self.change += 1;
+                for dest in (0..n).filter(|&d| d != r) {
+                    self.regions[r].outbox[dest].insert(k, self.change);
+                    self.schedule_relay(r, dest, RELAY_POLL_MS);
+                }
+            }
+        }
+        (result, changed)
+    }
+
+    /// Merge another region's copy here (relay, anti-entropy, a deferred merge).
+    fn merge_in(&mut self, r: usize, k: u32, record: Record, round: u32) {
+        if !self.regions[r].up {
+            return;
+        }
+        if self.regions[r]
+            .records
+            .get(&k)
+            .is_some_and(|l| same_replicated(l, &record))
+        {
+            return;
+        }
+        let op = Op::Merge {
+            record: record.clone(),
+            guarded: true,
+            quorum: self.majority() as u32,
+            region: Some(r as u16),
+        };
+        let (result, _) = self.apply_stamped(r, k, op);
+        if let CommandResult::Merge {
+            outcome: MergeOutcome::Deferred { retry_after_ms },
+            ..
+        } = &result
+        {
+            if round < MAX_DEFER_ROUNDS {
+                let at = self.now + retry_after_ms.clamp(&1, &60_000);
+                self.at(
+                    at,
+                    Ev::Deferred {
+                        region: r,
+                        key: k,
+                        record,
+                        round: round + 1,
+                    },
+                );
+            }
+        }
+        if let CommandResult::Merge {
+            conflict: Some(idem_core::merge::Conflict::DualCompletion),
+            ..
+        } = &result
+        {
+            self.report.violations.push(Violation {
+                kind: "dual_completion",
+                key: k,
+                at_ms: self.now,
+                detail: format!("two completions of one generation met in a merge at region {r}"),
+            });
+        }
+    }
+
+    fn schedule_relay(&mut self, from: usize, to: usize, after: u64) {
+        let reg = &mut self.regions[from];
+        if reg.relay_scheduled[to] || reg.in_flight[to].is_some() || reg.outbox[to].is_empty() {
+            return;
+        }
+        reg.relay_scheduled[to] = true;
+        self.at(self.now + after, Ev::Relay { from, to });
+    }
+
+    /// Ship a batch of queued changes, each as the record is now.
+    fn relay(&mut self, from: usize, to: usize) {
+        self.regions[from].relay_scheduled[to] = false;
+        let reg = &self.regions[from];
+        if !reg.up || reg.in_flight[to].is_some() {
+            return;
+        }
+        let mut keys: Vec<(u32, u64)> = reg.outbox[to].iter().map(|(k, c)| (*k, *c)).collect();
+        if keys.is_empty() {
+            return;
+        }
+        // Oldest changes first (deterministic).
+        keys.sort_unstable_by_key(|(_, c)| *c);
+        keys.truncate(RELAY_BATCH);
+        let records: Vec<(u32, u64, Record)> = keys
+            .iter()
+            .filter_map(|(k, c)| reg.records.get(k).map(|r| (*k, *c, r.clone())))
+            .collect();
+        self.next_batch += 1;
+        let batch = self.next_batch;
+        self.regions[from].in_flight[to] = Some(batch);
+        // A key whose record is gone ships nothing and is acknowledged with the rest.
+        let gone: Vec<u32> = keys
+            .iter()
+            .filter(|(k, _)| !records.iter().any(|(rk, _, _)| rk == k))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            self.regions[from].outbox[to].remove(&k);
+        }
+        self.send(
+            from,
+            to,
+            Ev::RelayBatch {
+                from,
+                to,
+                batch,
+                records,
+            },
+        );
+        self.at(
+            self.now + RELAY_TIMEOUT_MS,
+            Ev::RelayTimeout { from, to, batch },
+        );
+    }
+
+    /// Pull from every other region every record that differs (both ways over the
+    /// pass: each region runs its own).
+    fn anti_entropy(&mut self, r: usize) {
+        if !self.regions[r].up {
+            return;
+        }
+        for s in 0..self.cfg.regions {
+            if s == r || !self.regions[s].up || self.cut(r, s) || self.cut(s, r) {
+                continue;
+            }
+            let mut differing: Vec<(u32, Record)> = self.regions[s]
+                .records
+                .iter()
+                .filter(|(k, rec)| {
+                    self.regions[r]
+                        .records
+                        .get(k)
+                        .is_none_or(|l| !same_replicated(l, rec))
+                })
+                .map(|(k, rec)| (*k, rec.clone()))
+                .collect();
+            differing.sort_unstable_by_key(|(k, _)| *k);
+            for (k, rec) in differing {
+                self.merge_in(r, k, rec, 1);
+            }
+        }
+    }
+
+    // ---- the proposer side ----
+
+    fn on_reply(&mut self, pid: u32, round: u32, region: usize, result: Option<CommandResult>) {
+        let now = match self.procs.get(&pid) {
+            Some(p) => self.node_ms(p.region),
+            None => return,
+        };
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        match &mut p.eng {
+            Eng::Reserve(e) => {
+                let cmds = e.on_result(round, region, result.as_ref(), now);
+                self.perform_reserve(pid, cmds);
+            }
+            Eng::Holder(e) => {
+                let cmds = e.on_result(round, region, result.as_ref(), now);
+                self.perform_holder(pid, cmds);
+            }
+        }
+    }
+
+    fn on_timer(&mut self, pid: u32, token: u32) {
+        let now = match self.procs.get(&pid) {
+            Some(p) if p.timer == Some(token) => self.node_ms(p.region),
+            _ => return,
+        };
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        p.timer = None;
+        match &mut p.eng {
+            Eng::Reserve(e) => {
+                let cmds = e.on_timer(token, now);
+                self.perform_reserve(pid, cmds);
+            }
+            Eng::Holder(e) => {
+                let cmds = e.on_timer(token, now);
+                self.perform_holder(pid, cmds);
+            }
+        }
+    }
+
+    /// Perform an engine's sends and timers; what it answers, if it did.
+    fn perform<A>(&mut self, pid: u32, cmds: Vec<Cmd<A>>) -> Option<A> {
+        let (region, key) = match self.procs.get(&pid) {
+            Some(p) => (p.region, p.key),
+            None => return None,
+        };
+        let mut answer = None;
+        for c in cmds {
+            match c {
+                Cmd::Send { round, op } => {
+                    // Every proposal fixes a lease on this node's clock: not while it is
+                    // in doubt (the engine is abandoned, its withdraws sent).
+                    if matches!(op, Op::Propose { .. }) && self.regions[region].fenced {
+                        self.abandon(pid);
+                        return None;
+                    }
+                    for to in 0..self.cfg.regions {
+                        let ev = Ev::Apply {
+                            region: to,
+                            from: region,
+                            key,
+                            op: op.clone(),
+                            reply: Some((pid, round)),
+                        };
+                        self.send(region, to, ev);
+                    }
+                }
+                Cmd::Withdraw { op } | Cmd::Notify { op } => self.broadcast(region, key, op),
+                Cmd::Timer { token, at_ms } => {
+                    if let Some(p) = self.procs.get_mut(&pid) {
+                        p.timer = Some(token);
+                    }
+                    // Engine time is the node's clock.
+                    let skew = self.regions[region].skew_ms;
+                    let at = (at_ms as i64 - skew).max(self.now as i64) as u64;
+                    self.at(at, Ev::Timer { proc: pid, token });
+                }
+                Cmd::Answer(a) => answer = Some(a),
+            }
+        }
+        answer
+    }
+
+    /// Send `op` to every region, resent a few times; nobody waits for it.
+    fn broadcast(&mut self, from: usize, key: u32, op: Op) {
+        for to in 0..self.cfg.regions {
+            for i in 0..BROADCAST_TRIES {
+                if i > 0 && self.rng.chance(0.5) {
+                    continue;
+                }
+                let ev = Ev::Apply {
+                    region: to,
+                    from,
+                    key,
+                    op: op.clone(),
+                    reply: None,
+                };
+                let Some(d) = self.delay(from, to) else {
+                    continue;
+                };
+                let later = i as u64 * self.cfg.round_timeout_ms / 2;
+                self.at(self.now + d + later, ev);
+            }
+        }
+    }
+
+    /// The caller is gone (its node lost its clock): what the engine must still send
+    /// goes out, the client sees UNAVAILABLE.
+    fn abandon(&mut self, pid: u32) {
+        let Some(mut p) = self.procs.remove(&pid) else {
+            return;
+        };
+        let sends: Vec<Op> = match &mut p.eng {
+            Eng::Reserve(e) => e
+                .abandon()
+                .into_iter()
+                .filter_map(|c| match c {
+                    Cmd::Withdraw { op } | Cmd::Notify { op } => Some(op),
+                    _ => None,
+                })
+                .collect(),
+            Eng::Holder(e) => e
+                .abandon()
+                .into_iter()
+                .filter_map(|c| match c {
+                    Cmd::Withdraw { op } | Cmd::Notify { op } => Some(op),
+                    _ => None,
+                })
+                .collect(),
+        };
+        for op in sends {
+            self.broadcast(p.region, p.key, op);
+        }
+        if self.clients[p.client as usize].call == p.call {
+            self.call_failed(p.client, pid);
+        }
+    }
+
+    fn perform_reserve(&mut self, pid: u32, cmds: Vec<Cmd<Answer>>) {
+        if let Some(a) = self.perform(pid, cmds) {
+            if let Some(p) = self.procs.remove(&pid) {
+                self.reserve_answered(p.client, p.call, pid, (p.key, p.sent_ms), Ok(a));
+            }
+        }
+    }
+
+    fn perform_holder(&mut self, pid: u32, cmds: Vec<Cmd<HolderAnswer>>) {
+        if let Some(a) = self.perform(pid, cmds) {
+            if let Some(p) = self.procs.remove(&pid) {
+                self.holder_answered(p.client, p.call, a);
+            }
+        }
+    }
+
+    fn new_proc(&mut self, client: u32, key: u32, region: usize, eng: Eng) -> u32 {
+        self.next_proc += 1;
+        let id = self.next_proc;
+        let call = self.clients[client as usize].call;
+        self.procs.insert(
+            id,
+            Proc {
+                client,
+                key,
+                region,
+                eng,
+                timer: None,
+                call,
+                sent_ms: self.now,
+            },
+        );
+        id
+    }
+
+    /// A Reserve at `region`, as `Geo::reserve` runs it; `None` once it was answered
+    /// at once (the fast path, or no Propose allowed).
+    fn start_reserve(&mut self, client: u32, region: usize) -> Option<u32> {
+        let (key, fp, first) = {
+            let r = self.clients[client as usize].req.as_ref()?;
+            (r.key, r.fp, r.first_attempt_ms)
+        };
+        self.report.reserves += 1;
+        self.oracle.reserve_sent(key, fp);
+        if self.report.reserves >= self.cfg.reserves {
+            self.stopping = true;
+        }
+        let faulted = self.any_fault();
+        if faulted
+            && self
+                .oracle
+                .contended(key, client, self.now, self.cfg.lease_ms)
+        {
+            self.report.contended += 1;
+        }
+        let active: Vec<FaultKind> = self
+            .faults
+            .iter()
+            .filter(|f| f.active)
+            .map(|f| f.kind)
+            .collect();
+        for k in FAULT_KINDS.iter().filter(|k| active.contains(k)) {
+            *self.report.coverage.entry(format!("{k:?}")).or_default() += 1;
+        }
+        if !self.regions[region].up {
+            // Connection refused: the client tries again.
+            self.call_failed_later(client, 5);
+            return None;
+        }
+        let now = self.node_ms(region);
+        let fingerprint = fingerprint_of(fp);
+        let rec = self.regions[region].records.get(&key).cloned();
+        // Fast path: a final completion never changes, so this node's copy answers.
+        if let Some(r) = rec
+            .as_ref()
+            .filter(|r| r.phase == Phase::Completed && r.is_final)
+        {
+            let outcome = if r.fingerprint != fingerprint {
+                Some(ReserveOutcome::Mismatch {
+                    stored: r.fingerprint,
+                })
+            } else {
+                r.response.clone().map(|response| ReserveOutcome::Replay {
+                    fence: r.fence(),
+                    response,
+                })
+            };
+            if let Some(outcome) = outcome {
+                let call = self.clients[client as usize].call;
+                let a = Answer::Decided {
+                    outcome,
+                    attempt: 0,
+                    since_previous_ms: None,
+                };
+                self.reserve_answered(client, call, 0, (key, self.now), Ok(a));
+                return None;
+            }
+        }
+        if self.regions[region].fenced {
+            self.call_failed_later(client, 2);
+            return None;
+        }
+        let nonce = self.rng.next_u64() as u32;
+        let reg = &mut self.regions[region];
+        // The node's hybrid clock: unique and increasing, like `Group::mint`.
+        reg.hlc = (reg.hlc + 1).max(now);
+        let claim = ClaimId {
+            hlc: reg.hlc,
+            region: region as u16,
+            node: region as u16,
+            nonce,
+        };
+        let call = ReserveCall {
+            fingerprint,
+            lease_ms: self.cfg.lease_ms,
+            retention_ms: RETENTION_MS,
+            first_attempt_ms: first,
+            deadline_ms: now + self.cfg.reserve_deadline_ms,
+        };
+        let seed = self.rng.fork();
+        let mut e = ReserveEngine::new(self.engine_config(region), call, claim, seed);
+        let cmds = e.start(now, first_generation(rec.as_ref(), now));
+        let pid = self.new_proc(client, key, region, Eng::Reserve(e));
+        self.perform_reserve(pid, cmds);
+        Some(pid)
+    }
+
+    fn call_failed_later(&mut self, client: u32, ms: u64) {
+        let c = &mut self.clients[client as usize];
+        c.stage = Stage::Idle;
+        c.wake += 1;
+        let wake = c.wake;
+        self.at(self.now + ms + 100, Ev::Client { client, wake });
+    }
+
+    /// The client's call failed (a broken connection, a node that refused it).
+    fn call_failed(&mut self, client: u32, pid: u32) {
+        match self.clients[client as usize].stage.clone() {
+            Stage::Reserving { procs, .. } => {
+                if procs
+                    .iter()
+                    .any(|p| self.procs.contains_key(p) && *p != pid)
+                {
+                    return; // a hedged twin is still running
+                }
+                let call = self.clients[client as usize].call;
+                self.reserve_answered(client, call, pid, (0, 0), Err(()));
+            }
+            Stage::Completing {
+                fence,
+                trusted_until,
+                response,
+                ..
+            } => self.retry_complete(client, fence, trusted_until, response),
+            Stage::Extending {
+                fence,
+                trusted_until,
+                ..
+            } => {
+                self.clients[client as usize].stage = Stage::Working {
+                    fence,
+                    trusted_until,
+                };
+                self.after_work(client);
+            }
+            Stage::Releasing => self.finish_request(client),
+            _ => {}
+        }
+    }
+
+    // ---- clients ----
+
+    fn client_step(&mut self, client: u32) {
+        let c = &self.clients[client as usize];
+        match c.stage.clone() {
+            Stage::Idle => {
+                if c.req.is_none() {
+                    if self.stopping {
+                        return;
+                    }
+                    self.new_request(client);
+                }
+                self.reserve(client);
+            }
+            Stage::Working { .. } => self.after_work(client),
+            Stage::Completing {
+                proc: 0,
+                fence,
+                trusted_until,
+                response,
+            } => self.retry_complete(client, fence, trusted_until, response),
+            _ => {}
+        }
+    }
+
+    fn new_request(&mut self, client: u32) {
+        let hot = !self.hot.is_empty() && self.rng.chance(0.5);
+        let key = if hot {
+            self.hot[self.rng.below(self.hot.len() as u64) as usize]
+        } else {
+            self.next_key += 1;
+            self.next_key
+        };
+        // Usually the key's one request; now and then another body under the same key.
+        let fp = if self.rng.chance(0.03) {
+            (key as u64) << 1 | 1
+        } else {
+            (key as u64) << 1
+        };
+        self.clients[client as usize].req = Some(Request {
+            key,
+            fp,
+            first_attempt_ms: self.now,
+            tries: 0,
+        });
+    }
+
+    fn reserve(&mut self, client: u32) {
+        let n = self.cfg.regions;
+        let (home, tries) = {
+            let c = &mut self.clients[client as usize];
+            let Some(r) = c.req.as_mut() else {
+                return;
+            };
+            r.tries += 1;
+            (c.home, r.tries)
+        };
+        if tries > 40 {
+            // The SDK's retry budget is spent: the call fails to the application.
+            self.finish_request(client);
+            return;
+        }
+        // Retries go through another region now and then (anycast moved, a failover).
+        let region = if tries > 1 && self.rng.chance(0.3) {
+            self.rng.below(n as u64) as usize
+        } else {
+            home
+        };
+        self.clients[client as usize].call += 1;
+        let sent_ms = self.now;
+        self.clients[client as usize].stage = Stage::Reserving {
+            procs: Vec::new(),
+            sent_ms,
+        };
+        let mut procs = Vec::new();
+        if let Some(p) = self.start_reserve(client, region) {
+            procs.push(p);
+        }
+        // A hedged request: the same Reserve through a second region at once.
+        if matches!(self.clients[client as usize].stage, Stage::Reserving { .. })
+            && self.rng.chance(0.05)
+        {
+            let other = (region + 1 + self.rng.below(n as u64 - 1) as usize) % n;
+            if let Some(p) = self.start_reserve(client, other) {
+                procs.push(p);
+            }
+        }
+        if let Stage::Reserving { procs: ps, .. } = &mut self.clients[client as usize].stage {
+            ps.extend(procs);
+        }
+    }
+
+    /// A Reserve's answer (`Err`: the call failed without one).
+    /// `sent`: the proc's key and when it was sent (a NEW is judged by them).
+    fn reserve_answered(
+        &mut self,
+        client: u32,
+        call: u32,
+        pid: u32,
+        sent: (u32, u64),
+        a: Result<Answer, ()>,
+    ) {
+        let c = &self.clients[client as usize];
+        let waiting = match &c.stage {
+            Stage::Reserving { procs, sent_ms } if c.call == call => {
+                Some((procs.clone(), *sent_ms))
+            }
+            _ => None,
+        };
+        let Some((procs, sent_ms)) = waiting else {
+            // A hedged twin answering after the first, or a call the client gave up
+            // on: a NEW still counts as a grant.
+            if let Ok(Answer::Decided {
+                outcome: ReserveOutcome::New { fence, .. },
+                ..
+            }) = &a
+            {
+                self.late_grant(client, sent, *fence);
+            }
+            return;
+        };
+        let Some(req) = c.req.as_ref() else {
+            return;
+        };
+        let (key, fp) = (req.key, req.fp);
+        if self.cfg.trace_key == Some(key) {
+            println!(
+                "{:>8} client {client} proc {pid} (sent {sent_ms}) answered {a:?}",
+                self.now
+            );
+        }
+        let twin_running = procs
+            .iter()
+            .any(|p| *p != pid && self.procs.contains_key(p));
+        let now = self.now;
+        match a {
+            Ok(Answer::Decided { outcome, .. }) => match outcome {
+                ReserveOutcome::New {
+                    fence, takeover, ..
+                } => {
+                    self.report.new += 1;
+                    if takeover.is_some() {
+                        self.report.takeovers += 1;
+                    }
+                    // The SDK trusts the lease from the moment it sent the Reserve,
+                    // less the margin, and never returns a NEW already inside it.
+                    let trusted_until = sent_ms + self.cfg.lease_ms - self.cfg.skew_margin_ms;
+                    if now >= trusted_until {
+                        self.retry_reserve(client, 50);
+                        return;
+                    }
+                    let faulted = self.any_fault();
+                    self.oracle
+                        .grant(key, fence_id(&fence), client, now, trusted_until, faulted);
+                    self.clients[client as usize].stage = Stage::Working {
+                        fence,
+                        trusted_until,
+                    };
+                    // The work: usually well inside the lease; now and then a holder
+                    // that pauses past it.
+                    let lease = self.cfg.lease_ms;
+                    let pausing =
+                        self.active(FaultKind::Pause).next().is_some() && self.rng.chance(0.3);
+                    let work = if pausing {
+                        lease + self.rng.below(lease)
+                    } else {
+                        self.rng.between(1, lease / 3)
+                    };
+                    self.wake_after(client, work);
+                }
+                ReserveOutcome::Replay { response, .. } => {
+                    self.report.replay += 1;
+                    self.oracle.replay(key, fp, response_id(&response), now);
+                    self.finish_request(client);
+                }
+                ReserveOutcome::Mismatch { .. } => {
+                    self.report.mismatch += 1;
+                    self.oracle.mismatch(key, fp, now);
+                    self.finish_request(client);
+                }
+                ReserveOutcome::InFlight { retry_after_ms, .. } => {
+                    self.report.in_flight += 1;
+                    if !twin_running {
+                        let wait = retry_after_ms.clamp(20, 2_000);
+                        self.retry_reserve(client, wait);
+                    }
+                }
+                ReserveOutcome::TooOld { .. } | ReserveOutcome::StaleGen { .. } => {
+                    self.finish_request(client)
+                }
+            },
+            Ok(Answer::Unavailable { .. }) | Err(()) => {
+                self.report.unavailable += 1;
+                if !twin_running {
+                    let wait = 50 + self.rng.below(400);
+                    self.retry_reserve(client, wait);
+                }
+            }
+        }
+    }
+
+    /// A NEW the client no longer waited for (a hedged twin answering second, or the
+    /// answer to a call it gave up on): a grant all the same, trusted as the SDK would.
+    fn late_grant(&mut self, client: u32, (key, sent_ms): (u32, u64), fence: Fence) {
+        self.report.new += 1;
+        let trusted_until = sent_ms + self.cfg.lease_ms - self.cfg.skew_margin_ms;
+        if self.now >= trusted_until {
+            return;
+        }
+        let faulted = self.any_fault();
+        self.oracle.grant(
+            key,
+            fence_id(&fence),
+            client,
+            self.now,
+            trusted_until,
+            faulted,
+        );
+    }
+
+    fn retry_reserve(&mut self, client: u32, wait: u64) {
+        let c = &mut self.clients[client as usize];
+        c.stage = Stage::Idle;
+        c.wake += 1;
+        let wake = c.wake;
+        self.at(self.now + wait, Ev::Client { client, wake });
+    }
+
+    fn wake_after(&mut self, client: u32, ms: u64) {
+        let c = &mut self.clients[client as usize];
+        c.wake += 1;
+        let wake = c.wake;
+        self.at(self.now + ms, Ev::Client { client, wake });
+    }
+
+    /// The holder's work is done (or it woke from a pause): Complete, mostly.
+    fn after_work(&mut self, client: u32) {
+        let Stage::Working {
+            fence,
+            trusted_until,
+        } = self.clients[client as usize].stage.clone()
+        else {
+            return;
+        };
+        let Some((key, fp)) = self.clients[client as usize]
+            .req
+            .as_ref()
+            .map(|r| (r.key, r.fp))
+        else {
+            return;
+        };
+        let roll = self.rng.below(100);
+        let home = self.clients[client as usize].home;
+        if roll < 6 {
+            // Release: the holder stops trusting its lease as it sends it.
+            self.oracle.close(key, fence_id(&fence), self.now);
+            self.clients[client as usize].call += 1;
+            let pid = self.start_holder(client, key, home, HolderCall::Release { fence });
+            match pid {
+                Some(_) => self.clients[client as usize].stage = Stage::Releasing,
+                None => self.finish_request(client),
+            }
+        } else if roll < 12 && self.now + self.cfg.skew_margin_ms < trusted_until {
+            self.clients[client as usize].call += 1;
+            let until_ms = self.node_ms(home) + self.cfg.lease_ms;
+            let call = HolderCall::Extend {
+                fence,
+                lease_ms: self.cfg.lease_ms,
+                until_ms,
+            };
+            let sent_ms = self.now;
+            match self.start_holder(client, key, home, call) {
+                Some(_) => {
+                    self.clients[client as usize].stage = Stage::Extending {
+                        fence,
+                        sent_ms,
+                        trusted_until,
+                    }
+                }
+                None => {
+                    let w = self.rng.between(1, 100);
+                    self.wake_after(client, w);
+                }
+            }
+        } else if roll < 15 {
+            // The client crashes: nothing more is sent; its lease runs out.
+            self.oracle.close(key, fence_id(&fence), trusted_until);
+            self.finish_request(client);
+        } else {
+            let response = (key as u64) << 32 ^ fence_id(&fence).1 ^ fp;
+            self.oracle.completion_sent(key, fp, response);
+            self.retry_complete(client, fence, trusted_until, response);
+        }
+    }
+
+    fn retry_complete(&mut self, client: u32, fence: Fence, trusted_until: u64, response: u64) {
+        let Some(key) = self.clients[client as usize].req.as_ref().map(|r| r.key) else {
+            return;
+        };
+        if self.now >= trusted_until {
+            // The holder no longer trusts its lease: it stops retrying (the outcome
+            // is unknown to it).
+            self.oracle.close(key, fence_id(&fence), trusted_until);
+            self.finish_request(client);
+            return;
+        }
+        let mut body = response.to_le_bytes().to_vec();
+        body.extend_from_slice(b"charged");
+        let call = HolderCall::Complete {
+            fence,
+            response: StoredResponse {
+                status: 200,
+                headers: Vec::new(),
+                body,
+            },
+        };
+        let home = self.clients[client as usize].home;
+        self.clients[client as usize].call += 1;
+        match self.start_holder(client, key, home, call) {
+            Some(proc) => {
+                self.clients[client as usize].stage = Stage::Completing {
+                    proc,
+                    fence,
+                    trusted_until,
+                    response,
+                }
+            }
+            None => {
+                // No node to take it now: the holder tries again shortly.
+                self.clients[client as usize].stage = Stage::Completing {
+                    proc: 0,
+                    fence,
+                    trusted_until,
+                    response,
+                };
+                let w = self.rng.between(50, 300);
+                self.wake_after(client, w);
+            }
+        }
+    }
+
+    fn start_holder(
+        &mut self,
+        client: u32,
+        key: u32,
+        region: usize,
+        call: HolderCall,
+    ) -> Option<u32> {
+        if !self.regions[region].up || self.regions[region].fenced {
+            return None;
+        }
+        let now = self.node_ms(region);
+        let mut e = HolderEngine::new(self.engine_config(region), call);
+        let cmds = e.start(now);
+        let pid = self.new_proc(client, key, region, Eng::Holder(e));
+        self.perform_holder(pid, cmds);
+        Some(pid)
+    }
+
+    fn holder_answered(&mut self, client: u32, call: u32, a: HolderAnswer) {
+        if self.clients[client as usize].call != call {
+            return;
+        }
+        let Some((key, fp)) = self.clients[client as usize]
+            .req
+            .as_ref()
+            .map(|r| (r.key, r.fp))
+        else {
+            return;
+        };
+        let now = self.now;
+        match self.clients[client as usize].stage.clone() {
+            Stage::Completing {
+                fence,
+                trusted_until,
+                response,
+                ..
+            } => match a {
+                HolderAnswer::Stored { .. } => {
+                    self.report.completions_acked += 1;
+                    self.oracle
+                        .completion_acked(key, fence_id(&fence), fp, response, now);
+                    // A hot key that is done: the race moves to a fresh key.
+                    if let Some(slot) = self.hot.iter().position(|&k| k == key) {
+                        self.next_key += 1;
+                        self.hot[slot] = self.next_key;
+                    }
+                    self.finish_request(client);
+                }
+                HolderAnswer::Refused(_) => {
+                    self.oracle.close(key, fence_id(&fence), now);
+                    self.finish_request(client);
+                }
+                HolderAnswer::Unknown { .. } => {
+                    self.retry_complete(client, fence, trusted_until, response)
+                }
+            },
+            Stage::Extending {
+                fence,
+                sent_ms,
+                trusted_until,
+                ..
+            } => {
+                let trusted_until = match a {
+                    HolderAnswer::Stored { .. } => {
+                        let t = sent_ms + self.cfg.lease_ms - self.cfg.skew_margin_ms;
+                        self.oracle.extend(key, fence_id(&fence), t);
+                        trusted_until.max(t)
+                    }
+                    HolderAnswer::Refused(Refusal::LeaseLost { .. }) => {
+                        self.oracle.close(key, fence_id(&fence), now);
+                        self.finish_request(client);
+                        return;
+                    }
+                    _ => trusted_until,
+                };
+                self.clients[client as usize].stage = Stage::Working {
+                    fence,
+                    trusted_until,
+                };
+                let w = self.rng.between(1, self.cfg.lease_ms / 4);
+                self.wake_after(client, w);
+            }
+            Stage::Releasing => self.finish_request(client),
+            _ => {}
+        }
+    }
+
+    fn finish_request(&mut self, client: u32) {
+        let reuse = self.rng.chance(0.1);
+        let c = &mut self.clients[client as usize];
+        // Now and then the same request again later (a retry after the application
+        // thought it failed): it must REPLAY, or be NEW only after a Release.
+        if reuse {
+            if let Some(r) = c.req.as_mut() {
+                r.tries = 0;
+            }
+        } else {
+            c.req = None;
+        }
+        c.stage = Stage::Idle;
+        c.wake += 1;
+        let wake = c.wake;
+        let think = self.rng.between(10, 1_000);
+        self.at(self.now + think, Ev::Client { client, wake });
+    }
+
+    /// After healing: every region holds the same records, every acknowledged
+    /// completion is final everywhere with its response, and no key is held.
+    fn final_checks(&mut self) {
+        let n = self.cfg.regions;
+        let mut keys: Vec<u32> = self
+            .regions
+            .iter()
+            .flat_map(|r| r.records.keys().copied())
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for k in keys {
+            let first = self.regions[0].records.get(&k);
+            for r in 1..n {
+                let other = self.regions[r].records.get(&k);
+                let same = match (first, other) {
+                    (Some(a), Some(b)) => same_replicated(a, b),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if !same {
+                    self.report.violations.push(Violation {
+                        kind: "divergence",
+                        key: k,
+                        at_ms: self.now,
+                        detail: format!(
+                            "region 0 holds {:?}, region {r} {:?}",
+                            first.map(|x| (x.phase, x.generation, x.is_final)),
+                            other.map(|x| (x.phase, x.generation, x.is_final))
+                        ),
+                    });
+                    break;
+                }
+            }
+            for r in 0..n {
+                if let Some(rec) = self.regions[r].records.get(&k) {
+                    let live =
+                        rec.phase == Phase::Reserved && rec.lease_expires_ms > self.node_ms(r);
+                    if live {
+                        self.report.violations.push(Violation {
+                            kind: "liveness",
+                            key: k,
+                            at_ms: self.now,
+                            detail: format!("region {r} still holds the key after healing"),
+                        });
+                    }
+                    if let (Phase::Completed, Some(resp)) = (rec.phase, rec.response.as_ref()) {
+                        if rec.is_final {
+                            self.oracle.final_read(k, r as u32, Some(response_id(resp)));
+                        } else {
+                            self.oracle.final_read(k, r as u32, None);
+                        }
+                    } else {
+                        self.oracle.final_read(k, r as u32, None);
+                    }
+                } else {
+                    self.oracle.final_read(k, r as u32, None);
+                }
+            }
+        }
+    }
+}
+
+pub fn run_seed(cfg: &SimConfig, seed: u64) -> Report {
+    Sim::new(cfg.clone(), seed).run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> SimConfig {
+        SimConfig {
+            reserves: 600,
+            clients: 12,
+            ..SimConfig::default()
+        }
+    }
+
+    #[test]
+    fn one_seed_gives_one_trace_and_another_seed_another() {
+        let cfg = small();
+        let a = run_seed(&cfg, 11);
+        let b = run_seed(&cfg, 11);
+        assert_eq!(a.trace_hash, b.trace_hash);
+        assert_eq!((a.events, a.reserves, a.new), (b.events, b.reserves, b.new));
+        assert_eq!(a.violations, b.violations);
+        let c = run_seed(&cfg, 12);
+        assert_ne!(a.trace_hash, c.trace_hash);
+    }
+
+    #[test]
+    fn runs_without_faults_keep_every_promise_and_do_real_work() {
+        let cfg = SimConfig {
+            faults: false,
+            ..small()
+        };
+        for seed in 0..5 {
+            let r = run_seed(&cfg, seed);
+            assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+            assert!(
+                r.reserves >= cfg.reserves,
+                "seed {seed}: {} reserves",
+                r.reserves
+            );
+            assert!(
+                r.new > 50 && r.completions_acked > 50 && r.replay > 10,
+                "seed {seed}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_on_the_local_accept_alone_is_caught_as_a_double_grant() {
+        let cfg = SimConfig {
+            rule: Rule::BrokenLocalAccept,
+            ..small()
+        };
+        let caught = (0..20).find(|&seed| {
+            run_seed(&cfg, seed)
+                .violations
+                .iter()
+                .any(|v| v.kind == "double_grant")
+        });
+        assert!(caught.is_some(), "20 seeds found no double grant");
+    }
+}
