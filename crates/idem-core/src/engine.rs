@@ -1011,6 +1011,11 @@ mod tests {
         ] {
             let mut e = engine(3, 6_000);
             let (p, _) = proposed(&e.start(0, 1)).unwrap();
+            if want == "mismatch" {
+                // One region holding another request is not enough: a majority is.
+                let c = e.on_reply(p, 1, o, 1, None, 2);
+                assert!(c.is_empty(), "one mismatch of three decided {c:?}");
+            }
             let c = e.on_reply(p, 2, o, 1, None, 3);
             assert_eq!(withdrew(&c), Some(claim(100)), "{want} withdraws");
             assert_eq!(&outcome(&c), o, "{want} is answered as it came");

@@ -189,10 +189,16 @@ impl Tally {
                 response: response.clone(),
             });
         }
+        // A majority of regions holding another request (live or completed) is one:
+        // a region alone may hold a stale accept of a request that can no longer win,
+        // while the key is completed by the caller's own request (its retry must
+        // REPLAY, and a majority of replies includes a region that stored it).
         if let Some(Reply::Mismatch { stored }) =
             replies().find(|r| matches!(r, Reply::Mismatch { .. }))
         {
-            return Some(Verdict::Mismatch { stored: *stored });
+            if self.count(|r| matches!(r, Reply::Mismatch { .. })) >= maj {
+                return Some(Verdict::Mismatch { stored: *stored });
+            }
         }
         if let Some(Reply::TooOld {
             first_attempt_ms,
@@ -236,14 +242,16 @@ impl Tally {
     }
 
     /// No reply can come any more, or no verdict can form from the replies still to come: no
-    /// majority of accepts (within the lease) and no majority naming one holder. A reply
-    /// that decides alone (a final completion, a mismatch) would have decided already.
+    /// majority of accepts (within the lease), no majority naming one holder and no
+    /// majority holding another request. A reply that decides alone (a final
+    /// completion) would have decided already.
     pub fn settled(&self, lease_live: bool) -> bool {
         let maj = self.majority();
         let open = self.open();
         let can_accept = lease_live && self.accepted() + open >= maj;
         let can_hold = self.top_holder().map_or(0, |(_, n, _)| n) + open >= maj;
-        open == 0 || !(can_accept || can_hold)
+        let can_mismatch = self.count(|r| matches!(r, Reply::Mismatch { .. })) + open >= maj;
+        open == 0 || !(can_accept || can_hold || can_mismatch)
     }
 
     /// The highest generation any reply named (a holder's, a stale generation's stored
@@ -416,7 +424,10 @@ mod tests {
     }
 
     #[test]
-    fn replay_beats_mismatch_beats_in_flight() {
+    fn replay_beats_mismatch_and_a_mismatch_needs_a_majority() {
+        let mismatch = || Reply::Mismatch {
+            stored: Fingerprint([7; 32]),
+        };
         let mut t = Tally::new(3);
         t.record(0, held(1, 70));
         t.record(1, held(1, 30));
@@ -424,15 +435,56 @@ mod tests {
             t.decide(true),
             Some(Verdict::InFlight { retry_after_ms: 30 })
         );
+        // One region holding another request does not outvote a majority naming the
+        // caller's own request.
+        t.record(2, mismatch());
+        assert_eq!(
+            t.decide(true),
+            Some(Verdict::InFlight { retry_after_ms: 30 })
+        );
+        t.record(1, mismatch());
+        assert!(matches!(t.decide(true), Some(Verdict::Mismatch { .. })));
+        t.record(1, done());
+        assert!(matches!(t.decide(true), Some(Verdict::Replay { .. })));
+    }
+
+    #[test]
+    fn one_region_holding_another_request_is_no_verdict_while_the_others_may_replay() {
+        // The caller's own request is completed (not yet final at R1); R0 holds a stale
+        // accept of another request. Before: MISMATCH on R0's reply alone.
+        let mut t = Tally::new(3);
         t.record(
+            0,
+            Reply::Mismatch {
+                stored: Fingerprint([7; 32]),
+            },
+        );
+        assert_eq!(
+            t.decide(true),
+            None,
+            "one mismatch of three decides nothing"
+        );
+        assert!(!t.settled(true), "two regions may still say the same");
+        t.record(1, held(1, 30));
+        assert_eq!(t.decide(true), None);
+        assert!(!t.settled(true), "R2 may still name the same holder");
+        // R2 has the completion final: REPLAY.
+        let mut u = t.clone();
+        u.record(2, done());
+        assert!(matches!(u.decide(true), Some(Verdict::Replay { .. })));
+        // R2 another request: a majority holds another request.
+        let mut v = t.clone();
+        v.record(
             2,
             Reply::Mismatch {
                 stored: Fingerprint([7; 32]),
             },
         );
-        assert!(matches!(t.decide(true), Some(Verdict::Mismatch { .. })));
-        t.record(1, done());
-        assert!(matches!(t.decide(true), Some(Verdict::Replay { .. })));
+        assert!(matches!(v.decide(true), Some(Verdict::Mismatch { .. })));
+        // R2 accepts: no verdict can form any more.
+        t.record(2, Reply::Accepted);
+        assert_eq!(t.decide(true), None);
+        assert!(t.settled(true));
     }
 
     #[test]

@@ -63,7 +63,8 @@
 //!
 //! `always`: never two live grants; no NEW after an acknowledged completion; replays
 //! return the acknowledged response and never change; MISMATCH exactly on another
-//! fingerprint; convergence (at `tmax`, once every lease has ended, every merge order
+//! fingerprint (never to a retry of the request whose completion was acknowledged);
+//! convergence (at `tmax`, once every lease has ended, every merge order
 //! between up regions reaches the same identical records); no two completions of one generation meet in a merge;
 //! a withdrawn claim is not accepted again where it was withdrawn (unless another
 //! claim's live lease stands there). The `BrokenWithdrawWithoutTombstone` variant (a
@@ -71,7 +72,9 @@
 //! `sometimes` (so the search is not vacuous): a NEW happens; a completion is
 //! acknowledged; both proposers are granted the key in turn; a REPLAY happens (one
 //! fingerprint) or a MISMATCH happens (two); an Extend is acknowledged (with Extend); a
-//! fresh proposal after contention is granted (with contention rounds).
+//! fresh proposal after contention is granted (with contention rounds); a retry of an
+//! acknowledged request is replayed (with `Config::retry_after_ack`: a holder whose
+//! completion was acknowledged may send its Reserve once more).
 //!
 //! # Bounds and abstractions
 //!
@@ -106,6 +109,7 @@ mod state;
 pub use model::{
     Action, Config, IdemModel, Variant, CONVERGENCE, MISMATCH_EXACT, NO_DUAL_COMPLETION,
     NO_NEW_AFTER_ACK, REPLAYS_STABLE, SOME_ACK, SOME_EXTEND, SOME_MISMATCH, SOME_NEW,
-    SOME_NEW_AFTER_CONTENTION, SOME_REPLAY, SOME_TAKEOVER, TWO_LIVE_GRANTS, WITHDRAW_STICKS,
+    SOME_NEW_AFTER_CONTENTION, SOME_REPLAY, SOME_RETRY_REPLAYED, SOME_TAKEOVER, TWO_LIVE_GRANTS,
+    WITHDRAW_STICKS,
 };
 pub use state::{Answer, Ghost, Msg, Rec, Rep, State, Status, PROPOSERS, QUORUM, REGIONS, TICK_MS};

@@ -49,6 +49,9 @@ pub struct Config {
     /// Fresh proposals after contention per Reserve (the engine's
     /// `max_contention_rounds`; below `TRIES`).
     pub contention: u8,
+    /// A proposer whose completion was acknowledged may send its Reserve once more, as a
+    /// client retrying a request it thinks failed does.
+    pub retry_after_ack: bool,
     pub variant: Variant,
 }
 
@@ -63,6 +66,7 @@ impl Default for Config {
             crash: true,
             extends: 0,
             contention: 0,
+            retry_after_ack: false,
             variant: Variant::Correct,
         }
     }
@@ -110,6 +114,7 @@ pub const SOME_MISMATCH: &str = "a MISMATCH happens";
 pub const SOME_EXTEND: &str = "an Extend is acknowledged";
 pub const SOME_TAKEOVER: &str = "both proposers are granted the key in turn";
 pub const SOME_NEW_AFTER_CONTENTION: &str = "a fresh proposal after contention is granted";
+pub const SOME_RETRY_REPLAYED: &str = "a retry of an acknowledged request is replayed";
 
 /// The claim of a Reserve that only looks (it is never applied).
 const PROBE_CLAIM: ClaimId = ClaimId {
@@ -432,7 +437,7 @@ impl IdemModel {
     }
 
     fn check_new(&self, s: &mut State, p: usize) {
-        if s.proposers.contains(&Status::Acked) {
+        if s.proposers.contains(&Status::Acked) || s.ghost.retried.contains(&true) {
             s.ghost.new_after_ack = true;
         }
         let fp = self.cfg.fingerprints[p];
@@ -465,10 +470,16 @@ impl IdemModel {
         if a == Answer::Mismatch && self.all_equal_fingerprints() {
             s.ghost.mismatch_same_fp = true;
         }
+        if a == Answer::Mismatch && s.ghost.retried[p] {
+            s.ghost.mismatch_own_request = true;
+        }
         s.proposers[p] = Status::Done(a);
     }
 
     fn start(&self, s: &mut State, p: usize) {
+        if s.proposers[p] == Status::Acked {
+            s.ghost.retried[p] = true;
+        }
         let loc = usize::from(self.cfg.local[p]);
         let fp = self.cfg.fingerprints[p];
         // Fast path (idem-geo): a final completion at the local region answers.
@@ -746,6 +757,9 @@ impl IdemModel {
         // Responses acknowledged, replayed, or replayable.
         let mut seen = BTreeSet::new();
         for (p, st) in s.proposers.iter().enumerate() {
+            if s.ghost.retried[p] {
+                seen.insert(p as u8);
+            }
             match st {
                 Status::Acked => {
                     seen.insert(p as u8);
@@ -884,6 +898,13 @@ impl Model for IdemModel {
             let p8 = p as u8;
             match st {
                 Status::Idle if !s.down[usize::from(self.cfg.local[p])] => {
+                    actions.push(Action::Start(p8))
+                }
+                Status::Acked
+                    if self.cfg.retry_after_ack
+                        && !s.ghost.retried[p]
+                        && !s.down[usize::from(self.cfg.local[p])] =>
+                {
                     actions.push(Action::Start(p8))
                 }
                 Status::Proposing => actions.push(Action::Decide(p8)),
@@ -1035,7 +1056,9 @@ impl Model for IdemModel {
             Property::always(NO_NEW_AFTER_ACK, |_, s: &State| !s.ghost.new_after_ack),
             Property::always(REPLAYS_STABLE, |_, s: &State| !s.ghost.resp_changed),
             Property::always(MISMATCH_EXACT, |_, s: &State| {
-                !s.ghost.mismatch_same_fp && !s.ghost.new_over_other_fp
+                !s.ghost.mismatch_same_fp
+                    && !s.ghost.new_over_other_fp
+                    && !s.ghost.mismatch_own_request
             }),
             Property::always(CONVERGENCE, |m: &IdemModel, s: &State| {
                 if s.now < m.cfg.tmax {
@@ -1085,6 +1108,13 @@ impl Model for IdemModel {
         if self.cfg.extends > 0 {
             props.push(Property::sometimes(SOME_EXTEND, |_, s: &State| {
                 s.ghost.extended
+            }));
+        }
+        if self.cfg.retry_after_ack {
+            props.push(Property::sometimes(SOME_RETRY_REPLAYED, |_, s: &State| {
+                (0..PROPOSERS).any(|p| {
+                    s.ghost.retried[p] && matches!(s.proposers[p], Status::Done(Answer::Replay(_)))
+                })
             }));
         }
         props

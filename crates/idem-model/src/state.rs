@@ -417,6 +417,11 @@ pub struct Ghost {
     pub extended: bool,
     /// A Reserve was granted NEW by a fresh proposal after a round of contention.
     pub new_after_contention: bool,
+    /// Proposer `p`'s completion was acknowledged and it sent its Reserve again (the
+    /// client's retry of a request that is done: `Config::retry_after_ack`).
+    pub retried: [bool; PROPOSERS],
+    /// Such a retry was answered MISMATCH (its own request is the stored one).
+    pub mismatch_own_request: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -91,6 +91,23 @@ fn correct_rules_hold_with_different_fingerprints() {
 }
 
 #[test]
+fn a_retry_of_a_completed_request_is_replayed_never_mismatched() {
+    // A holder whose completion was acknowledged sends its Reserve again while another
+    // request's proposal may still hold a minority of regions: its own request is the
+    // stored one, so MISMATCH would be wrong (MISMATCH_EXACT), and REPLAY is reached.
+    check_correct(
+        "correct rules, fingerprints differ, a retry after the acknowledgement",
+        Config {
+            fingerprints: [0, 1],
+            retry_after_ack: true,
+            crash: false,
+            retries: 0,
+            ..Config::default()
+        },
+    );
+}
+
+#[test]
 fn correct_rules_hold_with_extend() {
     check_correct(
         "correct rules, one Extend per holder (lease 2, tmax 3)",

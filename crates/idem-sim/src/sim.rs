@@ -2020,6 +2020,23 @@ mod tests {
     }
 
     #[test]
+    fn a_retry_of_a_completed_request_is_not_told_mismatch_by_one_stale_region() {
+        // Seeds 140 and 182 once answered a retry of a request whose completion was
+        // acknowledged MISMATCH: one region still held another request's stale accept
+        // and the proposer took its reply alone (protocol §3, row 3).
+        for seed in [140, 182] {
+            let r = run_seed(&SimConfig::default(), seed);
+            let wrong: Vec<_> = r
+                .violations
+                .iter()
+                .filter(|v| v.kind == "wrong_mismatch")
+                .collect();
+            assert!(wrong.is_empty(), "seed {seed}: {wrong:?}");
+            assert!(r.mismatch > 0, "seed {seed} answered no MISMATCH at all");
+        }
+    }
+
+    #[test]
     fn new_on_the_local_accept_alone_is_caught_as_a_double_grant() {
         let cfg = SimConfig {
             rule: Rule::BrokenLocalAccept,
