@@ -12,7 +12,7 @@ use std::time::Instant;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: idem-sim (--seed N | --seeds A..B) [--reserves N] [--regions 3|5] [--clients N] [--no-faults] [--verbose]"
+        "usage: idem-sim (--seed N | --seeds A..B) [--reserves N] [--regions 3|5] [--clients N] [--no-faults] [--rebuild-quarantine] [--trace-key K] [--verbose]"
     );
     std::process::exit(2)
 }
@@ -58,6 +58,7 @@ fn main() {
             }
             "--clients" => cfg.clients = parse(args.next(), "--clients"),
             "--no-faults" => cfg.faults = false,
+            "--rebuild-quarantine" => cfg.rebuild_quarantine = true,
             "--trace-key" => cfg.trace_key = Some(parse(args.next(), "--trace-key")),
             "--verbose" => verbose = true,
             _ => usage(),
