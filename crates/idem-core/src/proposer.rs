@@ -290,10 +290,20 @@ impl Tally {
                 }
             }
         }
-        if self.answered() >= self.majority() {
-            Verdict::Contended
-        } else {
-            Verdict::Unavailable
+        if self.answered() < self.majority() {
+            return Verdict::Unavailable;
+        }
+        // A majority answered, some region holds another request, and none names the
+        // caller's own (a completion of its request, or a live grant of it, would be in
+        // any majority of replies as `Completed` or `Held`): MISMATCH, as when a majority
+        // says so (a region that holds the other request may be the one silent).
+        let own = self.count(|r| matches!(r, Reply::Held { .. } | Reply::Completed { .. }));
+        match self.replies.iter().flatten().find_map(|r| match r {
+            Reply::Mismatch { stored } => Some(*stored),
+            _ => None,
+        }) {
+            Some(stored) if own == 0 => Verdict::Mismatch { stored },
+            _ => Verdict::Contended,
         }
     }
 }
@@ -446,6 +456,42 @@ mod tests {
         assert!(matches!(t.decide(true), Some(Verdict::Mismatch { .. })));
         t.record(1, done());
         assert!(matches!(t.decide(true), Some(Verdict::Replay { .. })));
+    }
+
+    #[test]
+    fn a_mismatch_whose_majority_is_partly_silent_is_concluded_mismatch() {
+        // Another request holds the key at R0 and R1; R1 does not answer; R2 accepted
+        // the caller's proposal. At the round's end: MISMATCH, not contention.
+        let mut t = Tally::new(3);
+        t.record(
+            0,
+            Reply::Mismatch {
+                stored: Fingerprint([7; 32]),
+            },
+        );
+        t.record(2, Reply::Accepted);
+        assert_eq!(t.decide(true), None);
+        assert!(matches!(t.conclude(1, 0), Verdict::Mismatch { .. }));
+        // A region naming the caller's own request (its non-final completion, say):
+        // contention, so the caller retries and is replayed.
+        let mut t = Tally::new(3);
+        t.record(
+            0,
+            Reply::Mismatch {
+                stored: Fingerprint([7; 32]),
+            },
+        );
+        t.record(1, held(1, 30));
+        assert_eq!(t.conclude(1, 0), Verdict::Contended);
+        // Fewer than a majority answered: unavailable.
+        let mut t = Tally::new(3);
+        t.record(
+            0,
+            Reply::Mismatch {
+                stored: Fingerprint([7; 32]),
+            },
+        );
+        assert_eq!(t.conclude(1, 0), Verdict::Unavailable);
     }
 
     #[test]

@@ -103,11 +103,10 @@ pub async fn pass(geo: &Geo, shard: u32, region: u16) -> Result<u64, String> {
     let mut failures = 0;
     let mut last_error = None;
     for &bucket in differing.iter().cycle().skip(first).take(differing.len()) {
-        match repair_bucket(geo, &group, link, shard, bucket, buckets, &cfg).await {
-            Ok(n) => {
-                repaired += n;
-                failures = 0;
-            }
+        let (n, done) = repair_bucket(geo, &group, link, shard, bucket, buckets, &cfg).await;
+        repaired += n;
+        match done {
+            Ok(()) => failures = 0,
             Err(e) => {
                 failures += 1;
                 last_error = Some(e);
@@ -131,7 +130,7 @@ pub async fn pass(geo: &Geo, shard: u32, region: u16) -> Result<u64, String> {
 const MAX_FAILED_BUCKETS_IN_A_ROW: u32 = 3;
 
 /// Page through one bucket of the remote region and merge every record that differs
-/// from the local copy: the number merged.
+/// from the local copy: the number merged, also when a later page failed.
 async fn repair_bucket(
     geo: &Geo,
     group: &idem_raft::Group,
@@ -140,7 +139,7 @@ async fn repair_bucket(
     bucket: u32,
     buckets: u32,
     cfg: &AntiEntropyConfig,
-) -> Result<u64, String> {
+) -> (u64, Result<(), String>) {
     let mut repaired = 0;
     let mut after = None;
     loop {
@@ -151,16 +150,21 @@ async fn repair_bucket(
             after: after.take(),
             limit: cfg.page,
         };
-        let bytes = link
-            .call(Kind::Fetch, encode(&req), cfg.timeout)
-            .await
-            .map_err(|e| e.to_string())?;
-        let page: FetchResponse = decode(&bytes).map_err(|e| e.to_string())?;
+        let page = match link.call(Kind::Fetch, encode(&req), cfg.timeout).await {
+            Err(e) => return (repaired, Err(e.to_string())),
+            Ok(bytes) => match decode::<FetchResponse>(&bytes) {
+                Err(e) => return (repaired, Err(e.to_string())),
+                Ok(p) => p,
+            },
+        };
         for raw in &page.records {
             let Ok(s) = decode_shipped(raw) else {
                 continue;
             };
-            let local = group.read_local(&s.key).map_err(|e| e.to_string())?;
+            let local = match group.read_local(&s.key) {
+                Ok(l) => l,
+                Err(e) => return (repaired, Err(e.to_string())),
+            };
             if local
                 .as_ref()
                 .is_some_and(|l| same_replicated(l, &s.record))
@@ -173,7 +177,7 @@ async fn repair_bucket(
         }
         match page.next {
             Some(n) => after = Some(n),
-            None => return Ok(repaired),
+            None => return (repaired, Ok(())),
         }
     }
 }

@@ -4,15 +4,17 @@
 //! idem-sim --seed 42                 one seed, its trace hash and findings
 //! idem-sim --seeds 0..1000           a range of seeds, a summary
 //! idem-sim --seeds 0..100 --reserves 5000 --regions 5
+//! idem-sim --seeds 0..300 --without rebuild   no seed draws that fault kind
 //! ```
 //! Exits 1 when a seed found a violation (its seed and findings are printed).
 
+use idem_sim::sim::FaultKind;
 use idem_sim::{run_seed, Report, SimConfig};
 use std::time::Instant;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: idem-sim (--seed N | --seeds A..B) [--reserves N] [--regions 3|5] [--clients N] [--no-faults] [--rebuild-quarantine] [--trace-key K] [--verbose]"
+        "usage: idem-sim (--seed N | --seeds A..B) [--reserves N] [--regions 3|5] [--clients N] [--no-faults] [--rebuild-quarantine] [--without KIND,...] [--trace-key K] [--verbose]"
     );
     std::process::exit(2)
 }
@@ -59,6 +61,17 @@ fn main() {
             "--clients" => cfg.clients = parse(args.next(), "--clients"),
             "--no-faults" => cfg.faults = false,
             "--rebuild-quarantine" => cfg.rebuild_quarantine = true,
+            "--without" => {
+                for name in args.next().unwrap_or_default().split(',') {
+                    match name.parse::<FaultKind>() {
+                        Ok(k) => cfg.without.push(k),
+                        Err(e) => {
+                            eprintln!("--without: {e}");
+                            usage()
+                        }
+                    }
+                }
+            }
             "--trace-key" => cfg.trace_key = Some(parse(args.next(), "--trace-key")),
             "--verbose" => verbose = true,
             _ => usage(),

@@ -57,9 +57,8 @@ pub struct Oracle {
 }
 
 impl Oracle {
-    /// Whether another client's grant of `key` is open at `t`, or closed by expiry (not
-    /// by Complete or Release) within `recent_ms` before it: a Reserve sent then is
-    /// contended.
+    /// Whether another client's grant of `key` is open at `t`, or closed within
+    /// `recent_ms` before it: a Reserve sent then is contended.
     pub fn contended(&self, key: u32, client: u32, t: u64, recent_ms: u64) -> bool {
         self.keys.get(&key).is_some_and(|h| {
             h.grants.iter().any(|g| {
@@ -271,6 +270,15 @@ impl Oracle {
                 }
             }
         }
+    }
+
+    /// Keys whose completion was acknowledged.
+    pub fn acked_keys(&self) -> Vec<u32> {
+        self.keys
+            .iter()
+            .filter(|(_, h)| h.acked.is_some())
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     pub fn grants(&self) -> usize {
