@@ -202,11 +202,14 @@ impl Oracle {
         }
     }
 
-    pub fn mismatch(&mut self, key: u32, fingerprint: u64, t: u64) {
+    /// A MISMATCH answered at `t` to a Reserve sent at `sent_ms`. It may take effect at
+    /// any moment in between: wrong only for a request that was the key's acknowledged
+    /// completion before it was sent, or when no other request was ever reserved.
+    pub fn mismatch(&mut self, key: u32, fingerprint: u64, sent_ms: u64, t: u64) {
         let h = self.keys.entry(key).or_default();
         let other = match h.acked {
-            Some((_, fp, _, _)) => fp != fingerprint,
-            None => h.reserved.iter().any(|fp| *fp != fingerprint),
+            Some((_, fp, _, at)) if at < sent_ms => fp != fingerprint,
+            _ => h.reserved.iter().any(|fp| *fp != fingerprint),
         };
         if !other {
             self.violations.push(Violation {
@@ -321,10 +324,10 @@ mod tests {
         o.completion_acked(1, (1, 1), 10, 100, 60);
         o.replay(1, 10, 100, 70);
         o.reserve_sent(1, 11);
-        o.mismatch(1, 11, 80);
+        o.mismatch(1, 11, 75, 80);
         assert!(o.violations.is_empty(), "{:?}", o.violations);
         o.replay(1, 10, 101, 90);
-        o.mismatch(1, 10, 95);
+        o.mismatch(1, 10, 92, 95);
         o.grant(1, (2, 2), 1, 100, 900, false);
         let kinds: Vec<_> = o.violations.iter().map(|v| v.kind).collect();
         assert_eq!(
@@ -342,11 +345,18 @@ mod tests {
     fn a_mismatch_needs_another_fingerprint_reserved_or_completed() {
         let mut o = Oracle::default();
         o.reserve_sent(1, 10);
-        o.mismatch(1, 10, 5);
+        o.mismatch(1, 10, 4, 5);
         assert_eq!(o.violations.len(), 1, "only one fingerprint was ever sent");
         o.reserve_sent(1, 11);
-        o.mismatch(1, 10, 6);
+        o.mismatch(1, 10, 5, 6);
         assert_eq!(o.violations.len(), 1, "another request holds the key");
+        // Once the request is the acknowledged completion, a Reserve of it sent later
+        // must not be MISMATCH; one sent before may be (another request held the key).
+        o.completion_acked(1, (1, 1), 10, 100, 10);
+        o.mismatch(1, 10, 8, 12);
+        assert_eq!(o.violations.len(), 1, "sent before the acknowledgement");
+        o.mismatch(1, 10, 11, 13);
+        assert_eq!(o.violations.len(), 2, "sent after the acknowledgement");
     }
 
     #[test]

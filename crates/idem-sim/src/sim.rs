@@ -1717,7 +1717,7 @@ impl Sim {
                 }
                 ReserveOutcome::Mismatch { .. } => {
                     self.report.mismatch += 1;
-                    self.oracle.mismatch(key, fp, now);
+                    self.oracle.mismatch(key, fp, sent_ms, now);
                     self.finish_request(client);
                 }
                 ReserveOutcome::InFlight { retry_after_ms, .. } => {
