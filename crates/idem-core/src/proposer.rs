@@ -433,11 +433,15 @@ mod tests {
         }
     }
 
+    /// A region's reply that another request holds the key there.
+    fn other_request() -> Reply {
+        Reply::Mismatch {
+            stored: Fingerprint([7; 32]),
+        }
+    }
+
     #[test]
     fn replay_beats_mismatch_and_a_mismatch_needs_a_majority() {
-        let mismatch = || Reply::Mismatch {
-            stored: Fingerprint([7; 32]),
-        };
         let mut t = Tally::new(3);
         t.record(0, held(1, 70));
         t.record(1, held(1, 30));
@@ -447,12 +451,12 @@ mod tests {
         );
         // One region holding another request does not outvote a majority naming the
         // caller's own request.
-        t.record(2, mismatch());
+        t.record(2, other_request());
         assert_eq!(
             t.decide(true),
             Some(Verdict::InFlight { retry_after_ms: 30 })
         );
-        t.record(1, mismatch());
+        t.record(1, other_request());
         assert!(matches!(t.decide(true), Some(Verdict::Mismatch { .. })));
         t.record(1, done());
         assert!(matches!(t.decide(true), Some(Verdict::Replay { .. })));
@@ -463,34 +467,19 @@ mod tests {
         // Another request holds the key at R0 and R1; R1 does not answer; R2 accepted
         // the caller's proposal. At the round's end: MISMATCH, not contention.
         let mut t = Tally::new(3);
-        t.record(
-            0,
-            Reply::Mismatch {
-                stored: Fingerprint([7; 32]),
-            },
-        );
+        t.record(0, other_request());
         t.record(2, Reply::Accepted);
         assert_eq!(t.decide(true), None);
         assert!(matches!(t.conclude(1, 0), Verdict::Mismatch { .. }));
         // A region naming the caller's own request (its non-final completion, say):
         // contention, so the caller retries and is replayed.
         let mut t = Tally::new(3);
-        t.record(
-            0,
-            Reply::Mismatch {
-                stored: Fingerprint([7; 32]),
-            },
-        );
+        t.record(0, other_request());
         t.record(1, held(1, 30));
         assert_eq!(t.conclude(1, 0), Verdict::Contended);
         // Fewer than a majority answered: unavailable.
         let mut t = Tally::new(3);
-        t.record(
-            0,
-            Reply::Mismatch {
-                stored: Fingerprint([7; 32]),
-            },
-        );
+        t.record(0, other_request());
         assert_eq!(t.conclude(1, 0), Verdict::Unavailable);
     }
 
@@ -499,12 +488,7 @@ mod tests {
         // The caller's own request is completed (not yet final at R1); R0 holds a stale
         // accept of another request. Before: MISMATCH on R0's reply alone.
         let mut t = Tally::new(3);
-        t.record(
-            0,
-            Reply::Mismatch {
-                stored: Fingerprint([7; 32]),
-            },
-        );
+        t.record(0, other_request());
         assert_eq!(
             t.decide(true),
             None,
@@ -520,12 +504,7 @@ mod tests {
         assert!(matches!(u.decide(true), Some(Verdict::Replay { .. })));
         // R2 another request: a majority holds another request.
         let mut v = t.clone();
-        v.record(
-            2,
-            Reply::Mismatch {
-                stored: Fingerprint([7; 32]),
-            },
-        );
+        v.record(2, other_request());
         assert!(matches!(v.decide(true), Some(Verdict::Mismatch { .. })));
         // R2 accepts: no verdict can form any more.
         t.record(2, Reply::Accepted);

@@ -283,10 +283,6 @@ impl Oracle {
             .map(|(k, _)| *k)
             .collect()
     }
-
-    pub fn grants(&self) -> usize {
-        self.keys.values().map(|h| h.grants.len()).sum()
-    }
 }
 
 #[cfg(test)]

@@ -1344,23 +1344,9 @@ impl Sim {
         let Some(mut p) = self.procs.remove(&pid) else {
             return;
         };
-        let sends: Vec<Op> = match &mut p.eng {
-            Eng::Reserve(e) => e
-                .abandon()
-                .into_iter()
-                .filter_map(|c| match c {
-                    Cmd::Withdraw { op } | Cmd::Notify { op } => Some(op),
-                    _ => None,
-                })
-                .collect(),
-            Eng::Holder(e) => e
-                .abandon()
-                .into_iter()
-                .filter_map(|c| match c {
-                    Cmd::Withdraw { op } | Cmd::Notify { op } => Some(op),
-                    _ => None,
-                })
-                .collect(),
+        let sends = match &mut p.eng {
+            Eng::Reserve(e) => broadcasts(e.abandon()),
+            Eng::Holder(e) => broadcasts(e.abandon()),
         };
         for op in sends {
             self.broadcast(p.region, p.key, op);
@@ -2049,6 +2035,17 @@ impl Sim {
             }
         }
     }
+}
+
+/// The withdraws and notices among an engine's commands: what an abandoned engine
+/// must still send.
+fn broadcasts<A>(cmds: Vec<Cmd<A>>) -> Vec<Op> {
+    cmds.into_iter()
+        .filter_map(|c| match c {
+            Cmd::Withdraw { op } | Cmd::Notify { op } => Some(op),
+            _ => None,
+        })
+        .collect()
 }
 
 pub fn run_seed(cfg: &SimConfig, seed: u64) -> Report {
