@@ -57,16 +57,6 @@ pub struct Oracle {
 }
 
 impl Oracle {
-    /// Whether another client's grant of `key` is open at `t`, or closed within
-    /// `recent_ms` before it: a Reserve sent then is contended.
-    pub fn contended(&self, key: u32, client: u32, t: u64, recent_ms: u64) -> bool {
-        self.keys.get(&key).is_some_and(|h| {
-            h.grants.iter().any(|g| {
-                g.client != client && g.opened_ms <= t && t < g.closes_ms.saturating_add(recent_ms)
-            })
-        })
-    }
-
     pub fn grant(
         &mut self,
         key: u32,
@@ -353,16 +343,5 @@ mod tests {
         assert_eq!(o.violations.len(), 1, "sent before the acknowledgement");
         o.mismatch(1, 10, 11, 13);
         assert_eq!(o.violations.len(), 2, "sent after the acknowledgement");
-    }
-
-    #[test]
-    fn a_reserve_beside_a_live_or_just_expired_grant_is_contended() {
-        let mut o = Oracle::default();
-        o.grant(1, (1, 1), 0, 100, 1_000, false);
-        assert!(o.contended(1, 1, 500, 0));
-        assert!(!o.contended(1, 0, 500, 0), "the holder's own retry");
-        assert!(o.contended(1, 1, 1_500, 1_000), "just lost");
-        assert!(!o.contended(1, 1, 2_500, 1_000));
-        assert!(!o.contended(2, 1, 500, 0));
     }
 }

@@ -36,13 +36,39 @@ use idem_core::{
     ReserveOutcome, StoredResponse,
 };
 use std::cmp::Ordering;
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BinaryHeap};
-use std::hash::BuildHasherDefault;
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// A hash map whose iteration order depends only on what was put in it (no random
 /// hasher keys): one seed, one run.
-type HashMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
+type HashMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<FastHasher>>;
+type HashSet<K> = std::collections::HashSet<K, BuildHasherDefault<FastHasher>>;
+
+/// A multiply-rotate hasher for the simulator's integer keys (the maps hold keys,
+/// proc ids and change numbers that the simulator itself chose, so no flooding
+/// resistance is needed, and SipHash was a tenth of the run time).
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(u64::from(x));
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 fn map<K, V>() -> HashMap<K, V> {
     HashMap::default()
@@ -270,10 +296,12 @@ impl Ev {
     }
 }
 
+/// A queued event: its time, its order among events of one time, and its slot in
+/// `Sim::slots` (the heap moves these 24 bytes, not the events, which hold records).
 struct Queued {
     at: u64,
     seq: u64,
-    ev: Ev,
+    slot: u32,
 }
 
 impl PartialEq for Queued {
@@ -316,6 +344,11 @@ struct Region {
     in_flight: Vec<Option<u64>>,
     relay_scheduled: Vec<bool>,
     relay_backoff: Vec<u64>,
+    /// Per other region: keys whose copies here and there may differ (anti-entropy
+    /// compares only these; a key not listed is held by both alike or not held
+    /// there), or `ae_full`: compare every key (after a crash or a rebuild).
+    ae_dirty: Vec<HashSet<u32>>,
+    ae_full: Vec<bool>,
 }
 
 enum Eng {
@@ -382,6 +415,9 @@ pub struct Sim {
     now: u64,
     seq: u64,
     queue: BinaryHeap<Queued>,
+    /// The queued events, by slot; `free` lists the empty slots.
+    slots: Vec<Option<Ev>>,
+    free: Vec<u32>,
     regions: Vec<Region>,
     procs: HashMap<u32, Proc>,
     next_proc: u32,
@@ -502,6 +538,8 @@ impl Sim {
                 in_flight: vec![None; n],
                 relay_scheduled: vec![false; n],
                 relay_backoff: vec![100; n],
+                ae_dirty: vec![HashSet::default(); n],
+                ae_full: vec![false; n],
             })
             .collect();
         let clients = (0..cfg.clients)
@@ -521,6 +559,8 @@ impl Sim {
             now: 0,
             seq: 0,
             queue: BinaryHeap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
             regions,
             procs: map(),
             next_proc: 0,
@@ -569,7 +609,7 @@ impl Sim {
         }
         // Expected run length: the Reserves at about one per client per second.
         let span = (self.cfg.reserves * 1_000 / self.cfg.clients.max(1) as u64).max(10_000);
-        let count = 2 + self.rng.below(4 + span / 10_000);
+        let count = 2 + self.rng.below(4 + span / 3_000);
         let mut down_until = vec![0u64; n];
         for _ in 0..count {
             let kind = kinds[self.rng.below(kinds.len() as u64) as usize];
@@ -627,10 +667,20 @@ impl Sim {
 
     fn at(&mut self, at: u64, ev: Ev) {
         self.seq += 1;
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(ev);
+                slot
+            }
+            None => {
+                self.slots.push(Some(ev));
+                (self.slots.len() - 1) as u32
+            }
+        };
         self.queue.push(Queued {
             at: at.max(self.now),
             seq: self.seq,
-            ev,
+            slot,
         });
     }
 
@@ -725,11 +775,15 @@ impl Sim {
     pub fn run(mut self) -> Report {
         let mut healed_at = None;
         while let Some(q) = self.queue.pop() {
+            let ev = self.slots[q.slot as usize]
+                .take()
+                .expect("a queued slot holds its event");
+            self.free.push(q.slot);
             self.now = q.at;
             self.report.events += 1;
             self.hash.add(q.at);
-            self.hash.add(q.ev.code());
-            self.step(q.ev);
+            self.hash.add(ev.code());
+            self.step(ev);
             if self.stopping && healed_at.is_none() && self.all_idle() {
                 self.heal_all();
                 healed_at = Some(self.now);
@@ -980,6 +1034,7 @@ impl Sim {
 
     fn restart(&mut self, r: usize, wiped: bool) {
         let n = self.cfg.regions;
+        self.mark_all_changed(r);
         let reg = &mut self.regions[r];
         reg.up = true;
         let on_disk = std::mem::take(&mut reg.on_disk);
@@ -1081,6 +1136,9 @@ impl Sim {
         if let Some(w) = write {
             changed = stored.is_none_or(|s| !same_replicated(s, &w));
             reg.records.insert(k, w);
+            if changed {
+                self.mark_changed(r, k);
+            }
             if changed && !is_merge {
                 self.change += 1;
                 for dest in (0..n).filter(|&d| d != r) {
@@ -1090,6 +1148,28 @@ impl Sim {
             }
         }
         (result, changed)
+    }
+
+    /// Region `r`'s copy of `k` changed: anti-entropy between `r` and any other region
+    /// compares it again.
+    fn mark_changed(&mut self, r: usize, k: u32) {
+        for o in 0..self.cfg.regions {
+            if o != r {
+                self.regions[r].ae_dirty[o].insert(k);
+                self.regions[o].ae_dirty[r].insert(k);
+            }
+        }
+    }
+
+    /// Region `r`'s records were reloaded or lost: anti-entropy between it and any
+    /// other region compares every key once.
+    fn mark_all_changed(&mut self, r: usize) {
+        for o in 0..self.cfg.regions {
+            if o != r {
+                self.regions[r].ae_full[o] = true;
+                self.regions[o].ae_full[r] = true;
+            }
+        }
     }
 
     /// Merge another region's copy here (relay, anti-entropy, a deferred merge).
@@ -1208,17 +1288,30 @@ impl Sim {
             if s == r || !self.regions[s].up || self.cut(r, s) || self.cut(s, r) {
                 continue;
             }
-            let mut differing: Vec<(u32, Record)> = self.regions[s]
-                .records
-                .iter()
-                .filter(|(k, rec)| {
-                    self.regions[r]
-                        .records
-                        .get(k)
-                        .is_none_or(|l| !same_replicated(l, rec))
-                })
-                .map(|(k, rec)| (*k, rec.clone()))
-                .collect();
+            // The keys that may differ: all of them after a crash or a rebuild, else
+            // those changed on either side since a pass last found them alike.
+            let candidates: Vec<u32> = if self.regions[r].ae_full[s] {
+                self.regions[r].ae_full[s] = false;
+                self.regions[s].records.keys().copied().collect()
+            } else {
+                self.regions[r].ae_dirty[s].iter().copied().collect()
+            };
+            let mut differing: Vec<(u32, Record)> = Vec::new();
+            let mut dirty = std::mem::take(&mut self.regions[r].ae_dirty[s]);
+            for k in candidates {
+                let theirs = self.regions[s].records.get(&k);
+                let ours = self.regions[r].records.get(&k);
+                match theirs {
+                    Some(t) if ours.is_none_or(|l| !same_replicated(l, t)) => {
+                        dirty.insert(k);
+                        differing.push((k, t.clone()));
+                    }
+                    _ => {
+                        dirty.remove(&k);
+                    }
+                }
+            }
+            self.regions[r].ae_dirty[s] = dirty;
             differing.sort_unstable_by_key(|(k, _)| *k);
             for (k, rec) in differing {
                 self.merge_in(r, k, rec, 1);
@@ -1391,6 +1484,22 @@ impl Sim {
         id
     }
 
+    /// Whether a claim holds `key` in some region that is up (its lease running, or
+    /// ended less than a lease ago), or its completion is not final yet: a Reserve
+    /// sent now meets contention.
+    fn key_contended(&self, key: u32) -> bool {
+        let recent = self.cfg.lease_ms;
+        (0..self.cfg.regions).any(|r| {
+            let reg = &self.regions[r];
+            reg.up
+                && reg.records.get(&key).is_some_and(|rec| match rec.phase {
+                    Phase::Reserved => self.node_ms(r) < rec.lease_expires_ms + recent,
+                    Phase::Completed => !rec.is_final,
+                    Phase::Released => false,
+                })
+        })
+    }
+
     /// A Reserve at `region`, as `Geo::reserve` runs it; `None` once it was answered
     /// at once (the fast path, or no Propose allowed).
     fn start_reserve(&mut self, client: u32, region: usize) -> Option<u32> {
@@ -1403,12 +1512,7 @@ impl Sim {
         if self.report.reserves >= self.cfg.reserves {
             self.stopping = true;
         }
-        let faulted = self.any_fault();
-        if faulted
-            && self
-                .oracle
-                .contended(key, client, self.now, self.cfg.lease_ms)
-        {
+        if self.any_fault() && self.key_contended(key) {
             self.report.contended += 1;
         }
         let active: Vec<FaultKind> = self
@@ -1552,7 +1656,7 @@ impl Sim {
     }
 
     fn new_request(&mut self, client: u32) {
-        let hot = !self.hot.is_empty() && self.rng.chance(0.5);
+        let hot = !self.hot.is_empty() && self.rng.chance(0.6);
         let key = if hot {
             self.hot[self.rng.below(self.hot.len() as u64) as usize]
         } else {
@@ -2098,11 +2202,13 @@ mod tests {
     }
 
     #[test]
-    fn a_retry_of_a_completed_request_is_not_told_mismatch_by_one_stale_region() {
-        // Seeds 140 and 182 once answered a retry of a request whose completion was
-        // acknowledged MISMATCH: one region still held another request's stale accept
-        // and the proposer took its reply alone (protocol §3, row 3).
-        for seed in [140, 182] {
+    fn a_retry_of_a_completed_request_is_never_told_mismatch_by_a_stale_region() {
+        // Seeds once answered a retry of a request whose completion was acknowledged
+        // MISMATCH: one region still held another request's stale accept and the
+        // proposer took its reply alone (protocol §3, row 3; the tally's unit tests pin
+        // the rule). Across these seeds MISMATCH is answered, and always rightly.
+        let mut mismatches = 0;
+        for seed in 0..40 {
             let r = run_seed(&SimConfig::default(), seed);
             let wrong: Vec<_> = r
                 .violations
@@ -2110,22 +2216,23 @@ mod tests {
                 .filter(|v| v.kind == "wrong_mismatch")
                 .collect();
             assert!(wrong.is_empty(), "seed {seed}: {wrong:?}");
-            assert!(r.mismatch > 0, "seed {seed} answered no MISMATCH at all");
+            mismatches += r.mismatch;
         }
+        assert!(mismatches > 100, "only {mismatches} MISMATCH answers");
     }
 
     #[test]
     fn a_rebuilt_region_that_votes_at_once_breaks_promises_and_the_quarantine_rule_does_not() {
-        // Seeds 73, 585 and 1493 rebuild a region from nothing while it holds a lease or
-        // a completion others rely on: with the rule the servers run today it votes at
-        // once (docs/protocol.md, open points): a second grant (73), a NEW after an
-        // acknowledged completion (585), an acknowledged completion lost (585, 1493).
-        // Kept out of proposals until the lease has ended and it pulled the others, it
-        // breaks none.
+        // Seeds 1943, 360 and 2573 rebuild a region from nothing while it holds a lease
+        // or a completion others rely on: with the rule the servers run today it votes
+        // at once (docs/protocol.md, open points): a second grant (1943), a NEW after an
+        // acknowledged completion (360), an acknowledged completion lost (2573). Kept
+        // out of proposals until the lease has ended and it pulled the others, it breaks
+        // none of these three.
         for (seed, kind) in [
-            (73, "double_grant"),
-            (585, "new_after_completion"),
-            (1493, "lost_completion"),
+            (1943, "double_grant"),
+            (360, "new_after_completion"),
+            (2573, "lost_completion"),
         ] {
             let found = |quarantine| {
                 let cfg = SimConfig {
