@@ -156,7 +156,10 @@ pub fn reserve(stored: Option<&Record>, a: &ReserveArgs) -> Decision {
             decided(outcome, Some(touched(r)))
         }
         // Rule 3: the same claim again (a re-applied or retried proposal).
-        Phase::Reserved if r.claim == a.claim => {
+        Phase::Reserved | Phase::Released
+            if r.claim == a.claim
+                && (r.phase == Phase::Reserved || cfg!(feature = "broken-accept-withdrawn")) =>
+        {
             let gen = a.generation.unwrap_or(r.generation);
             if gen < r.generation {
                 decided(
@@ -168,6 +171,7 @@ pub fn reserve(stored: Option<&Record>, a: &ReserveArgs) -> Decision {
             } else {
                 let mut w = touched(r);
                 w.generation = gen;
+                w.phase = Phase::Reserved;
                 decided(
                     ReserveOutcome::New {
                         fence: w.fence(),

@@ -55,7 +55,11 @@ pub fn join(a: &Record, b: &Record) -> Record {
         Ordering::Less => b.clone(),
         Ordering::Equal => {
             let mut w = a.clone();
-            w.lease_expires_ms = a.lease_expires_ms.max(b.lease_expires_ms);
+            w.lease_expires_ms = if cfg!(feature = "broken-smaller-lease") {
+                a.lease_expires_ms.min(b.lease_expires_ms)
+            } else {
+                a.lease_expires_ms.max(b.lease_expires_ms)
+            };
             w.witnesses = a.witnesses | b.witnesses;
             w.is_final = a.is_final || b.is_final;
             // One claim completes with one request and one response; should two
@@ -188,7 +192,7 @@ pub fn merge(
     };
     let live_until = |r: &Record| r.lease_expires_ms.saturating_add(skew_margin_ms);
     let live = |r: &Record| r.phase == Phase::Reserved && now_ms < live_until(r);
-    if guarded && remote.claim != local.claim {
+    if guarded && remote.claim != local.claim && !cfg!(feature = "broken-unguarded-merge") {
         // Never replace a live Reserved record of another claim: this region's accept
         // of it may be part of that claim's majority.
         if live(local) {

@@ -5,18 +5,144 @@
 //! idem-sim --seeds 0..1000           a range of seeds, a summary
 //! idem-sim --seeds 0..100 --reserves 5000 --regions 5
 //! idem-sim --seeds 0..300 --without rebuild   no seed draws that fault kind
+//! idem-sim campaign --ledger L --report R [--reserves N] [--contended N] [--jobs N]
+//! idem-sim hunt --expect KIND --seeds A..B --record PATH   (a broken build)
 //! ```
 //! Exits 1 when a seed found a violation (its seed and findings are printed).
 
+use idem_sim::campaign::{self, Hunt, Ledger, Plan, Totals};
 use idem_sim::sim::FaultKind;
-use idem_sim::{run_seed, Report, SimConfig};
+use idem_sim::{broken_variant, run_seed, Report, SimConfig};
+use std::path::PathBuf;
 use std::time::Instant;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: idem-sim (--seed N | --seeds A..B) [--reserves N] [--regions 3|5] [--clients N] [--no-faults] [--rebuild-quarantine] [--without KIND,...] [--trace-key K] [--verbose]"
+        "usage: idem-sim (--seed N | --seeds A..B) [--reserves N] [--regions 3|5] [--clients N] [--no-faults] [--rebuild-quarantine] [--without KIND,...] [--trace-key K] [--verbose]\n       idem-sim campaign --ledger PATH --report PATH [--broken PATH] [--reserves N] [--contended N] [--jobs N] [--label TEXT] [--report-only]\n       idem-sim hunt --expect KIND --seeds A..B --record PATH"
     );
     std::process::exit(2)
+}
+
+fn range(v: Option<String>, what: &str) -> std::ops::Range<u64> {
+    let v = v.unwrap_or_default();
+    let Some((a, b)) = v.split_once("..") else {
+        eprintln!("{what}: expected A..B");
+        usage()
+    };
+    parse(Some(a.to_string()), what)..parse(Some(b.to_string()), what)
+}
+
+fn fail(e: String) -> ! {
+    eprintln!("idem-sim: {e}");
+    std::process::exit(1)
+}
+
+/// `idem-sim campaign`: run (or resume) the campaign, then write its report.
+fn campaign_main(mut args: impl Iterator<Item = String>) {
+    let mut ledger = None;
+    let mut report = None;
+    let mut broken = None;
+    let mut plan = Plan {
+        reserves: 3_000_000_000,
+        contended: 1_000_000_000,
+        jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        label: String::new(),
+    };
+    let mut report_only = false;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--ledger" => ledger = args.next().map(PathBuf::from),
+            "--report" => report = args.next().map(PathBuf::from),
+            "--broken" => broken = args.next().map(PathBuf::from),
+            "--reserves" => plan.reserves = parse(args.next(), "--reserves"),
+            "--contended" => plan.contended = parse(args.next(), "--contended"),
+            "--jobs" => plan.jobs = parse(args.next(), "--jobs"),
+            "--label" => plan.label = args.next().unwrap_or_default(),
+            "--report-only" => report_only = true,
+            _ => usage(),
+        }
+    }
+    let (Some(ledger), Some(report)) = (ledger, report) else {
+        eprintln!("campaign: --ledger and --report are required");
+        usage()
+    };
+    if let Some(v) = broken_variant() {
+        fail(format!(
+            "this build runs the broken rule {v}: the campaign runs only the rules the servers run"
+        ));
+    }
+    let l = if report_only {
+        Ledger::read(&ledger).unwrap_or_else(|e| fail(e))
+    } else {
+        campaign::run(&ledger, &plan).unwrap_or_else(|e| fail(e))
+    };
+    let hunts: Vec<Hunt> = broken
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|t| t.lines().filter_map(Hunt::parse).collect())
+        .unwrap_or_default();
+    let command = format!(
+        "idem-sim campaign --ledger {} --report {} --reserves {} --contended {}",
+        ledger.display(),
+        report.display(),
+        plan.reserves,
+        plan.contended
+    );
+    let text = campaign::report(&l, &hunts, &command);
+    if let Err(e) = std::fs::write(&report, &text) {
+        fail(format!("{}: {e}", report.display()));
+    }
+    let t = l.totals();
+    println!(
+        "campaign: {} Reserves, {} contended, {} seeds, violating seeds {:?}; report in {}",
+        t.reserves,
+        t.contended,
+        t.seeds,
+        t.failed,
+        report.display()
+    );
+    if !t.failed.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+/// `idem-sim hunt`: a broken build runs seeds until one shows the violation it must.
+fn hunt_main(mut args: impl Iterator<Item = String>) {
+    let mut expect = None;
+    let mut seeds = 0..2_000;
+    let mut record = None;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--expect" => expect = args.next(),
+            "--seeds" => seeds = range(args.next(), "--seeds"),
+            "--record" => record = args.next().map(PathBuf::from),
+            _ => usage(),
+        }
+    }
+    let Some(expect) = expect else {
+        eprintln!("hunt: --expect is required");
+        usage()
+    };
+    let Some(variant) = broken_variant() else {
+        fail("hunt needs a broken build (cargo run -p idem-sim --features broken-...)".into())
+    };
+    let h = campaign::hunt(variant, &expect, seeds);
+    if let Some(p) = &record {
+        campaign::record_hunt(p, &h).unwrap_or_else(|e| fail(e));
+    }
+    match h.seed {
+        Some(s) => println!(
+            "{variant}: caught ({expect}) at seed {s}, after {} seeds and {} Reserves: {}",
+            h.seeds_run, h.reserves, h.kinds
+        ),
+        None => {
+            println!(
+                "{variant}: NOT caught ({expect}) in {} seeds ({} Reserves)",
+                h.seeds_run, h.reserves
+            );
+            std::process::exit(1);
+        }
+    }
 }
 
 fn parse<T: std::str::FromStr>(v: Option<String>, what: &str) -> T {
@@ -30,6 +156,11 @@ fn parse<T: std::str::FromStr>(v: Option<String>, what: &str) -> T {
 }
 
 fn main() {
+    match std::env::args().nth(1).as_deref() {
+        Some("campaign") => return campaign_main(std::env::args().skip(2)),
+        Some("hunt") => return hunt_main(std::env::args().skip(2)),
+        _ => {}
+    }
     let mut cfg = SimConfig::default();
     let mut seeds = 0..1u64;
     let mut verbose = false;
@@ -41,15 +172,7 @@ fn main() {
                 seeds = s..s + 1;
                 verbose = true;
             }
-            "--seeds" => {
-                let v = args.next().unwrap_or_default();
-                let Some((a, b)) = v.split_once("..") else {
-                    eprintln!("--seeds: expected A..B");
-                    usage()
-                };
-                seeds =
-                    parse(Some(a.to_string()), "--seeds")..parse(Some(b.to_string()), "--seeds");
-            }
+            "--seeds" => seeds = range(args.next(), "--seeds"),
             "--reserves" => cfg.reserves = parse(args.next(), "--reserves"),
             "--regions" => {
                 cfg.regions = parse(args.next(), "--regions");
@@ -78,33 +201,16 @@ fn main() {
         }
     }
     let started = Instant::now();
-    let mut total = Report::default();
-    let mut failed = Vec::new();
+    let mut total = Totals::default();
     for seed in seeds.clone() {
         let r = run_seed(&cfg, seed);
         if verbose {
             print_one(&r);
         }
-        if !r.violations.is_empty() {
-            if !verbose {
-                print_one(&r);
-            }
-            failed.push(seed);
+        if !r.violations.is_empty() && !verbose {
+            print_one(&r);
         }
-        total.reserves += r.reserves;
-        total.contended += r.contended;
-        total.new += r.new;
-        total.replay += r.replay;
-        total.in_flight += r.in_flight;
-        total.mismatch += r.mismatch;
-        total.unavailable += r.unavailable;
-        total.completions_acked += r.completions_acked;
-        total.takeovers += r.takeovers;
-        total.events += r.events;
-        total.sim_ms += r.sim_ms;
-        for (k, v) in r.coverage {
-            *total.coverage.entry(k).or_default() += v;
-        }
+        total.add(&r);
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
@@ -125,10 +231,10 @@ fn main() {
         .map(|(k, v)| format!("{k} {v}"))
         .collect();
     println!("reserves met each fault: {}", cov.join(", "));
-    if failed.is_empty() {
+    if total.failed.is_empty() {
         println!("no violation");
     } else {
-        println!("VIOLATIONS in seeds {failed:?}");
+        println!("VIOLATIONS in seeds {:?}", total.failed);
         std::process::exit(1);
     }
 }

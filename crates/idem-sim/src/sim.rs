@@ -123,7 +123,13 @@ impl Default for SimConfig {
             reserve_deadline_ms: 6_000,
             anti_entropy_ms: 3_000,
             faults: true,
-            rule: Rule::Majority,
+            rule: if cfg!(feature = "broken-local-accept") {
+                Rule::BrokenLocalAccept
+            } else if cfg!(feature = "broken-early-ack") {
+                Rule::BrokenEarlyAck
+            } else {
+                Rule::Majority
+            },
             trace_key: None,
             rebuild_quarantine: false,
             without: Vec::new(),
@@ -156,13 +162,30 @@ pub enum FaultKind {
     Pause,
 }
 
+impl FaultKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Isolate => "Isolate",
+            FaultKind::OneWay => "OneWay",
+            FaultKind::Loss => "Loss",
+            FaultKind::Duplicate => "Duplicate",
+            FaultKind::Slow => "Slow",
+            FaultKind::Crash => "Crash",
+            FaultKind::Rebuild => "Rebuild",
+            FaultKind::Skew => "Skew",
+            FaultKind::ClockJump => "ClockJump",
+            FaultKind::Pause => "Pause",
+        }
+    }
+}
+
 impl std::str::FromStr for FaultKind {
     type Err = String;
     fn from_str(s: &str) -> Result<FaultKind, String> {
         FAULT_KINDS
             .iter()
             .copied()
-            .find(|k| format!("{k:?}").eq_ignore_ascii_case(s))
+            .find(|k| k.name().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
                 let names: Vec<String> = FAULT_KINDS.iter().map(|k| format!("{k:?}")).collect();
                 format!("no fault kind {s:?}; the kinds are {}", names.join(", "))
@@ -210,6 +233,8 @@ pub struct Report {
     pub unavailable: u64,
     pub completions_acked: u64,
     pub takeovers: u64,
+    /// Changes a full outbox skipped (anti-entropy repairs them).
+    pub outbox_skipped: u64,
     pub events: u64,
     pub sim_ms: u64,
     /// Reserves made while each fault kind was active.
@@ -217,6 +242,18 @@ pub struct Report {
     pub faults: Vec<String>,
     pub violations: Vec<Violation>,
     pub trace_hash: u64,
+}
+
+impl Report {
+    /// One more Reserve met `what`.
+    fn cover(&mut self, what: &str) {
+        match self.coverage.get_mut(what) {
+            Some(n) => *n += 1,
+            None => {
+                self.coverage.insert(what.to_string(), 1);
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -349,6 +386,10 @@ struct Region {
     /// there), or `ae_full`: compare every key (after a crash or a rebuild).
     ae_dirty: Vec<HashSet<u32>>,
     ae_full: Vec<bool>,
+    /// Claims withdrawn here (key, claim digest) and the generation the withdraw left
+    /// a `Released` record of them at: no Propose of them at or below it may be
+    /// accepted here again (the model check's `WITHDRAW_STICKS`).
+    withdrawn: HashMap<(u32, u64), u32>,
 }
 
 enum Eng {
@@ -433,6 +474,9 @@ pub struct Sim {
     change: u64,
     /// No new requests once this many Reserves were made.
     stopping: bool,
+    /// Keys an outbox holds per destination before changes are skipped: small in some
+    /// seeds, so that outboxes overflow and anti-entropy repairs what they skipped.
+    outbox_max: usize,
 }
 
 /// The key a command names (tenant and scope are empty: nothing in the rules reads them,
@@ -452,11 +496,11 @@ fn fingerprint_of(fp: u64) -> Fingerprint {
 }
 
 fn fence_id(f: &Fence) -> FenceId {
-    let c = f.claim;
-    (
-        f.generation,
-        c.hlc ^ (c.region as u64) << 48 ^ (c.node as u64) << 32 ^ c.nonce as u64,
-    )
+    (f.generation, claim_digest(&f.claim))
+}
+
+fn claim_digest(c: &ClaimId) -> u64 {
+    c.hlc ^ (c.region as u64) << 48 ^ (c.node as u64) << 32 ^ c.nonce as u64
 }
 
 fn op_summary(op: &Op) -> String {
@@ -540,6 +584,7 @@ impl Sim {
                 relay_backoff: vec![100; n],
                 ae_dirty: vec![HashSet::default(); n],
                 ae_full: vec![false; n],
+                withdrawn: map(),
             })
             .collect();
         let clients = (0..cfg.clients)
@@ -578,7 +623,13 @@ impl Sim {
             next_batch: 0,
             change: 0,
             stopping: false,
+            outbox_max: usize::MAX,
         };
+        // Drawn from a stream of its own, so the rest of the run draws as it did.
+        let mut side = Rng::new(seed ^ 0x6f75_7462_6f78);
+        if sim.cfg.faults && side.chance(0.25) {
+            sim.outbox_max = side.between(2, 32) as usize;
+        }
         if sim.cfg.faults {
             sim.draw_faults();
         }
@@ -753,6 +804,14 @@ impl Sim {
     /// A region node's clock (its stamp clock: true time plus its skew).
     fn node_ms(&self, r: usize) -> u64 {
         (self.now as i64 + self.regions[r].skew_ms).max(0) as u64
+    }
+
+    /// The time a region's proposers read: its node's clock as the stamper gives it,
+    /// which never goes back (a skew that changes moves it forward only).
+    fn proposer_ms(&mut self, r: usize) -> u64 {
+        let t = self.node_ms(r).max(self.regions[r].stamp);
+        self.regions[r].stamp = t;
+        t
     }
 
     fn majority(&self) -> usize {
@@ -963,6 +1022,10 @@ impl Sim {
         match f.kind {
             FaultKind::Crash | FaultKind::Rebuild => self.crash(f.region),
             FaultKind::Skew => self.regions[f.region].skew_ms = f.amount,
+            // Broken: the jump is followed and nothing notices.
+            FaultKind::ClockJump if cfg!(feature = "broken-unbounded-clock") => {
+                self.regions[f.region].skew_ms += f.amount
+            }
             // The stamper does not follow a clock that jumps: its stamps advance by the
             // monotonic time elapsed. Peers see the offset and the node stops serving.
             FaultKind::ClockJump => self.regions[f.region].fenced = true,
@@ -979,6 +1042,9 @@ impl Sim {
             FaultKind::Skew => {
                 let b = (self.cfg.skew_margin_ms / 2) as i64;
                 self.regions[f.region].skew_ms = self.rng.below(b as u64 + 1) as i64 - b / 2;
+            }
+            FaultKind::ClockJump if cfg!(feature = "broken-unbounded-clock") => {
+                self.regions[f.region].skew_ms -= f.amount
             }
             FaultKind::ClockJump => {
                 self.regions[f.region].fenced = self
@@ -1102,6 +1168,26 @@ impl Sim {
         let n = self.cfg.regions;
         let reg = &mut self.regions[r];
         reg.stamp = reg.stamp.max(now);
+        if cfg!(feature = "broken-unbounded-clock") {
+            // Broken: the stamp adopts another region's clock, however far ahead.
+            if let Op::Propose { claim, .. } = &op {
+                if claim.region as usize != r {
+                    reg.stamp = reg.stamp.max(claim.hlc);
+                }
+            }
+        }
+        let proposed = match &op {
+            Op::Propose {
+                claim, generation, ..
+            } => Some((claim_digest(claim), *generation)),
+            _ => None,
+        };
+        let withdrawing = match &op {
+            Op::Withdraw {
+                claim, generation, ..
+            } => Some((*claim, *generation)),
+            _ => None,
+        };
         reg.minted += 1;
         let is_merge = matches!(op, Op::Merge { .. });
         let cmd = Command {
@@ -1132,6 +1218,35 @@ impl Sim {
                 write.as_ref().map(record_summary)
             );
         }
+        if let (
+            Some((claim, generation)),
+            CommandResult::Reserve {
+                outcome: ReserveOutcome::New { fence, .. },
+                ..
+            },
+        ) = (proposed, &result)
+        {
+            let stuck = reg.withdrawn.get(&(k, claim)).copied();
+            if claim_digest(&fence.claim) == claim && stuck.is_some_and(|g| generation <= g) {
+                self.report.violations.push(Violation {
+                    kind: "withdrawn_accepted",
+                    key: k,
+                    at_ms: self.now,
+                    detail: format!(
+                        "region {r} accepted a Propose at generation {generation} of a claim it had withdrawn at generation {stuck:?}"
+                    ),
+                });
+            }
+        }
+        if let Some((claim, generation)) = withdrawing {
+            let after = write.as_ref().or(stored);
+            if let Some(rec) = after.filter(|x| {
+                x.claim == claim && x.phase == Phase::Released && x.generation >= generation
+            }) {
+                let g = reg.withdrawn.entry((k, claim_digest(&claim))).or_default();
+                *g = (*g).max(rec.generation.min(generation));
+            }
+        }
         let mut changed = false;
         if let Some(w) = write {
             changed = stored.is_none_or(|s| !same_replicated(s, &w));
@@ -1142,7 +1257,14 @@ impl Sim {
             if changed && !is_merge {
                 self.change += 1;
                 for dest in (0..n).filter(|&d| d != r) {
-                    self.regions[r].outbox[dest].insert(k, self.change);
+                    let outbox = &mut self.regions[r].outbox[dest];
+                    // A full outbox skips the change (as `relay.max_outbox` does):
+                    // anti-entropy repairs it.
+                    if outbox.len() >= self.outbox_max && !outbox.contains_key(&k) {
+                        self.report.outbox_skipped += 1;
+                        continue;
+                    }
+                    outbox.insert(k, self.change);
                     self.schedule_relay(r, dest, RELAY_POLL_MS);
                 }
             }
@@ -1325,10 +1447,10 @@ impl Sim {
     // ---- the proposer side ----
 
     fn on_reply(&mut self, pid: u32, round: u32, region: usize, result: Option<CommandResult>) {
-        let now = match self.procs.get(&pid) {
-            Some(p) => self.node_ms(p.region),
-            None => return,
+        let Some(r) = self.procs.get(&pid).map(|p| p.region) else {
+            return;
         };
+        let now = self.proposer_ms(r);
         let Some(p) = self.procs.get_mut(&pid) else {
             return;
         };
@@ -1345,10 +1467,15 @@ impl Sim {
     }
 
     fn on_timer(&mut self, pid: u32, token: u32) {
-        let now = match self.procs.get(&pid) {
-            Some(p) if p.timer == Some(token) => self.node_ms(p.region),
-            _ => return,
+        let Some(r) = self
+            .procs
+            .get(&pid)
+            .filter(|p| p.timer == Some(token))
+            .map(|p| p.region)
+        else {
+            return;
         };
+        let now = self.proposer_ms(r);
         let Some(p) = self.procs.get_mut(&pid) else {
             return;
         };
@@ -1515,21 +1642,28 @@ impl Sim {
         if self.any_fault() && self.key_contended(key) {
             self.report.contended += 1;
         }
-        let active: Vec<FaultKind> = self
-            .faults
+        let mut active = [false; FAULT_KINDS.len()];
+        for f in self.faults.iter().filter(|f| f.active) {
+            active[f.kind as usize] = true;
+        }
+        let full = self
+            .regions
             .iter()
-            .filter(|f| f.active)
-            .map(|f| f.kind)
-            .collect();
-        for k in FAULT_KINDS.iter().filter(|k| active.contains(k)) {
-            *self.report.coverage.entry(format!("{k:?}")).or_default() += 1;
+            .any(|reg| reg.outbox.iter().any(|o| o.len() >= self.outbox_max));
+        for (i, k) in FAULT_KINDS.iter().enumerate() {
+            if active[i] {
+                self.report.cover(k.name());
+            }
+        }
+        if full {
+            self.report.cover("OutboxFull");
         }
         if !self.regions[region].up {
             // Connection refused: the client tries again.
             self.call_failed_later(client, 5);
             return None;
         }
-        let now = self.node_ms(region);
+        let now = self.proposer_ms(region);
         let fingerprint = fingerprint_of(fp);
         let rec = self.regions[region].records.get(&key).cloned();
         // Fast path: a final completion never changes, so this node's copy answers.
@@ -1894,7 +2028,7 @@ impl Sim {
             }
         } else if roll < 12 && self.now + self.cfg.skew_margin_ms < trusted_until {
             self.clients[client as usize].call += 1;
-            let until_ms = self.node_ms(home) + self.cfg.lease_ms;
+            let until_ms = self.proposer_ms(home) + self.cfg.lease_ms;
             let call = HolderCall::Extend {
                 fence,
                 lease_ms: self.cfg.lease_ms,
@@ -1979,7 +2113,7 @@ impl Sim {
         if !self.regions[region].up || self.regions[region].fenced {
             return None;
         }
-        let now = self.node_ms(region);
+        let now = self.proposer_ms(region);
         let mut e = HolderEngine::new(self.engine_config(region), call);
         let cmds = e.start(now);
         let pid = self.new_proc(client, key, region, Eng::Holder(e));
