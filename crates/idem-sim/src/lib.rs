@@ -4,6 +4,7 @@
 
 pub mod campaign;
 pub mod oracle;
+pub mod regional;
 pub mod rng;
 pub mod sim;
 

@@ -7,6 +7,7 @@
 //! idem-sim --seeds 0..300 --without rebuild   no seed draws that fault kind
 //! idem-sim campaign --ledger L --report R [--reserves N] [--contended N] [--jobs N]
 //! idem-sim hunt --expect KIND --seeds A..B --record PATH   (a broken build)
+//! idem-sim regional [--requests N] [--seed S]   REGIONAL double grants vs the model
 //! ```
 //! Exits 1 when a seed found a violation (its seed and findings are printed).
 
@@ -18,7 +19,7 @@ use std::time::Instant;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: idem-sim (--seed N | --seeds A..B) [--reserves N] [--regions 3|5] [--clients N] [--no-faults] [--rebuild-quarantine] [--without KIND,...] [--trace-key K] [--verbose]\n       idem-sim campaign --ledger PATH --report PATH [--broken PATH] [--reserves N] [--contended N] [--jobs N] [--label TEXT] [--report-only]\n       idem-sim hunt --expect KIND --seeds A..B --record PATH"
+        "usage: idem-sim (--seed N | --seeds A..B) [--reserves N] [--regions 3|5] [--clients N] [--no-faults] [--rebuild-quarantine] [--without KIND,...] [--trace-key K] [--verbose]\n       idem-sim campaign --ledger PATH --report PATH [--broken PATH] [--reserves N] [--contended N] [--jobs N] [--label TEXT] [--report-only]\n       idem-sim hunt --expect KIND --seeds A..B --record PATH\n       idem-sim regional [--requests N] [--seed S]"
     );
     std::process::exit(2)
 }
@@ -106,6 +107,20 @@ fn campaign_main(mut args: impl Iterator<Item = String>) {
     }
 }
 
+/// `idem-sim regional`: REGIONAL mode's double-grant rate against its model.
+fn regional_main(mut args: impl Iterator<Item = String>) {
+    let mut requests = 1_000_000;
+    let mut seed = 1;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--requests" => requests = parse(args.next(), "--requests"),
+            "--seed" => seed = parse(args.next(), "--seed"),
+            _ => usage(),
+        }
+    }
+    print!("{}", idem_sim::regional::table(requests, seed));
+}
+
 /// `idem-sim hunt`: a broken build runs seeds until one shows the violation it must.
 fn hunt_main(mut args: impl Iterator<Item = String>) {
     let mut expect = None;
@@ -159,6 +174,7 @@ fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("campaign") => return campaign_main(std::env::args().skip(2)),
         Some("hunt") => return hunt_main(std::env::args().skip(2)),
+        Some("regional") => return regional_main(std::env::args().skip(2)),
         _ => {}
     }
     let mut cfg = SimConfig::default();
@@ -195,6 +211,12 @@ fn main() {
                     }
                 }
             }
+            "--drop-faults" => {
+                for i in args.next().unwrap_or_default().split(',') {
+                    cfg.drop_faults
+                        .push(parse(Some(i.to_string()), "--drop-faults"));
+                }
+            }
             "--trace-key" => cfg.trace_key = Some(parse(args.next(), "--trace-key")),
             "--verbose" => verbose = true,
             _ => usage(),
@@ -213,6 +235,10 @@ fn main() {
         total.add(&r);
     }
     let secs = started.elapsed().as_secs_f64();
+    // One failing seed asked for: shrink it and replay its first violation's key.
+    if seeds.end - seeds.start == 1 && !total.failed.is_empty() && cfg.trace_key.is_none() {
+        print_shrunk(&cfg, seeds.start);
+    }
     println!(
         "seeds {}..{}: {} reserves ({} contended during a fault), {} NEW, {} REPLAY, {} IN_FLIGHT, {} MISMATCH, {} UNAVAILABLE, {} completions acknowledged, {} takeovers",
         seeds.start, seeds.end, total.reserves, total.contended, total.new, total.replay,
@@ -237,6 +263,46 @@ fn main() {
         println!("VIOLATIONS in seeds {:?}", total.failed);
         std::process::exit(1);
     }
+}
+
+fn print_shrunk(cfg: &SimConfig, seed: u64) {
+    let (small, r) = idem_sim::sim::shrink(cfg, seed);
+    let Some(v) = r.violations.first() else {
+        return;
+    };
+    let dropped = small
+        .drop_faults
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut replay = format!(
+        "idem-sim --seed {seed} --regions {} --reserves {}",
+        small.regions, small.reserves
+    );
+    if !dropped.is_empty() {
+        replay.push_str(&format!(" --drop-faults {dropped}"));
+    }
+    for k in &small.without {
+        replay.push_str(&format!(" --without {}", k.name()));
+    }
+    if small.rebuild_quarantine {
+        replay.push_str(" --rebuild-quarantine");
+    }
+    println!(
+        "shrunk: {} of {} faults kept, {} Reserves, still {} on key {}; the key's trace:\n  {replay} --trace-key {}",
+        r.faults.len() - small.drop_faults.len(),
+        r.faults.len(),
+        r.reserves,
+        v.kind,
+        v.key,
+        v.key
+    );
+    let traced = SimConfig {
+        trace_key: Some(v.key),
+        ..small
+    };
+    run_seed(&traced, seed);
 }
 
 fn print_one(r: &Report) {

@@ -108,6 +108,10 @@ pub struct SimConfig {
     pub rebuild_quarantine: bool,
     /// Fault kinds no seed draws (`--without rebuild,slow`).
     pub without: Vec<FaultKind>,
+    /// Faults of the drawn schedule (by index) that never fire: the shrinker's tool
+    /// (`--drop-faults 0,3`); the schedule is drawn as before, so the rest of the run
+    /// is the same.
+    pub drop_faults: Vec<usize>,
 }
 
 impl Default for SimConfig {
@@ -133,6 +137,7 @@ impl Default for SimConfig {
             trace_key: None,
             rebuild_quarantine: false,
             without: Vec::new(),
+            drop_faults: Vec::new(),
         }
     }
 }
@@ -481,7 +486,7 @@ pub struct Sim {
 
 /// The key a command names (tenant and scope are empty: nothing in the rules reads them,
 /// and an empty `String` costs no allocation).
-fn key_of(k: u32) -> Key {
+pub(crate) fn key_of(k: u32) -> Key {
     Key {
         tenant: String::new(),
         scope: String::new(),
@@ -711,8 +716,10 @@ impl Sim {
                 "{kind:?} region {region} other {other} {start}..{} ms ({amount})",
                 start + len
             ));
-            self.at(start, Ev::FaultStart(i));
-            self.at(start + len, Ev::FaultEnd(i));
+            if !self.cfg.drop_faults.contains(&i) {
+                self.at(start, Ev::FaultStart(i));
+                self.at(start + len, Ev::FaultEnd(i));
+            }
         }
     }
 
@@ -2288,6 +2295,39 @@ fn broadcasts<A>(cmds: Vec<Cmd<A>>) -> Vec<Op> {
 
 pub fn run_seed(cfg: &SimConfig, seed: u64) -> Report {
     Sim::new(cfg.clone(), seed).run()
+}
+
+/// A smaller run of a failing seed that still shows its first violation's kind: faults
+/// of its schedule dropped one at a time, then fewer Reserves, each kept while the
+/// violation stays. Returns the configuration and its report.
+pub fn shrink(cfg: &SimConfig, seed: u64) -> (SimConfig, Report) {
+    let first = run_seed(cfg, seed);
+    let Some(kind) = first.violations.first().map(|v| v.kind) else {
+        return (cfg.clone(), first);
+    };
+    let shows = |r: &Report| r.violations.iter().any(|v| v.kind == kind);
+    let mut best = (cfg.clone(), first);
+    for i in 0..best.1.faults.len() {
+        let mut c = best.0.clone();
+        c.drop_faults.push(i);
+        let r = run_seed(&c, seed);
+        if shows(&r) {
+            best = (c, r);
+        }
+    }
+    loop {
+        let mut c = best.0.clone();
+        c.reserves = best.1.reserves.min(c.reserves) / 2;
+        if c.reserves < 10 {
+            break;
+        }
+        let r = run_seed(&c, seed);
+        if !shows(&r) {
+            break;
+        }
+        best = (c, r);
+    }
+    best
 }
 
 #[cfg(test)]
