@@ -485,7 +485,7 @@ pub fn record_hunt(path: &Path, h: &Hunt) -> Result<(), String> {
 }
 
 /// The campaign's result as Markdown: totals, the bound, coverage, the broken variants.
-pub fn report(ledger: &Ledger, hunts: &[Hunt], command: &str) -> String {
+pub fn report(ledger: &Ledger, hunts: &[Hunt], command: &str, plan: &Plan) -> String {
     let t = ledger.totals();
     let secs: f64 = ledger.chunks.values().map(|c| c.secs).sum();
     let mut by_regions: BTreeMap<usize, Totals> = BTreeMap::new();
@@ -529,6 +529,17 @@ pub fn report(ledger: &Ledger, hunts: &[Hunt], command: &str) -> String {
         t.seeds,
         t.failed.len()
     );
+    if t.reserves < plan.reserves || t.contended < plan.contended {
+        let _ = writeln!(
+            s,
+            "**In progress**: {} of the {} Reserves and {} of the {} contended Reserves the campaign aims at ({:.1}%); `make sim-campaign` goes on from here.\n",
+            t.reserves,
+            plan.reserves,
+            t.contended,
+            plan.contended,
+            100.0 * t.reserves as f64 / plan.reserves.max(1) as f64
+        );
+    }
     if t.failed.is_empty() && t.contended > 0 {
         let _ = writeln!(
             s,

@@ -89,7 +89,7 @@ fn campaign_main(mut args: impl Iterator<Item = String>) {
         plan.reserves,
         plan.contended
     );
-    let text = campaign::report(&l, &hunts, &command);
+    let text = campaign::report(&l, &hunts, &command, &plan);
     if let Err(e) = std::fs::write(&report, &text) {
         fail(format!("{}: {e}", report.display()));
     }
