@@ -471,6 +471,8 @@ pub struct Sim {
     hot: Vec<u32>,
     next_key: u32,
     faults: Vec<Fault>,
+    /// The faults active now (indices into `faults`).
+    active_faults: Vec<usize>,
     wan_ms: Vec<Vec<u64>>,
     oracle: Oracle,
     report: Report,
@@ -618,6 +620,7 @@ impl Sim {
             hot,
             next_key,
             faults: Vec::new(),
+            active_faults: Vec::new(),
             wan_ms,
             oracle: Oracle::default(),
             report: Report {
@@ -724,7 +727,6 @@ impl Sim {
     }
 
     fn at(&mut self, at: u64, ev: Ev) {
-        self.seq += 1;
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot as usize] = Some(ev);
@@ -735,6 +737,7 @@ impl Sim {
                 (self.slots.len() - 1) as u32
             }
         };
+        self.seq += 1;
         self.queue.push(Queued {
             at: at.max(self.now),
             seq: self.seq,
@@ -743,13 +746,14 @@ impl Sim {
     }
 
     fn active(&self, kind: FaultKind) -> impl Iterator<Item = &Fault> {
-        self.faults
+        self.active_faults
             .iter()
-            .filter(move |f| f.active && f.kind == kind)
+            .map(|&i| &self.faults[i])
+            .filter(move |f| f.kind == kind)
     }
 
     fn any_fault(&self) -> bool {
-        self.faults.iter().any(|f| f.active)
+        !self.active_faults.is_empty()
     }
 
     fn cut(&self, from: usize, to: usize) -> bool {
@@ -840,14 +844,14 @@ impl Sim {
     /// and let the regions converge; judge the run.
     pub fn run(mut self) -> Report {
         let mut healed_at = None;
-        while let Some(q) = self.queue.pop() {
-            let ev = self.slots[q.slot as usize]
+        while let Some(Queued { at, slot, .. }) = self.queue.pop() {
+            let ev = self.slots[slot as usize]
                 .take()
                 .expect("a queued slot holds its event");
-            self.free.push(q.slot);
-            self.now = q.at;
+            self.free.push(slot);
+            self.now = at;
             self.report.events += 1;
-            self.hash.add(q.at);
+            self.hash.add(at);
             self.hash.add(ev.code());
             self.step(ev);
             if self.stopping && healed_at.is_none() && self.all_idle() {
@@ -1025,6 +1029,9 @@ impl Sim {
 
     fn start_fault(&mut self, i: usize) {
         self.faults[i].active = true;
+        if !self.active_faults.contains(&i) {
+            self.active_faults.push(i);
+        }
         let f = self.faults[i].clone();
         match f.kind {
             FaultKind::Crash | FaultKind::Rebuild => self.crash(f.region),
@@ -1042,6 +1049,7 @@ impl Sim {
 
     fn end_fault(&mut self, i: usize) {
         self.faults[i].active = false;
+        self.active_faults.retain(|&a| a != i);
         let f = self.faults[i].clone();
         match f.kind {
             FaultKind::Crash => self.restart(f.region, false),
@@ -1650,8 +1658,8 @@ impl Sim {
             self.report.contended += 1;
         }
         let mut active = [false; FAULT_KINDS.len()];
-        for f in self.faults.iter().filter(|f| f.active) {
-            active[f.kind as usize] = true;
+        for &i in &self.active_faults {
+            active[self.faults[i].kind as usize] = true;
         }
         let full = self
             .regions
