@@ -31,9 +31,9 @@ build: deps
 test: deps
 	$(CARGO) test --workspace -- --test-threads=2
 
-# The simulator (docs/protocol.md §10): the real decision rules under composed faults in
-# simulated time, 3 and 5 regions, about two minutes; any violation fails and prints its
-# seed (`idem-sim --seed N --trace-key K` replays it). A region rebuilt from nothing is
+# The simulator (docs/simulation.md): the real decision rules under composed faults in
+# simulated time, 3 and 5 regions, under a minute once built; any violation fails and
+# prints its seed (`idem-sim --seed N` replays and shrinks it). A region rebuilt from nothing is
 # left out until the servers keep such a region out of decisions (docs/protocol.md,
 # open points); `make sim-rebuild` runs it and shows that hole.
 sim: deps
@@ -41,17 +41,17 @@ sim: deps
 	$(CARGO) run --release -p idem-sim -- --seeds 0..300 --regions 5 --without rebuild
 
 sim-rebuild: deps
-	$(CARGO) run --release -p idem-sim -- --seeds 0..1500
+	$(CARGO) run --release -p idem-sim -- --seeds 0..3000
 
 # The campaign (docs/simulation.md): chunks of 1,000 seeds on every core until the
-# ledger holds 3 x 10^9 Reserves, 10^9 of them contended; about 2.5 hours on 2 cores.
+# ledger holds 3 x 10^9 Reserves, 10^9 of them contended; about 4 hours on 2 cores.
 # Resumable: stop it at any time, run it again, and it goes on from its ledger. The
 # result (docs/sim-campaign/result.md) is rewritten when it ends.
 SIM_CAMPAIGN := docs/sim-campaign
 sim-campaign: deps
 	$(CARGO) run --release -p idem-sim -- campaign --ledger $(SIM_CAMPAIGN)/ledger.tsv \
 	  --report $(SIM_CAMPAIGN)/result.md --broken $(SIM_CAMPAIGN)/broken.tsv \
-	  --label "commit $$(git rev-parse --short HEAD)"
+	  --label "commit $$(git describe --always --dirty)"
 
 # Each deliberately broken rule, built on its own, must show its violation within
 # 2,000 seeds (recorded in docs/sim-campaign/broken.tsv; a few minutes). Built in a

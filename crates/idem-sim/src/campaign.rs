@@ -20,6 +20,7 @@ pub const CHUNK_SEEDS: u64 = 1_000;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
     pub seeds: u64,
+    pub attempts: u64,
     pub reserves: u64,
     pub contended: u64,
     pub new: u64,
@@ -29,6 +30,7 @@ pub struct Totals {
     pub unavailable: u64,
     pub completions_acked: u64,
     pub takeovers: u64,
+    pub outbox_skipped: u64,
     pub events: u64,
     pub sim_ms: u64,
     pub coverage: BTreeMap<String, u64>,
@@ -37,29 +39,38 @@ pub struct Totals {
 }
 
 impl Totals {
+    pub fn of(r: &Report) -> Totals {
+        Totals {
+            seeds: 1,
+            attempts: r.attempts,
+            reserves: r.reserves,
+            contended: r.contended,
+            new: r.new,
+            replay: r.replay,
+            in_flight: r.in_flight,
+            mismatch: r.mismatch,
+            unavailable: r.unavailable,
+            completions_acked: r.completions_acked,
+            takeovers: r.takeovers,
+            outbox_skipped: r.outbox_skipped,
+            events: r.events,
+            sim_ms: r.sim_ms,
+            coverage: r.coverage.clone(),
+            failed: if r.violations.is_empty() {
+                Vec::new()
+            } else {
+                vec![r.seed]
+            },
+        }
+    }
+
     pub fn add(&mut self, r: &Report) {
-        self.seeds += 1;
-        self.reserves += r.reserves;
-        self.contended += r.contended;
-        self.new += r.new;
-        self.replay += r.replay;
-        self.in_flight += r.in_flight;
-        self.mismatch += r.mismatch;
-        self.unavailable += r.unavailable;
-        self.completions_acked += r.completions_acked;
-        self.takeovers += r.takeovers;
-        self.events += r.events;
-        self.sim_ms += r.sim_ms;
-        for (k, v) in &r.coverage {
-            *self.coverage.entry(k.clone()).or_default() += v;
-        }
-        if !r.violations.is_empty() {
-            self.failed.push(r.seed);
-        }
+        self.merge(&Totals::of(r));
     }
 
     pub fn merge(&mut self, o: &Totals) {
         self.seeds += o.seeds;
+        self.attempts += o.attempts;
         self.reserves += o.reserves;
         self.contended += o.contended;
         self.new += o.new;
@@ -69,6 +80,7 @@ impl Totals {
         self.unavailable += o.unavailable;
         self.completions_acked += o.completions_acked;
         self.takeovers += o.takeovers;
+        self.outbox_skipped += o.outbox_skipped;
         self.events += o.events;
         self.sim_ms += o.sim_ms;
         for (k, v) in &o.coverage {
@@ -88,16 +100,26 @@ pub fn chunk_config(chunk: u64) -> SimConfig {
     }
 }
 
-/// The simulator's behaviour digest: the trace hashes of the first seeds of chunks 0
-/// and 3 (three and five regions). Any change to the rules, the fault mix or the
-/// clients changes it.
+/// Bumped whenever what a run judges or counts changes without changing its events
+/// (an oracle check, an invariant, what counts as a Reserve or as contended): the
+/// digest covers it, so such a change starts a new ledger too.
+pub const JUDGE_VERSION: u64 = 1;
+
+/// The simulator's behaviour digest: the trace hashes, counters and violations of the
+/// first eight seeds of chunks 0 and 3 (three and five regions), and `JUDGE_VERSION`.
+/// A change to the rules, the fault mix, the clients or the counting changes it.
 pub fn behaviour_digest() -> u64 {
-    let mut d: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut d: u64 = 0xcbf2_9ce4_8422_2325 ^ JUDGE_VERSION;
+    let mut mix = |v: u64| d = (d ^ v).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(17);
     for chunk in [0u64, 3] {
         let cfg = chunk_config(chunk);
         for seed in 0..8 {
-            let h = run_seed(&cfg, chunk * CHUNK_SEEDS + seed).trace_hash;
-            d = (d ^ h).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(17);
+            let r = run_seed(&cfg, chunk * CHUNK_SEEDS + seed);
+            for v in Chunk::counters(&Totals::of(&r)) {
+                mix(v);
+            }
+            mix(r.trace_hash);
+            mix(r.violations.len() as u64);
         }
     }
     d
@@ -113,28 +135,11 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    fn line(&self) -> String {
-        let t = &self.totals;
-        let failed = if t.failed.is_empty() {
-            "-".to_string()
-        } else {
-            t.failed
-                .iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let cov = t
-            .coverage
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{:.1}\t{}\t{}",
-            self.chunk,
-            self.regions,
+    /// The counters of a ledger line, in column order (after chunk and regions).
+    fn counters(t: &Totals) -> [u64; 14] {
+        [
             t.seeds,
+            t.attempts,
             t.reserves,
             t.contended,
             t.new,
@@ -144,50 +149,76 @@ impl Chunk {
             t.unavailable,
             t.completions_acked,
             t.takeovers,
+            t.outbox_skipped,
             t.events,
             t.sim_ms,
+        ]
+    }
+
+    fn line(&self) -> String {
+        let t = &self.totals;
+        let failed = if t.failed.is_empty() {
+            "-".to_string()
+        } else {
+            let seeds: Vec<String> = t.failed.iter().map(u64::to_string).collect();
+            seeds.join(",")
+        };
+        let cov: Vec<String> = t.coverage.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let counters: Vec<String> = Chunk::counters(t).iter().map(u64::to_string).collect();
+        format!(
+            "{}\t{}\t{}\t{:.1}\t{}\t{}",
+            self.chunk,
+            self.regions,
+            counters.join("\t"),
             self.secs,
             failed,
-            cov
+            cov.join(",")
         )
     }
 
     fn parse(line: &str) -> Option<Chunk> {
         let f: Vec<&str> = line.split('\t').collect();
-        if f.len() != 17 {
+        if f.len() != 19 {
             return None;
         }
-        let n = |i: usize| f[i].parse::<u64>().ok();
-        let failed = if f[15] == "-" {
+        let mut c = [0u64; 14];
+        for (i, v) in c.iter_mut().enumerate() {
+            *v = f[2 + i].parse().ok()?;
+        }
+        let [seeds, attempts, reserves, contended, new, replay, in_flight, mismatch, unavailable, completions_acked, takeovers, outbox_skipped, events, sim_ms] =
+            c;
+        let failed = if f[17] == "-" {
             Vec::new()
         } else {
-            f[15]
+            f[17]
                 .split(',')
                 .map(|s| s.parse().ok())
                 .collect::<Option<Vec<u64>>>()?
         };
         let mut coverage = BTreeMap::new();
-        for kv in f[16].split(',').filter(|s| !s.is_empty()) {
+        for kv in f[18].split(',').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=')?;
             coverage.insert(k.to_string(), v.parse().ok()?);
         }
         Some(Chunk {
-            chunk: n(0)?,
-            regions: n(1)? as usize,
-            secs: f[14].parse().ok()?,
+            chunk: f[0].parse().ok()?,
+            regions: f[1].parse().ok()?,
+            secs: f[16].parse().ok()?,
             totals: Totals {
-                seeds: n(2)?,
-                reserves: n(3)?,
-                contended: n(4)?,
-                new: n(5)?,
-                replay: n(6)?,
-                in_flight: n(7)?,
-                mismatch: n(8)?,
-                unavailable: n(9)?,
-                completions_acked: n(10)?,
-                takeovers: n(11)?,
-                events: n(12)?,
-                sim_ms: n(13)?,
+                seeds,
+                attempts,
+                reserves,
+                contended,
+                new,
+                replay,
+                in_flight,
+                mismatch,
+                unavailable,
+                completions_acked,
+                takeovers,
+                outbox_skipped,
+                events,
+                sim_ms,
                 coverage,
                 failed,
             },
@@ -196,7 +227,7 @@ impl Chunk {
 }
 
 const HEADER: &str = "# idem-sim campaign ledger: one line per chunk of seeds done";
-const COLUMNS: &str = "# chunk\tregions\tseeds\treserves\tcontended\tnew\treplay\tin_flight\tmismatch\tunavailable\tcompletions_acked\ttakeovers\tevents\tsim_ms\tsecs\tfailed_seeds\tcoverage";
+const COLUMNS: &str = "# chunk\tregions\tseeds\tattempts\treserves\tcontended\tnew\treplay\tin_flight\tmismatch\tunavailable\tcompletions_acked\ttakeovers\toutbox_skipped\tevents\tsim_ms\tsecs\tfailed_seeds\tcoverage";
 
 /// A ledger read from disk: its behaviour digest, where it was started, its chunks.
 #[derive(Clone, Debug, Default)]
@@ -214,7 +245,13 @@ impl Ledger {
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
         let mut l = Ledger::default();
-        for line in text.lines() {
+        // A last line without its newline was cut short by a killed run: its chunk
+        // runs again.
+        let complete = match text.rfind('\n') {
+            Some(end) => &text[..end],
+            None => "",
+        };
+        for line in complete.lines() {
             if let Some(d) = line.strip_prefix("# behaviour ") {
                 let hex = d.split_whitespace().next().unwrap_or_default();
                 l.digest = Some(
@@ -226,18 +263,24 @@ impl Ledger {
             } else if line.starts_with('#') || line.trim().is_empty() {
             } else if let Some(c) = Chunk::parse(line) {
                 l.chunks.insert(c.chunk, c);
+            } else {
+                return Err(format!(
+                    "{}: a line that is not a chunk of this format: {line}",
+                    path.display()
+                ));
             }
-            // A line cut short by a killed run is skipped: its chunk runs again.
+        }
+        if l.digest.is_none() && !l.chunks.is_empty() {
+            return Err(format!(
+                "{}: chunks without a behaviour digest: not a ledger this simulator wrote",
+                path.display()
+            ));
         }
         Ok(l)
     }
 
     pub fn totals(&self) -> Totals {
-        let mut t = Totals::default();
-        for c in self.chunks.values() {
-            t.merge(&c.totals);
-        }
-        t
+        sum(self.chunks.values())
     }
 }
 
@@ -302,10 +345,8 @@ pub fn run(path: &Path, plan: &Plan) -> Result<Ledger, String> {
         reserves_this_run: 0,
     });
     let reached = |done: &BTreeMap<u64, Chunk>| {
-        let (r, c) = done.values().fold((0, 0), |(r, c), x| {
-            (r + x.totals.reserves, c + x.totals.contended)
-        });
-        r >= plan.reserves && c >= plan.contended
+        let t = sum(done.values());
+        t.reserves >= plan.reserves && t.contended >= plan.contended
     };
     let error = Mutex::new(None::<String>);
     std::thread::scope(|s| {
@@ -326,7 +367,15 @@ pub fn run(path: &Path, plan: &Plan) -> Result<Ledger, String> {
                 let t0 = Instant::now();
                 let mut totals = Totals::default();
                 for seed in chunk * CHUNK_SEEDS..(chunk + 1) * CHUNK_SEEDS {
-                    totals.add(&run_seed(&cfg, seed));
+                    match run_caught(&cfg, seed) {
+                        Some(r) => totals.add(&r),
+                        // A panic inside the rules or the simulator is a finding: the
+                        // seed fails (its message went to stderr).
+                        None => {
+                            totals.seeds += 1;
+                            totals.failed.push(seed);
+                        }
+                    }
                 }
                 let c = Chunk {
                     chunk,
@@ -335,7 +384,8 @@ pub fn run(path: &Path, plan: &Plan) -> Result<Ledger, String> {
                     totals,
                 };
                 let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = writeln!(sh.file, "{}", c.line()).and_then(|_| sh.file.flush()) {
+                let line = format!("{}\n", c.line());
+                if let Err(e) = sh.file.write_all(line.as_bytes()).and_then(|_| sh.file.flush()) {
                     if let Ok(mut slot) = error.lock() {
                         *slot = Some(format!("{}: {e}", path.display()));
                     }
@@ -345,7 +395,7 @@ pub fn run(path: &Path, plan: &Plan) -> Result<Ledger, String> {
                 let rate = sh.reserves_this_run as f64 / sh.started.elapsed().as_secs_f64();
                 let failed = c.totals.failed.clone();
                 sh.done.insert(chunk, c);
-                let t = sum(&sh.done);
+                let t = sum(sh.done.values());
                 let left = plan.reserves.saturating_sub(t.reserves) as f64 / rate.max(1.0);
                 println!(
                     "chunk {chunk} ({} regions): {} Reserves; total {} of {} ({:.1}%), {} contended; {:.0} Reserves/s on {} cores; about {:.0} min left{}",
@@ -373,9 +423,14 @@ pub fn run(path: &Path, plan: &Plan) -> Result<Ledger, String> {
     Ledger::read(path)
 }
 
-fn sum(done: &BTreeMap<u64, Chunk>) -> Totals {
+/// One seed, a panic caught (`None`).
+fn run_caught(cfg: &SimConfig, seed: u64) -> Option<Report> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_seed(cfg, seed))).ok()
+}
+
+fn sum<'a>(chunks: impl Iterator<Item = &'a Chunk>) -> Totals {
     let mut t = Totals::default();
-    for c in done.values() {
+    for c in chunks {
         t.merge(&c.totals);
     }
     t
@@ -432,7 +487,10 @@ pub fn hunt(variant: &str, expect: &str, seeds: std::ops::Range<u64>) -> Hunt {
     let mut reserves = 0;
     let mut run = 0;
     for seed in seeds.clone() {
-        let r = run_seed(&cfg, seed);
+        let Some(r) = run_caught(&cfg, seed) else {
+            run += 1;
+            continue;
+        };
         reserves += r.reserves;
         run += 1;
         if r.violations.iter().any(|v| v.kind == expect) {
@@ -469,19 +527,31 @@ pub fn hunt(variant: &str, expect: &str, seeds: std::ops::Range<u64>) -> Hunt {
 
 /// Replace the line of `h.variant` in the broken-variant ledger (one line per variant).
 pub fn record_hunt(path: &Path, h: &Hunt) -> Result<(), String> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
     let mut out = String::from(
         "# idem-sim broken variants: variant\texpected violation\tfirst seed\tseeds run\tbudget\tReserves run\tviolations of that seed\n",
     );
     for line in text.lines().filter(|l| !l.starts_with('#')) {
-        if Hunt::parse(line).is_some_and(|o| o.variant != h.variant) {
-            out.push_str(line);
-            out.push('\n');
+        match Hunt::parse(line) {
+            Some(o) if o.variant == h.variant => {}
+            Some(_) => {
+                out.push_str(line);
+                out.push('\n');
+            }
+            None => return Err(format!("{}: not a hunt line: {line}", path.display())),
         }
     }
     out.push_str(&h.line());
     out.push('\n');
-    std::fs::write(path, out).map_err(|e| format!("{}: {e}", path.display()))
+    // Written beside it and renamed over it: a killed run leaves the old file whole.
+    let tmp = path.with_extension("tsv.tmp");
+    std::fs::write(&tmp, out)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The campaign's result as Markdown: totals, the bound, coverage, the broken variants.
@@ -636,8 +706,10 @@ mod tests {
     fn a_ledger_line_reads_back_as_written_and_a_cut_line_is_skipped() {
         let mut totals = Totals {
             seeds: 3,
+            attempts: 7_100,
             reserves: 6_000,
             contended: 2_500,
+            outbox_skipped: 31,
             failed: vec![7, 9],
             ..Totals::default()
         };
@@ -653,7 +725,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("idem-sim-ledger-{}", std::process::id()));
         let path = dir.join("ledger.tsv");
         std::fs::create_dir_all(&dir).unwrap();
-        let cut = &c.line()[..20];
+        // Cut inside its last field: it still has every column, but no newline.
+        let other = Chunk {
+            chunk: 13,
+            ..c.clone()
+        };
+        let line = other.line();
+        let cut = &line[..line.len() - 3];
         std::fs::write(
             &path,
             format!(
@@ -664,8 +742,12 @@ mod tests {
         .unwrap();
         let l = Ledger::read(&path).unwrap();
         assert_eq!(l.digest, Some(0xab));
-        assert_eq!(l.chunks.len(), 1);
+        assert_eq!(l.chunks.len(), 1, "the cut line is not counted");
         assert_eq!(l.totals().failed, vec![7, 9]);
+        // Chunks of unknown origin (no digest) are refused, not counted.
+        std::fs::write(&path, format!("{}\n", c.line())).unwrap();
+        let e = Ledger::read(&path).unwrap_err();
+        assert!(e.contains("without a behaviour digest"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

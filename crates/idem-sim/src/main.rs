@@ -77,11 +77,14 @@ fn campaign_main(mut args: impl Iterator<Item = String>) {
     } else {
         campaign::run(&ledger, &plan).unwrap_or_else(|e| fail(e))
     };
-    let hunts: Vec<Hunt> = broken
-        .as_ref()
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .map(|t| t.lines().filter_map(Hunt::parse).collect())
-        .unwrap_or_default();
+    let hunts: Vec<Hunt> = match &broken {
+        None => Vec::new(),
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(t) => t.lines().filter_map(Hunt::parse).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => fail(format!("{}: {e}", p.display())),
+        },
+    };
     let command = format!(
         "idem-sim campaign --ledger {} --report {} --reserves {} --contended {}",
         ledger.display(),
@@ -240,9 +243,9 @@ fn main() {
         print_shrunk(&cfg, seeds.start);
     }
     println!(
-        "seeds {}..{}: {} reserves ({} contended during a fault), {} NEW, {} REPLAY, {} IN_FLIGHT, {} MISMATCH, {} UNAVAILABLE, {} completions acknowledged, {} takeovers",
-        seeds.start, seeds.end, total.reserves, total.contended, total.new, total.replay,
-        total.in_flight, total.mismatch, total.unavailable, total.completions_acked, total.takeovers
+        "seeds {}..{}: {} reserves ({} contended during a fault; {} attempts with those a down or fenced region refused), {} NEW, {} REPLAY, {} IN_FLIGHT, {} MISMATCH, {} UNAVAILABLE, {} completions acknowledged, {} takeovers, {} changes skipped by full outboxes",
+        seeds.start, seeds.end, total.reserves, total.contended, total.attempts, total.new, total.replay,
+        total.in_flight, total.mismatch, total.unavailable, total.completions_acked, total.takeovers, total.outbox_skipped
     );
     println!(
         "{} events, {:.0} simulated s, {:.1} s: {:.0} reserves/s",
@@ -266,35 +269,35 @@ fn main() {
 }
 
 fn print_shrunk(cfg: &SimConfig, seed: u64) {
-    let (small, r) = idem_sim::sim::shrink(cfg, seed);
-    let Some(v) = r.violations.first() else {
+    let (small, r, kind) = idem_sim::sim::shrink(cfg, seed);
+    let Some(v) = r.violations.iter().find(|v| v.kind == kind) else {
         return;
     };
-    let dropped = small
-        .drop_faults
-        .iter()
-        .map(usize::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let dropped: Vec<String> = small.drop_faults.iter().map(usize::to_string).collect();
+    let kept = (0..r.faults.len())
+        .filter(|i| !small.drop_faults.contains(i))
+        .count();
     let mut replay = format!(
-        "idem-sim --seed {seed} --regions {} --reserves {}",
-        small.regions, small.reserves
+        "idem-sim --seed {seed} --regions {} --clients {} --reserves {}",
+        small.regions, small.clients, small.reserves
     );
-    if !dropped.is_empty() {
-        replay.push_str(&format!(" --drop-faults {dropped}"));
+    if !small.faults {
+        replay.push_str(" --no-faults");
     }
-    for k in &small.without {
-        replay.push_str(&format!(" --without {}", k.name()));
+    if !dropped.is_empty() {
+        replay.push_str(&format!(" --drop-faults {}", dropped.join(",")));
+    }
+    if !small.without.is_empty() {
+        let names: Vec<&str> = small.without.iter().map(|k| k.name()).collect();
+        replay.push_str(&format!(" --without {}", names.join(",")));
     }
     if small.rebuild_quarantine {
         replay.push_str(" --rebuild-quarantine");
     }
     println!(
-        "shrunk: {} of {} faults kept, {} Reserves, still {} on key {}; the key's trace:\n  {replay} --trace-key {}",
-        r.faults.len() - small.drop_faults.len(),
+        "shrunk: {kept} of {} faults kept, {} Reserves, still {kind} on key {}; the key's trace:\n  {replay} --trace-key {}",
         r.faults.len(),
         r.reserves,
-        v.kind,
         v.key,
         v.key
     );

@@ -109,8 +109,8 @@ pub struct SimConfig {
     /// Fault kinds no seed draws (`--without rebuild,slow`).
     pub without: Vec<FaultKind>,
     /// Faults of the drawn schedule (by index) that never fire: the shrinker's tool
-    /// (`--drop-faults 0,3`); the schedule is drawn as before, so the rest of the run
-    /// is the same.
+    /// (`--drop-faults 0,3`). The schedule is drawn as before; the run differs from the
+    /// moment the first dropped fault would have started.
     pub drop_faults: Vec<usize>,
 }
 
@@ -192,7 +192,7 @@ impl std::str::FromStr for FaultKind {
             .copied()
             .find(|k| k.name().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
-                let names: Vec<String> = FAULT_KINDS.iter().map(|k| format!("{k:?}")).collect();
+                let names: Vec<&str> = FAULT_KINDS.iter().map(|k| k.name()).collect();
                 format!("no fault kind {s:?}; the kinds are {}", names.join(", "))
             })
     }
@@ -227,9 +227,14 @@ struct Fault {
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub seed: u64,
+    /// Reserves clients sent, including those a down or fenced region refused.
+    pub attempts: u64,
+    /// Reserves that reached a region's rules (answered from a final copy, or run by
+    /// the proposer engine).
     pub reserves: u64,
-    /// Reserves on a key that another client's grant held open, or had just lost,
-    /// while a fault was active.
+    /// Of those, the ones sent while a fault was active on a key a claim held in some
+    /// region (its lease running or ended less than a lease ago, or its completion not
+    /// yet final): `Sim::key_contended`.
     pub contended: u64,
     pub new: u64,
     pub replay: u64,
@@ -249,7 +254,27 @@ pub struct Report {
     pub trace_hash: u64,
 }
 
+/// What a Reserve met when it was sent.
+struct Met {
+    contended: bool,
+    faults: Vec<FaultKind>,
+    outbox_full: bool,
+}
+
 impl Report {
+    /// A Reserve reached a region's rules (answered from a final copy, or run by the
+    /// engine): it counts, with what it met.
+    fn count_reserve(&mut self, met: &Met) {
+        self.reserves += 1;
+        self.contended += u64::from(met.contended);
+        for k in FAULT_KINDS.iter().filter(|k| met.faults.contains(k)) {
+            self.cover(k.name());
+        }
+        if met.outbox_full {
+            self.cover("OutboxFull");
+        }
+    }
+
     /// One more Reserve met `what`.
     fn cover(&mut self, what: &str) {
         match self.coverage.get_mut(what) {
@@ -394,7 +419,7 @@ struct Region {
     /// Claims withdrawn here (key, claim digest) and the generation the withdraw left
     /// a `Released` record of them at: no Propose of them at or below it may be
     /// accepted here again (the model check's `WITHDRAW_STICKS`).
-    withdrawn: HashMap<(u32, u64), u32>,
+    withdrawn: HashMap<(u32, ClaimId), u32>,
 }
 
 enum Eng {
@@ -503,11 +528,11 @@ fn fingerprint_of(fp: u64) -> Fingerprint {
 }
 
 fn fence_id(f: &Fence) -> FenceId {
-    (f.generation, claim_digest(&f.claim))
-}
-
-fn claim_digest(c: &ClaimId) -> u64 {
-    c.hlc ^ (c.region as u64) << 48 ^ (c.node as u64) << 32 ^ c.nonce as u64
+    let c = f.claim;
+    (
+        f.generation,
+        c.hlc ^ (c.region as u64) << 48 ^ (c.node as u64) << 32 ^ c.nonce as u64,
+    )
 }
 
 fn op_summary(op: &Op) -> String {
@@ -1121,6 +1146,8 @@ impl Sim {
         let on_disk = std::mem::take(&mut reg.on_disk);
         if wiped {
             reg.stamp = 0;
+            // What it withdrew went with its records.
+            reg.withdrawn = map();
             reg.outbox = vec![map(); n];
             if self.cfg.rebuild_quarantine {
                 let until = self.now + self.cfg.lease_ms + self.cfg.skew_margin_ms;
@@ -1194,7 +1221,7 @@ impl Sim {
         let proposed = match &op {
             Op::Propose {
                 claim, generation, ..
-            } => Some((claim_digest(claim), *generation)),
+            } => Some((*claim, *generation)),
             _ => None,
         };
         let withdrawing = match &op {
@@ -1242,7 +1269,7 @@ impl Sim {
         ) = (proposed, &result)
         {
             let stuck = reg.withdrawn.get(&(k, claim)).copied();
-            if claim_digest(&fence.claim) == claim && stuck.is_some_and(|g| generation <= g) {
+            if fence.claim == claim && stuck.is_some_and(|g| generation <= g) {
                 self.report.violations.push(Violation {
                     kind: "withdrawn_accepted",
                     key: k,
@@ -1255,11 +1282,12 @@ impl Sim {
         }
         if let Some((claim, generation)) = withdrawing {
             let after = write.as_ref().or(stored);
-            if let Some(rec) = after.filter(|x| {
+            let stuck = after.is_some_and(|x| {
                 x.claim == claim && x.phase == Phase::Released && x.generation >= generation
-            }) {
-                let g = reg.withdrawn.entry((k, claim_digest(&claim))).or_default();
-                *g = (*g).max(rec.generation.min(generation));
+            });
+            if stuck {
+                let g = reg.withdrawn.entry((k, claim)).or_default();
+                *g = (*g).max(generation);
             }
         }
         let mut changed = false;
@@ -1450,6 +1478,26 @@ impl Sim {
             }
             self.regions[r].ae_dirty[s] = dirty;
             differing.sort_unstable_by_key(|(k, _)| *k);
+            // Debug builds (the tests) check the marks against a full comparison.
+            if cfg!(debug_assertions) {
+                let missed = self.regions[s].records.iter().find(|(k, t)| {
+                    self.regions[r]
+                        .records
+                        .get(k)
+                        .is_none_or(|l| !same_replicated(l, t))
+                        && !differing.iter().any(|(d, _)| d == *k)
+                });
+                if let Some((k, _)) = missed {
+                    self.report.violations.push(Violation {
+                        kind: "anti_entropy_skipped",
+                        key: *k,
+                        at_ms: self.now,
+                        detail: format!(
+                            "region {r} did not compare a key region {s} holds otherwise"
+                        ),
+                    });
+                }
+            }
             for (k, rec) in differing {
                 self.merge_in(r, k, rec, 1);
             }
@@ -1649,30 +1697,24 @@ impl Sim {
             let r = self.clients[client as usize].req.as_ref()?;
             (r.key, r.fp, r.first_attempt_ms)
         };
-        self.report.reserves += 1;
+        self.report.attempts += 1;
         self.oracle.reserve_sent(key, fp);
-        if self.report.reserves >= self.cfg.reserves {
+        if self.report.attempts >= self.cfg.reserves {
             self.stopping = true;
         }
-        if self.any_fault() && self.key_contended(key) {
-            self.report.contended += 1;
-        }
-        let mut active = [false; FAULT_KINDS.len()];
-        for &i in &self.active_faults {
-            active[self.faults[i].kind as usize] = true;
-        }
-        let full = self
-            .regions
-            .iter()
-            .any(|reg| reg.outbox.iter().any(|o| o.len() >= self.outbox_max));
-        for (i, k) in FAULT_KINDS.iter().enumerate() {
-            if active[i] {
-                self.report.cover(k.name());
-            }
-        }
-        if full {
-            self.report.cover("OutboxFull");
-        }
+        // What the Reserve meets as it is sent; counted once it reaches the rules.
+        let met = Met {
+            contended: self.any_fault() && self.key_contended(key),
+            faults: self
+                .active_faults
+                .iter()
+                .map(|&i| self.faults[i].kind)
+                .collect(),
+            outbox_full: self
+                .regions
+                .iter()
+                .any(|reg| reg.outbox.iter().any(|o| o.len() >= self.outbox_max)),
+        };
         if !self.regions[region].up {
             // Connection refused: the client tries again.
             self.call_failed_later(client, 5);
@@ -1697,6 +1739,7 @@ impl Sim {
                 })
             };
             if let Some(outcome) = outcome {
+                self.report.count_reserve(&met);
                 let call = self.clients[client as usize].call;
                 let a = Answer::Decided {
                     outcome,
@@ -1711,6 +1754,7 @@ impl Sim {
             self.call_failed_later(client, 2);
             return None;
         }
+        self.report.count_reserve(&met);
         let nonce = self.rng.next_u64() as u32;
         let reg = &mut self.regions[region];
         // The node's hybrid clock: unique and increasing, like `Group::mint`.
@@ -2305,27 +2349,21 @@ pub fn run_seed(cfg: &SimConfig, seed: u64) -> Report {
     Sim::new(cfg.clone(), seed).run()
 }
 
-/// A smaller run of a failing seed that still shows its first violation's kind: faults
-/// of its schedule dropped one at a time, then fewer Reserves, each kept while the
-/// violation stays. Returns the configuration and its report.
-pub fn shrink(cfg: &SimConfig, seed: u64) -> (SimConfig, Report) {
+/// A smaller run of a failing seed that still shows its first violation's kind: fewer
+/// Reserves (halved while the violation stays), then the faults of the schedule
+/// dropped one at a time while it stays. (The schedule is drawn over the time the
+/// Reserves take, so the Reserves are cut first and the faults then dropped from the
+/// schedule of that run.) Returns the configuration, its report and the kind.
+pub fn shrink(cfg: &SimConfig, seed: u64) -> (SimConfig, Report, &'static str) {
     let first = run_seed(cfg, seed);
     let Some(kind) = first.violations.first().map(|v| v.kind) else {
-        return (cfg.clone(), first);
+        return (cfg.clone(), first, "");
     };
     let shows = |r: &Report| r.violations.iter().any(|v| v.kind == kind);
     let mut best = (cfg.clone(), first);
-    for i in 0..best.1.faults.len() {
-        let mut c = best.0.clone();
-        c.drop_faults.push(i);
-        let r = run_seed(&c, seed);
-        if shows(&r) {
-            best = (c, r);
-        }
-    }
     loop {
         let mut c = best.0.clone();
-        c.reserves = best.1.reserves.min(c.reserves) / 2;
+        c.reserves /= 2;
         if c.reserves < 10 {
             break;
         }
@@ -2335,7 +2373,15 @@ pub fn shrink(cfg: &SimConfig, seed: u64) -> (SimConfig, Report) {
         }
         best = (c, r);
     }
-    best
+    for i in 0..best.1.faults.len() {
+        let mut c = best.0.clone();
+        c.drop_faults.push(i);
+        let r = run_seed(&c, seed);
+        if shows(&r) {
+            best = (c, r);
+        }
+    }
+    (best.0, best.1, kind)
 }
 
 #[cfg(test)]
