@@ -20,6 +20,15 @@ pub mod record;
 pub mod shard;
 pub mod types;
 
+/// Whether this build of the rules carries a deliberately broken one (the simulator's
+/// `broken-*` features, which prove the campaign catches each): no server may be built
+/// with it (`idem-server` refuses to compile).
+pub const BROKEN_RULES: bool = cfg!(any(
+    feature = "broken-unguarded-merge",
+    feature = "broken-smaller-lease",
+    feature = "broken-accept-withdrawn"
+));
+
 pub use acceptor::{
     complete, extend, release, reserve, CompleteError, Decision, ExtendError, ReleaseError,
     ReserveArgs, ReserveOutcome,

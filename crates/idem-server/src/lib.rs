@@ -2,6 +2,13 @@
 //! health, reflection), the HTTP endpoints (metrics, health, status) and the wiring
 //! that starts a node's groups on its RocksDB engines.
 
+// A workspace build that unifies a simulator feature into idem-core must not produce a
+// server with a broken rule.
+const _: () = assert!(
+    !idem_core::BROKEN_RULES,
+    "idem-core carries a deliberately broken rule (an idem-sim feature): never build a server with it"
+);
+
 pub mod admin;
 pub mod api;
 pub mod auth;
