@@ -257,7 +257,8 @@ pub struct Report {
 /// What a Reserve met when it was sent.
 struct Met {
     contended: bool,
-    faults: Vec<FaultKind>,
+    /// Bit `k as u16` set: a fault of kind `k` was active.
+    faults: u16,
     outbox_full: bool,
 }
 
@@ -267,7 +268,10 @@ impl Report {
     fn count_reserve(&mut self, met: &Met) {
         self.reserves += 1;
         self.contended += u64::from(met.contended);
-        for k in FAULT_KINDS.iter().filter(|k| met.faults.contains(k)) {
+        for k in FAULT_KINDS
+            .iter()
+            .filter(|&&k| met.faults & 1 << k as u16 != 0)
+        {
             self.cover(k.name());
         }
         if met.outbox_full {
@@ -1708,8 +1712,7 @@ impl Sim {
             faults: self
                 .active_faults
                 .iter()
-                .map(|&i| self.faults[i].kind)
-                .collect(),
+                .fold(0, |m, &i| m | 1 << self.faults[i].kind as u16),
             outbox_full: self
                 .regions
                 .iter()
