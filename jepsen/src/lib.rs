@@ -7,6 +7,7 @@
 pub mod checker;
 pub mod cluster;
 pub mod history;
+pub mod html;
 pub mod nemesis;
 pub mod net;
 pub mod report;

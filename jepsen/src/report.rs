@@ -34,6 +34,8 @@ pub struct Results {
     pub possible: Vec<crate::checker::Violation>,
     pub unreachable: Vec<String>,
     pub run: String,
+    /// The command line that ran it (the seed draws the same schedule again).
+    pub command: String,
     pub nemeses: Vec<String>,
     pub seed: u64,
     pub time_limit_s: u64,
@@ -126,6 +128,7 @@ pub fn build(
         possible: verdict.possible.clone(),
         unreachable: verdict.unreachable.clone(),
         run: run.into(),
+        command: String::new(),
         nemeses: nemeses.to_vec(),
         seed,
         time_limit_s,

@@ -374,14 +374,17 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
         &verdict,
     );
     results.converged_after_ms = converged_after.map(|d| d.as_millis() as u64);
+    results.command = std::env::args().collect::<Vec<_>>().join(" ");
     std::fs::write(
         dir.join("results.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
+    let timeline = crate::report::svg(&history, &windows);
     std::fs::write(
-        dir.join("timeline.svg"),
-        crate::report::svg(&history, &windows),
+        dir.join("report.html"),
+        crate::html::page(&results, &history, &windows, &timeline),
     )?;
+    std::fs::write(dir.join("timeline.svg"), timeline)?;
     print!("{}", crate::report::summary(&results));
     println!("\nstored in {}", dir.display());
     Ok(match &a.expect_invalid {
