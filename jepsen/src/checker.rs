@@ -33,6 +33,17 @@ use crate::history::{Call, Op, Outcome};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The checks every run's history goes through: the kind a violation of each is
+/// reported as, and what it checks (jepsen/README.md, What counts as a violation).
+pub const CHECKS: [(&str, &str); 6] = [
+    ("double_grant", "no two NEWs of one key whose trusted windows overlap, in any generation; no two claims granted in one generation"),
+    ("fence_reused", "no fence reported as NEW to two calls"),
+    ("lost_completion", "no NEW after an acknowledged (or replayed) completion; every region holds it, final, byte for byte, after healing"),
+    ("wrong_replay", "a REPLAY returns bytes a completion stored, and never changes"),
+    ("mismatch", "MISMATCH only when the key saw another fingerprint; no REPLAY of another fingerprint's completion"),
+    ("divergence", "every node's record digest and every region's final read agree after healing"),
+];
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Violation {
     pub kind: &'static str,

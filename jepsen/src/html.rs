@@ -99,6 +99,11 @@ pub fn page(r: &Results, history: &[Op], windows: &[Window], timeline_svg: &str)
         r.seed,
         r.ops
     );
+    let _ = write!(s, "<details><summary>Checks run</summary><ul>");
+    for c in &r.checks {
+        let _ = write!(s, "<li>{}</li>", esc(c));
+    }
+    let _ = write!(s, "</ul></details>");
     for u in &r.unknown {
         let _ = write!(s, "<p class=\"bad\">Unknown: {}</p>", esc(u));
     }
@@ -369,6 +374,7 @@ mod tests {
         assert_eq!(page.matches(r#"stroke="black""#).count(), 2);
         assert!(page.contains("<svg id=\"latency\"></svg>"));
         assert!(page.contains("operations answered per second"));
+        assert!(page.contains("<li>fence_reused: no fence reported as NEW to two calls</li>"));
     }
 
     #[test]

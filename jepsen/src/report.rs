@@ -36,6 +36,8 @@ pub struct Results {
     pub run: String,
     /// The command line that ran it (the seed draws the same schedule again).
     pub command: String,
+    /// The checks the history went through (`checker::CHECKS`).
+    pub checks: Vec<String>,
     pub nemeses: Vec<String>,
     pub seed: u64,
     pub time_limit_s: u64,
@@ -129,6 +131,10 @@ pub fn build(
         unreachable: verdict.unreachable.clone(),
         run: run.into(),
         command: String::new(),
+        checks: crate::checker::CHECKS
+            .iter()
+            .map(|(kind, what)| format!("{kind}: {what}"))
+            .collect(),
         nemeses: nemeses.to_vec(),
         seed,
         time_limit_s,
