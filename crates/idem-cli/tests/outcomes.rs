@@ -4,10 +4,13 @@
 mod common;
 
 use common::{Cluster, Options};
-use idem_client::{Error, Fingerprint, Header, Reservation, ReserveRequest, StoredResponse};
+use idem_client::{
+    Client, ClientConfig, Error, Fingerprint, Header, Reservation, ReserveRequest, RetryPolicy,
+    StoredResponse,
+};
 use idem_proto::errors::{field_of, reason_of, ErrorReason};
 use idem_proto::v1;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn fp(body: &str) -> Fingerprint {
     Fingerprint::of_request("POST", "/charge", body.as_bytes())
@@ -364,4 +367,58 @@ async fn concurrent_requests_through_a_follower_each_get_their_own_answer() {
             other => panic!("key {i}: expected REPLAY, got {other:?}"),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_given_every_node_fails_over_when_its_node_dies_and_stays_on_a_live_one() {
+    let mut cluster = Cluster::start(Options::default());
+    let mut cfg = ClientConfig::with_endpoints(cluster.nodes.iter().map(|n| n.grpc.clone()));
+    cfg.timeout = Duration::from_secs(5);
+    cfg.retry = RetryPolicy {
+        max_attempts: 20,
+        budget_floor: 1_000.0,
+        ..RetryPolicy::default()
+    };
+    let client = Client::connect(cfg).await.expect("client");
+    let first = ReserveRequest::new("payments", "failover-0", fp("a"));
+    assert!(matches!(
+        client.reserve(&first).await.unwrap(),
+        Reservation::New(_)
+    ));
+
+    // The preferred node dies: the next calls reach the others, without waiting out
+    // a backoff per call on the dead one.
+    cluster.kill(0);
+    let started = Instant::now();
+    for i in 1..=20 {
+        let req = ReserveRequest::new("payments", format!("failover-{i}"), fp("a"));
+        match client.reserve(&req).await {
+            Ok(Reservation::New(_)) => {}
+            other => panic!("call {i} after the kill: {other:?}"),
+        }
+    }
+    let took = started.elapsed();
+    // 20 Reserves on a live 2-of-3 group take well under a second each; returning to
+    // the dead node would cost a connect timeout (2 s) per call beyond its pause.
+    assert!(took < Duration::from_secs(15), "20 calls took {took:?}");
+
+    // The preferred node, back, is used again once its pause is over: its own count
+    // of NEW answers (which starts from zero with the process) goes up.
+    cluster.restart(0);
+    cluster.wait_ready(Duration::from_secs(30));
+    tokio::time::sleep(idem_client::FAILED_ENDPOINT_PAUSE).await;
+    let back = ReserveRequest::new("payments", "failover-back", fp("a"));
+    assert!(matches!(
+        client.reserve(&back).await.unwrap(),
+        Reservation::New(_)
+    ));
+    let served = common::series_value(
+        &cluster.metrics(0),
+        "idempotency_key_total{outcome=\"new\"}",
+    );
+    assert_eq!(
+        served,
+        Some(1.0),
+        "the call went to the preferred node again"
+    );
 }

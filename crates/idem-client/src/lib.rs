@@ -35,8 +35,11 @@ use tonic::{Code, Status};
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// `HOST:PORT` of any node (or a load balancer in front of a region).
-    pub endpoint: String,
+    /// `HOST:PORT` of nodes (or load balancers in front of regions), in order of
+    /// preference: the nearest region's nodes first, then the other regions'. Every call
+    /// goes to the first one not recently failed; a connection failure or a timeout
+    /// moves it (and the next calls) to the next one.
+    pub endpoints: Vec<String>,
     /// Bearer token; the server maps it to the tenant.
     pub token: Option<String>,
     /// Deadline of each attempt.
@@ -45,9 +48,15 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
+    /// One endpoint.
     pub fn new(endpoint: impl Into<String>) -> Self {
+        ClientConfig::with_endpoints([endpoint.into()])
+    }
+
+    /// Several endpoints, in order of preference.
+    pub fn with_endpoints(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
         ClientConfig {
-            endpoint: endpoint.into(),
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
             token: None,
             timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
@@ -211,32 +220,98 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How long an endpoint that failed is passed over (unless every endpoint failed).
+pub const FAILED_ENDPOINT_PAUSE: Duration = Duration::from_secs(2);
+
+/// Which endpoint a call goes to: the first in order of preference that has not failed
+/// in the last `FAILED_ENDPOINT_PAUSE`, or, when all have, the one whose pause ends
+/// first (etcd's clients do the same).
+#[derive(Debug)]
+struct Endpoints {
+    failed_until: std::sync::Mutex<Vec<Option<Instant>>>,
+}
+
+impl Endpoints {
+    fn new(n: usize) -> Endpoints {
+        Endpoints {
+            failed_until: std::sync::Mutex::new(vec![None; n]),
+        }
+    }
+
+    fn pick(&self, now: Instant) -> usize {
+        let f = self.failed_until.lock().unwrap_or_else(|p| p.into_inner());
+        f.iter()
+            .position(|u| u.is_none_or(|u| u <= now))
+            .or_else(|| (0..f.len()).min_by_key(|&i| f[i]))
+            .unwrap_or(0)
+    }
+
+    fn failed(&self, i: usize, now: Instant) {
+        let mut f = self.failed_until.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(u) = f.get_mut(i) {
+            *u = Some(now + FAILED_ENDPOINT_PAUSE);
+        }
+    }
+
+    fn answered(&self, i: usize) {
+        let mut f = self.failed_until.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(u) = f.get_mut(i) {
+            *u = None;
+        }
+    }
+}
+
+/// The node, not the cluster, failed: no connection, or no answer in time. (An
+/// UNAVAILABLE the server gave carries its reason: another node would say the same.)
+fn node_failed(st: &Status) -> bool {
+    match st.code() {
+        Code::DeadlineExceeded => true,
+        Code::Unavailable | Code::Unknown | Code::Cancelled => reason_of(st).is_none(),
+        _ => false,
+    }
+}
+
 #[derive(Clone)]
 pub struct Client {
-    inner: IdemClient<Channel>,
+    /// One channel per endpoint, in the order of `cfg.endpoints`.
+    inner: Arc<Vec<IdemClient<Channel>>>,
+    endpoints: Arc<Endpoints>,
     cfg: ClientConfig,
     budget: Arc<RetryBudget>,
 }
 
 impl Client {
-    /// A client for `cfg.endpoint`. Connects lazily: a node that is down now is retried
-    /// by the calls themselves.
+    /// A client for `cfg.endpoints`. Connects lazily: a node that is down now is
+    /// retried by the calls themselves.
     pub async fn connect(cfg: ClientConfig) -> Result<Client, Error> {
-        let endpoint = if cfg.endpoint.contains("://") {
-            cfg.endpoint.clone()
-        } else {
-            format!("http://{}", cfg.endpoint)
-        };
-        let channel = Endpoint::from_shared(endpoint)
-            .map_err(|e| Error::Connect(e.to_string()))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let inner = IdemClient::new(channel)
-            .max_decoding_message_size(8 << 20)
-            .max_encoding_message_size(8 << 20);
+        if cfg.endpoints.is_empty() {
+            return Err(Error::Connect("no endpoint given".into()));
+        }
+        let mut inner = Vec::with_capacity(cfg.endpoints.len());
+        for e in &cfg.endpoints {
+            let url = if e.contains("://") {
+                e.clone()
+            } else {
+                format!("http://{e}")
+            };
+            let channel = Endpoint::from_shared(url)
+                .map_err(|err| Error::Connect(format!("{e}: {err}")))?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .connect_lazy();
+            inner.push(
+                IdemClient::new(channel)
+                    .max_decoding_message_size(8 << 20)
+                    .max_encoding_message_size(8 << 20),
+            );
+        }
         let budget = Arc::new(RetryBudget::new(&cfg.retry));
-        Ok(Client { inner, cfg, budget })
+        Ok(Client {
+            inner: Arc::new(inner),
+            endpoints: Arc::new(Endpoints::new(cfg.endpoints.len())),
+            cfg,
+            budget,
+        })
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
@@ -261,8 +336,12 @@ impl Client {
         let policy = &self.cfg.retry;
         let mut attempt = 1;
         loop {
-            match call(self.inner.clone(), attempt).await {
-                Ok(v) => return Ok(v),
+            let at = self.endpoints.pick(Instant::now());
+            match call(self.inner[at].clone(), attempt).await {
+                Ok(v) => {
+                    self.endpoints.answered(at);
+                    return Ok(v);
+                }
                 Err(st) if retryable(&st) => {
                     if attempt >= policy.max_attempts || !self.budget.withdraw() {
                         return Err(Error::Unavailable {
@@ -270,7 +349,16 @@ impl Client {
                             last: format!("{}: {}", st.code(), st.message()),
                         });
                     }
-                    let delay = policy.delay(attempt, pushback_of(&st));
+                    let failover = node_failed(&st) && {
+                        self.endpoints.failed(at, Instant::now());
+                        self.endpoints.pick(Instant::now()) != at
+                    };
+                    // Another node is tried at once; the same one after the backoff.
+                    let delay = if failover {
+                        Duration::ZERO
+                    } else {
+                        policy.delay(attempt, pushback_of(&st))
+                    };
                     tracing::debug!(attempt, ?delay, code = ?st.code(), "retrying");
                     tokio::time::sleep(delay).await;
                     attempt += 1;
@@ -495,5 +583,44 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_go_to_the_first_endpoint_that_has_not_failed_and_come_back_when_it_answers() {
+        let e = Endpoints::new(3);
+        let t = Instant::now();
+        assert_eq!(e.pick(t), 0);
+        e.failed(0, t);
+        assert_eq!(e.pick(t), 1, "the next in order of preference");
+        e.failed(1, t + Duration::from_millis(10));
+        assert_eq!(e.pick(t), 2);
+        e.failed(2, t + Duration::from_millis(20));
+        assert_eq!(e.pick(t), 0, "all failed: the one whose pause ends first");
+        assert_eq!(e.pick(t + FAILED_ENDPOINT_PAUSE), 0, "its pause is over");
+        e.answered(1);
+        assert_eq!(e.pick(t), 1, "an endpoint that answered is preferred again");
+    }
+
+    #[test]
+    fn only_a_failure_of_the_node_moves_a_call_to_another() {
+        assert!(node_failed(&Status::unavailable("error trying to connect")));
+        assert!(node_failed(&Status::deadline_exceeded("timeout")));
+        let from_server = idem_proto::errors::status(
+            ErrorReason::Unavailable,
+            "no majority of regions answered",
+            &[],
+            None,
+        );
+        assert_eq!(from_server.code(), Code::Unavailable);
+        assert!(
+            !node_failed(&from_server),
+            "another node would say the same"
+        );
+        assert!(!node_failed(&Status::invalid_argument("key")));
     }
 }
