@@ -194,19 +194,9 @@ pub fn page(r: &Results, history: &[Op], windows: &[Window], timeline_svg: &str)
     s
 }
 
-fn clients_svg(
-    history: &[Op],
-    windows: &[Window],
-    flagged: &BTreeSet<u64>,
-    t0: u64,
-    t1: u64,
-) -> String {
-    let clients: BTreeSet<u32> = history.iter().map(|o| o.client).collect();
-    let row: BTreeMap<u32, usize> = clients.iter().enumerate().map(|(i, c)| (*c, i)).collect();
-    let (w, left, rh) = (1000.0, 70.0, 12.0);
-    let h = 30.0 + rh * clients.len() as f64;
-    let x = |t: u64| left + t.saturating_sub(t0) as f64 / (t1 - t0) as f64 * (w - left - 10.0);
-    let every = history.len().div_ceil(MAX_DRAWN).max(1);
+/// An SVG of `w` by `h` with the fault windows shaded across its height (`x` maps a
+/// harness time to its abscissa); the caller draws on it and closes it.
+fn svg_with_windows(w: f64, h: f64, windows: &[Window], x: &dyn Fn(u64) -> f64) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
@@ -222,6 +212,23 @@ fn clients_svg(
             esc(&win.detail)
         );
     }
+    s
+}
+
+fn clients_svg(
+    history: &[Op],
+    windows: &[Window],
+    flagged: &BTreeSet<u64>,
+    t0: u64,
+    t1: u64,
+) -> String {
+    let clients: BTreeSet<u32> = history.iter().map(|o| o.client).collect();
+    let row: BTreeMap<u32, usize> = clients.iter().enumerate().map(|(i, c)| (*c, i)).collect();
+    let (w, left, rh) = (1000.0, 70.0, 12.0);
+    let h = 30.0 + rh * clients.len() as f64;
+    let x = |t: u64| left + t.saturating_sub(t0) as f64 / (t1 - t0) as f64 * (w - left - 10.0);
+    let every = history.len().div_ceil(MAX_DRAWN).max(1);
+    let mut s = svg_with_windows(w, h, windows, &x);
     for (c, i) in &row {
         let _ = write!(
             s,
@@ -276,19 +283,7 @@ fn throughput_svg(history: &[Op], windows: &[Window], t0: u64, t1: u64) -> Strin
     let peak = per.iter().copied().max().unwrap_or(1).max(1) as f64;
     let (w, h, left) = (1000.0, 160.0, 60.0);
     let x = |t: u64| left + t.saturating_sub(t0) as f64 / (t1 - t0) as f64 * (w - left - 10.0);
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="10">"#
-    );
-    for win in windows {
-        let (a, b) = (x(win.start_ms), x(win.end_ms));
-        let _ = write!(
-            s,
-            r##"<rect x="{a:.1}" y="0" width="{:.1}" height="{h}" fill="#f4c7c3" opacity="0.5"/>"##,
-            (b - a).max(1.0)
-        );
-    }
+    let mut s = svg_with_windows(w, h, windows, &x);
     let mut path = String::new();
     for (i, n) in per.iter().enumerate() {
         let px = x(t0 + i as u64 * 1000 + 500);
