@@ -1,9 +1,11 @@
 //! The cluster under test: real `idem server` processes, one per node address, started,
 //! killed (SIGKILL), paused (SIGSTOP/SIGCONT) and restarted by the suite. With
 //! `libfaketime` installed, every node runs under it with a clock file the clock
-//! nemesis rewrites (only wall-clock time is faked; monotonic timers stay true).
+//! nemesis rewrites (only wall-clock time is faked; monotonic timers stay true). Each
+//! node's data directory is a fault filesystem (`faultfs`) the disk nemeses act on.
 
-use crate::net::{node_ip, proxy_ip, GRPC_PORT, HTTP_PORT};
+use crate::faultfs::{Discarded, FaultFs};
+use crate::net::{node_ip, proxy_ip, Wan, GRPC_PORT, HTTP_PORT};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -31,6 +33,8 @@ pub struct NodeProc {
     pub log: PathBuf,
     pub child: Option<Child>,
     pub paused: bool,
+    /// The node's data directory (`None`: a plain directory, no disk faults).
+    pub fs: Option<FaultFs>,
 }
 
 impl NodeProc {
@@ -47,15 +51,23 @@ pub struct Cluster {
     pub nodes: Vec<NodeProc>,
     pub regions: usize,
     pub per_region: usize,
+    /// The links between regions (their delaying proxies' stalls).
+    pub wan: Wan,
 }
 
+/// Each node's fault filesystem holds at most this much (in the harness's memory).
+pub const DISK_CAPACITY: u64 = 2 << 30;
+
 impl Cluster {
-    /// Write every node's config; start nothing yet.
+    /// Write every node's config and mount its data directory (a fault filesystem when
+    /// `faultfs`); start nothing yet. `extra` is appended to every node's config.
     pub fn configure(
         bin: &Path,
         dir: &Path,
         regions: usize,
         per_region: usize,
+        faultfs: bool,
+        extra: &str,
     ) -> anyhow::Result<Cluster> {
         let mut nodes = Vec::new();
         for (r, region_name) in REGION_NAMES.iter().enumerate().take(regions) {
@@ -88,13 +100,21 @@ impl Cluster {
                      [raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 600\nelection_timeout_max_ms = 1200\nrequest_timeout_ms = 2000\n\n\
                      [geo]\nround_timeout_ms = 1500\nanti_entropy_interval_ms = 3000\n\n\
                      [limits]\nmin_lease_ms = 100\nmin_retention_ms = 60000\n\n\
-                     [log]\nlevel = \"warn,idem_geo=info\"\n\n{regions_toml}",
+                     [log]\nlevel = \"warn,idem_geo=info\"\n\n{extra}\n{regions_toml}",
                     region_name,
                     ndir.join("data").display(),
                 );
                 std::fs::write(&config, text)?;
                 let clock_file = ndir.join("clock");
                 std::fs::write(&clock_file, "+0\n")?;
+                let fs = if faultfs {
+                    Some(
+                        FaultFs::mount(&ndir.join("data"), DISK_CAPACITY)
+                            .with_context(|| format!("mount the fault filesystem of node {id}"))?,
+                    )
+                } else {
+                    None
+                };
                 nodes.push(NodeProc {
                     index,
                     id,
@@ -105,6 +125,7 @@ impl Cluster {
                     log: ndir.join("node.log"),
                     child: None,
                     paused: false,
+                    fs,
                 });
             }
         }
@@ -113,6 +134,7 @@ impl Cluster {
             nodes,
             regions,
             per_region,
+            wan: Wan::new(regions),
         })
     }
 
@@ -152,6 +174,32 @@ impl Cluster {
             let _ = c.wait();
         }
         n.paused = false;
+    }
+
+    /// A power loss of node `i`: killed at once, and its disk keeps only what was synced.
+    pub fn power_loss(&mut self, i: usize) -> anyhow::Result<Discarded> {
+        self.kill(i);
+        let id = self.nodes[i].id;
+        let fs = self.nodes[i]
+            .fs
+            .as_mut()
+            .with_context(|| format!("node {id} has no fault filesystem"))?;
+        fs.power_loss()
+            .with_context(|| format!("remount node {id}'s filesystem"))
+    }
+
+    /// Why node `i` says it stopped serving (its disk failed), from its `/status`.
+    pub fn failure(&self, i: usize) -> Option<String> {
+        let (code, body) = http_get(&self.nodes[i].http(), "/status")?;
+        if code != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["failed"].as_str().map(str::to_string)
+    }
+
+    pub fn running(&self, i: usize) -> bool {
+        self.nodes[i].child.is_some()
     }
 
     pub fn signal(&mut self, i: usize, sig: &str) {

@@ -45,6 +45,11 @@ pub enum Call {
     Reserve,
     Complete,
     Release,
+    /// A holder's Extend of its lease (`trusted_until_ms`: the trust it extended to).
+    Extend,
+    /// A client's linearizable read of one key during the run (`phase`, `fence` and
+    /// `value` as for `read`).
+    Get,
     /// A region's record digest, taken after healing.
     Digest,
     /// The final read after healing: one key's record as one region's group reads it.

@@ -42,6 +42,8 @@ fn call_name(c: &Call) -> &'static str {
         Call::Reserve => "Reserve",
         Call::Complete => "Complete",
         Call::Release => "Release",
+        Call::Extend => "Extend",
+        Call::Get => "Get",
         Call::Digest => "Digest",
         Call::Read => "Read",
     }

@@ -6,6 +6,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod faultfs;
 pub mod history;
 pub mod html;
 pub mod nemesis;

@@ -12,7 +12,7 @@
 use anyhow::{bail, Context};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -146,6 +146,58 @@ pub fn heal() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A WAN link's stall: until when (harness milliseconds) nothing crosses it, and how
+/// many chunks a stall held back.
+#[derive(Default)]
+pub struct Stall {
+    until_ms: AtomicU64,
+    held: AtomicU64,
+}
+
+impl Stall {
+    /// Hold every byte sent on the link until `until_ms`.
+    pub fn stall_until(&self, until_ms: u64) {
+        self.until_ms.fetch_max(until_ms, Ordering::SeqCst);
+    }
+
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// How long a chunk read now must wait for the stall to end.
+    fn wait(&self) -> Duration {
+        let until = self.until_ms.load(Ordering::SeqCst);
+        let now = crate::history::now_ms();
+        if until > now {
+            self.held.fetch_add(1, Ordering::Relaxed);
+            Duration::from_millis(until - now)
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+/// The links between regions: one stall control per ordered pair of regions, shared by
+/// the proxies of every pair of their nodes.
+pub struct Wan {
+    regions: usize,
+    links: Vec<Arc<Stall>>,
+}
+
+impl Wan {
+    pub fn new(regions: usize) -> Wan {
+        Wan {
+            regions,
+            links: (0..regions * regions).map(|_| Arc::default()).collect(),
+        }
+    }
+
+    /// The link from region `a` to region `b`.
+    pub fn link(&self, a: usize, b: usize) -> Arc<Stall> {
+        self.links[a * self.regions + b].clone()
+    }
+}
+
 /// One delaying proxy: `listen` -> `target`, leaving from `source`.
 pub struct Proxy {
     pub listen: SocketAddr,
@@ -154,6 +206,9 @@ pub struct Proxy {
     /// One-way delay and its jitter.
     pub delay: Duration,
     pub jitter: Duration,
+    /// The stalls of the link each way: `source`'s region to `target`'s, and back.
+    pub forth: Arc<Stall>,
+    pub back: Arc<Stall>,
 }
 
 impl Proxy {
@@ -187,19 +242,21 @@ impl Proxy {
         let (ri, wi) = inbound.into_split();
         let (ro, wo) = outbound.into_split();
         let (d, j) = (self.delay, self.jitter);
-        let a = tokio::spawn(delayed_pipe(ri, wo, d, j));
-        let b = tokio::spawn(delayed_pipe(ro, wi, d, j));
+        let a = tokio::spawn(delayed_pipe(ri, wo, d, j, self.forth.clone()));
+        let b = tokio::spawn(delayed_pipe(ro, wi, d, j, self.back.clone()));
         let _ = tokio::join!(a, b);
         Ok(())
     }
 }
 
-/// Copy bytes one way, each chunk released `delay ± jitter` after it was read, in order.
+/// Copy bytes one way, each chunk released `delay ± jitter` after it was read (or when
+/// the link's stall ends), in order.
 async fn delayed_pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     delay: Duration,
     jitter: Duration,
+    stall: Arc<Stall>,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(1024);
     let writer = tokio::spawn(async move {
@@ -224,7 +281,8 @@ async fn delayed_pipe(
             jitter.mul_f64(rand::random::<f64>())
         };
         // Never before an earlier chunk: TCP keeps order.
-        let due = (tokio::time::Instant::now() + delay + j).max(last_due);
+        let now = tokio::time::Instant::now();
+        let due = (now + delay + j).max(now + stall.wait()).max(last_due);
         last_due = due;
         if tx.send((due, buf[..n].to_vec())).await.is_err() {
             break;

@@ -42,6 +42,18 @@ pub struct Results {
     pub seed: u64,
     pub time_limit_s: u64,
     pub ops: usize,
+    /// Calls the clients made during the workload (Reserve, Complete, Release, Extend,
+    /// Get), and per second of it.
+    pub client_ops: u64,
+    pub ops_per_s: f64,
+    /// Share of the clients' calls that are Reserves and Completes.
+    pub reserve_complete_share: f64,
+    /// Double grants seen in REGIONAL namespaces (that mode's documented anomaly).
+    pub regional_double_grants: u64,
+    /// Power losses fired, and the unsynced bytes and directory changes they discarded.
+    pub power_losses: u64,
+    pub discarded_bytes: u64,
+    pub discarded_entries: u64,
     pub outcomes: BTreeMap<String, u64>,
     pub violations_by_kind: BTreeMap<String, usize>,
     pub violations: Vec<crate::checker::Violation>,
@@ -123,6 +135,18 @@ pub fn build(
         reserves.iter().map(|o| o.start_ms).min().unwrap_or(0),
         reserves.iter().map(|o| o.end_ms).max().unwrap_or(0),
     );
+    let client = |o: &&Op| {
+        matches!(
+            o.call,
+            Call::Reserve | Call::Complete | Call::Release | Call::Extend | Call::Get
+        )
+    };
+    let client_ops = history.iter().filter(client).count() as u64;
+    let pairs = history
+        .iter()
+        .filter(client)
+        .filter(|o| matches!(o.call, Call::Reserve | Call::Complete))
+        .count() as u64;
     Results {
         status: verdict.status.to_string(),
         valid: verdict.valid,
@@ -139,6 +163,13 @@ pub fn build(
         seed,
         time_limit_s,
         ops: history.len(),
+        client_ops,
+        ops_per_s: client_ops as f64 / time_limit_s.max(1) as f64,
+        reserve_complete_share: pairs as f64 / client_ops.max(1) as f64,
+        regional_double_grants: verdict.regional_double_grants,
+        power_losses: 0,
+        discarded_bytes: 0,
+        discarded_entries: 0,
         outcomes: verdict.outcomes.clone(),
         violations_by_kind: verdict
             .by_kind()
@@ -196,6 +227,28 @@ pub fn summary(r: &Results) -> String {
                 "\nregions did NOT converge within the bound after healing"
             );
         }
+    }
+    let _ = writeln!(
+        out,
+        "\n{} client calls in {} s: {:.0} per second, {:.0}% of them Reserves and Completes",
+        r.client_ops,
+        r.time_limit_s,
+        r.ops_per_s,
+        r.reserve_complete_share * 100.0
+    );
+    if r.power_losses > 0 {
+        let _ = writeln!(
+            out,
+            "{} power losses discarded {} unsynced bytes and {} directory changes",
+            r.power_losses, r.discarded_bytes, r.discarded_entries
+        );
+    }
+    if r.regional_double_grants > 0 {
+        let _ = writeln!(
+            out,
+            "{} double grants in the REGIONAL namespace (that mode's documented anomaly)",
+            r.regional_double_grants
+        );
     }
     let _ = writeln!(out, "\noutcomes:");
     for (k, v) in &r.outcomes {

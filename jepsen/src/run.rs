@@ -51,6 +51,12 @@ pub struct RunArgs {
     pub jitter_ms: u64,
     #[arg(long, default_value_t = 9)]
     pub clients: usize,
+    /// Share of the Reserves in a REGIONAL namespace.
+    #[arg(long, default_value_t = 0.15)]
+    pub regional: f64,
+    /// Longest side effect between a NEW and its Complete, in milliseconds.
+    #[arg(long, default_value_t = 600)]
+    pub think_ms: u64,
     /// Keys live at once (the key space is bounded so that keys collide).
     #[arg(long, default_value_t = 12)]
     pub keys: usize,
@@ -59,6 +65,13 @@ pub struct RunArgs {
     pub quiet_s: u64,
     #[arg(long, default_value_t = 6)]
     pub fault_s: u64,
+    /// Most faults in one window: each window adds up to this many minus one more,
+    /// drawn by the seed, to the nemesis whose turn it is.
+    #[arg(long, default_value_t = 1)]
+    pub compose: usize,
+    /// Plain data directories instead of the fault filesystem (no disk nemeses).
+    #[arg(long)]
+    pub no_faultfs: bool,
     /// Exit 0 only if the checker finds a violation of this kind (`double_grant`,
     /// `lost_completion`, ...; without a value: any violation), to prove that a broken
     /// build is caught for its reason.
@@ -80,7 +93,10 @@ fn default_bin() -> PathBuf {
 /// Entry point of `run`: create the namespace, re-run this command inside it, and
 /// delete the namespace (and every process in it) whatever happens.
 pub fn outer(a: &RunArgs) -> anyhow::Result<bool> {
-    nemesis::check_names(&names(a))?;
+    nemesis::check_names(&names(a), !a.no_faultfs)?;
+    if a.compose == 0 || a.compose > 4 {
+        anyhow::bail!("--compose must be 1 to 4");
+    }
     let enabled = names(a).into_iter().filter(|n| n != "none").count() as u64;
     let windows = a.time_limit / (a.quiet_s + a.fault_s).max(1);
     if windows < enabled {
@@ -100,6 +116,11 @@ pub fn outer(a: &RunArgs) -> anyhow::Result<bool> {
     for tool in ["ip", "iptables"] {
         if net::sh("sh", &["-c", &format!("command -v {tool}")]).is_err() {
             anyhow::bail!("`{tool}` is missing: apt-get install iproute2 iptables");
+        }
+    }
+    if !a.no_faultfs {
+        if let Err(why) = crate::faultfs::available() {
+            anyhow::bail!("the fault filesystem cannot be mounted: {why} (or pass --no-faultfs)");
         }
     }
     let bin = a.bin.clone().unwrap_or_else(default_bin);
@@ -131,7 +152,13 @@ pub fn outer(a: &RunArgs) -> anyhow::Result<bool> {
     opt("keys", a.keys.to_string());
     opt("quiet-s", a.quiet_s.to_string());
     opt("fault-s", a.fault_s.to_string());
+    opt("compose", a.compose.to_string());
+    opt("regional", a.regional.to_string());
+    opt("think-ms", a.think_ms.to_string());
     opt("inside", ns.clone());
+    if a.no_faultfs {
+        args.push("--no-faultfs".into());
+    }
     if let Some(reason) = &a.expect_invalid {
         args.push(format!("--expect-invalid={reason}"));
     }
@@ -161,7 +188,14 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
     let dir = a.store.join(&run);
     std::fs::create_dir_all(&dir)?;
     let bin = a.bin.clone().unwrap_or_else(default_bin);
-    let mut cluster = Cluster::configure(&bin, &dir.join("nodes"), a.regions, a.nodes_per_region)?;
+    let mut cluster = Cluster::configure(
+        &bin,
+        &dir.join("nodes"),
+        a.regions,
+        a.nodes_per_region,
+        !a.no_faultfs,
+        &node_extra_config(),
+    )?;
     if crate::cluster::faketime_lib().is_none() {
         eprintln!(
             "note: libfaketime not found (apt-get install faketime); clock nemeses change nothing"
@@ -183,6 +217,12 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
                 source: cluster.nodes[x].ip,
                 delay: half.saturating_sub(jitter / 2),
                 jitter,
+                forth: cluster
+                    .wan
+                    .link(cluster.nodes[x].region, cluster.nodes[y].region),
+                back: cluster
+                    .wan
+                    .link(cluster.nodes[y].region, cluster.nodes[x].region),
             }
             .spawn(stop.clone())
             .await?;
@@ -211,6 +251,9 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
         endpoints: endpoints.clone(),
         seed: a.seed,
         flip: 0.1,
+        tenants: workload::tenants(),
+        regional: a.regional,
+        think_ms: a.think_ms,
     };
     let epoch = crate::history::now_ms();
     let client_stop = Arc::new(AtomicBool::new(false));
@@ -225,50 +268,65 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
         )));
     }
 
-    // The nemesis schedule: every named nemesis in turn, each fault observed.
+    // The nemesis schedule: every named nemesis in turn, with others composed into its
+    // window; each fault observed.
     let enabled: Vec<String> = names(&a).into_iter().filter(|n| n != "none").collect();
     let mut rng = StdRng::seed_from_u64(a.seed);
     let slots = (a.time_limit / (a.quiet_s + a.fault_s).max(1)) as usize;
-    let plan = nemesis::schedule(&enabled, slots, &mut rng);
+    let plan = nemesis::schedule(&enabled, slots, a.compose, &mut rng);
     let mut windows: Vec<Window> = Vec::new();
+    let mut disk = DiskTally::default();
     let deadline = Instant::now() + Duration::from_secs(a.time_limit);
-    for name in plan {
+    for names in plan {
         tokio::time::sleep(Duration::from_secs(a.quiet_s)).await;
         if Instant::now() >= deadline {
             break;
         }
         let start_ms = crate::history::now_ms();
-        let (active, detail) = nemesis::inject(&name, &mut cluster, &mut rng)
-            .with_context(|| format!("inject {name}"))?;
+        let mut claims = nemesis::Claims::default();
+        let mut faults = Vec::new();
+        for name in names {
+            match nemesis::inject(&name, &mut cluster, &mut claims, &mut rng)
+                .with_context(|| format!("inject {name}"))?
+            {
+                Some((active, detail)) => faults.push((name, active, detail, None)),
+                None => println!("  {name}: no node left for it in this window, skipped"),
+            }
+        }
         let fault_end = Instant::now()
             + Duration::from_secs(a.fault_s)
                 .min(deadline.saturating_duration_since(Instant::now()));
-        let mut observed = None;
-        while Instant::now() < fault_end {
+        loop {
+            for (_, active, _, observed) in faults.iter_mut() {
+                if observed.is_none() {
+                    *observed = nemesis::observe(active, &mut cluster);
+                }
+            }
+            if Instant::now() >= fault_end {
+                break;
+            }
             tokio::time::sleep(
                 Duration::from_millis(300).min(fault_end.saturating_duration_since(Instant::now())),
             )
             .await;
-            if observed.is_none() {
-                observed = nemesis::observe(&active, &mut cluster);
-            }
         }
-        if observed.is_none() {
-            observed = nemesis::observe(&active, &mut cluster);
+        // Heal in the reverse order of injection.
+        while let Some((name, active, detail, observed)) = faults.pop() {
+            println!(
+                "  {:>5.1}s  {name}: {detail} ({})",
+                (start_ms - epoch) as f64 / 1000.0,
+                observed.as_deref().unwrap_or("NO EFFECT OBSERVED")
+            );
+            disk.note(&active, &cluster).await;
+            nemesis::heal(active, &mut cluster)?;
+            windows.push(Window {
+                nemesis: name,
+                detail,
+                start_ms,
+                end_ms: crate::history::now_ms(),
+                observed,
+            });
         }
-        println!(
-            "  {:>5.1}s  {name}: {detail} ({})",
-            (start_ms - epoch) as f64 / 1000.0,
-            observed.as_deref().unwrap_or("NO EFFECT OBSERVED")
-        );
-        nemesis::heal(active, &mut cluster)?;
-        windows.push(Window {
-            nemesis: name,
-            detail,
-            start_ms,
-            end_ms: crate::history::now_ms(),
-            observed,
-        });
     }
     tokio::time::sleep(deadline.saturating_duration_since(Instant::now())).await;
     client_stop.store(true, Ordering::SeqCst);
@@ -359,6 +417,8 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
             verdict.add_unknown(format!("nemesis {name} never took effect"));
         }
     }
+    disk.judge(&mut verdict);
+    crate::checker::check_no_grant_without_majority(&history, &windows, &mut verdict);
     if !converged {
         verdict.add_unknown(format!(
             "the regions did not converge within {CONVERGE_BOUND:?} after healing"
@@ -374,6 +434,9 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
         &verdict,
     );
     results.converged_after_ms = converged_after.map(|d| d.as_millis() as u64);
+    results.power_losses = disk.power_losses;
+    results.discarded_bytes = disk.discarded.bytes;
+    results.discarded_entries = disk.discarded.entries;
     results.command = std::env::args().collect::<Vec<_>>().join(" ");
     std::fs::write(
         dir.join("results.json"),
@@ -400,80 +463,111 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
     })
 }
 
+/// What every node's config adds: the tenants' tokens and the REGIONAL namespace.
+fn node_extra_config() -> String {
+    use sha2::Digest as _;
+    let mut s = String::from("[auth]\nenabled = true\n");
+    for t in workload::tenants() {
+        s.push_str(&format!(
+            "[[auth.tokens]]\ntenant = \"{}\"\nsha256 = \"{}\"\n",
+            t.name,
+            hex::encode(sha2::Sha256::digest(t.token.as_bytes()))
+        ));
+    }
+    s.push_str(&format!(
+        "\n[[namespaces]]\nscope_prefix = \"{}\"\nmode = \"regional\"\n",
+        workload::REGIONAL_SCOPE
+    ));
+    s
+}
+
+/// What the disk nemeses did, for the verdict: the bytes their power losses discarded
+/// (a run whose power losses discarded nothing tested nothing), and nodes that kept
+/// serving after their fsyncs failed.
+#[derive(Default)]
+struct DiskTally {
+    power_losses: u64,
+    discarded: crate::faultfs::Discarded,
+    ignored: Vec<String>,
+}
+
+impl DiskTally {
+    /// Called at the end of a fault's window, before it is healed.
+    async fn note(&mut self, a: &nemesis::Active, c: &Cluster) {
+        let nemesis::Active::Disk(d) = a else {
+            return;
+        };
+        if let Some(lost) = d.discarded() {
+            self.power_losses += 1;
+            self.discarded.bytes += lost.bytes;
+            self.discarded.entries += lost.entries;
+        }
+        // A node whose fsync failed has a moment to notice and stop before it is judged.
+        let mut serving = d.ignored(c);
+        for _ in 0..8 {
+            if serving.is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            serving = d.ignored(c);
+        }
+        self.ignored.extend(serving);
+    }
+
+    fn judge(&self, v: &mut crate::checker::Verdict) {
+        if self.power_losses > 0 && self.discarded.bytes == 0 {
+            v.add_unknown(format!(
+                "{} power losses discarded no unsynced byte: they tested nothing",
+                self.power_losses
+            ));
+        }
+        for why in &self.ignored {
+            v.add_violation(crate::checker::Violation {
+                kind: "disk_error_ignored",
+                key: String::new(),
+                ops: Vec::new(),
+                detail: why.clone(),
+            });
+        }
+    }
+}
+
 /// After healing: every key the clients touched, read through each region's group
 /// (from the first node of the region that answers).
 async fn final_read(rec: &Recorder, endpoints: &[Vec<String>]) {
-    use idem_client::{Client, ClientConfig, RetryPolicy};
-    use idem_proto::v1::Phase;
     let keys: std::collections::BTreeSet<String> = rec
         .ops()
         .into_iter()
         .filter(|o| o.call == Call::Reserve)
         .map(|o| o.key)
         .collect();
-    for (region, eps) in endpoints.iter().enumerate() {
-        let mut clients = Vec::new();
-        for ep in eps {
-            let mut cc = ClientConfig::new(ep.clone());
-            cc.timeout = Duration::from_secs(3);
-            cc.retry = RetryPolicy {
-                max_attempts: 3,
-                ..RetryPolicy::default()
-            };
-            if let Ok(c) = Client::connect(cc).await {
-                clients.push(c);
+    let tenants = workload::tenants();
+    for region in 0..endpoints.len() {
+        // Each tenant's clients, one per node of the region (the others' nodes after).
+        let mut by_tenant = std::collections::BTreeMap::new();
+        for t in &tenants {
+            if let Ok(c) = workload::connect(0, &endpoints[region..=region], Some(&t.token)).await {
+                by_tenant.insert(t.name.clone(), c);
             }
         }
         for key in &keys {
-            let mut op = Op {
-                id: 0,
-                client: 0,
-                region: region as u32,
-                call: Call::Read,
-                key: key.clone(),
-                fingerprint: String::new(),
-                start_ms: crate::history::now_ms(),
-                end_ms: 0,
-                outcome: Outcome::Timeout,
-                fence: String::new(),
-                lease_expires_ms: 0,
-                trusted_until_ms: 0,
-                took_over: false,
-                value: String::new(),
-                phase: "unreachable".into(),
-            };
-            for c in &clients {
-                match c.get("jepsen", key.as_bytes()).await {
-                    Ok(r) => {
-                        let phase = match r.phase() {
-                            Phase::Reserved => "reserved",
-                            Phase::Released => "released",
-                            Phase::Completed if r.r#final => "completed-final",
-                            Phase::Completed => "completed",
-                            Phase::Unspecified => "unspecified",
-                        };
-                        op.outcome = Outcome::Ok;
-                        op.phase = phase.into();
-                        op.fence = idem_proto::convert::fence(r.fence.as_ref())
-                            .map(|f| f.to_string())
-                            .unwrap_or_default();
-                        op.value = r.response.map(|x| hex::encode(x.body)).unwrap_or_default();
-                        break;
-                    }
-                    Err(idem_client::Error::NotFound(_)) => {
-                        op.outcome = Outcome::Ok;
-                        op.phase = "absent".into();
-                        break;
-                    }
-                    Err(_) => continue,
+            let mut o = workload::op(Call::Read, 0, region, key);
+            o.phase = "unreachable".into();
+            o.outcome = Outcome::Timeout;
+            let target = workload::split_key(key)
+                .and_then(|(t, scope, name)| Some((by_tenant.get(t)?, scope, name)));
+            if let Some((cs, scope, name)) = target {
+                let r = cs[0].get(scope, name.as_bytes()).await;
+                workload::record_read(&mut o, &r);
+                if o.outcome != Outcome::Ok {
+                    o.phase = "unreachable".into();
                 }
             }
-            op.end_ms = crate::history::now_ms();
-            rec.push(op);
+            o.end_ms = crate::history::now_ms();
+            rec.push(o);
         }
     }
 }
-
 /// UTC time as YYYYMMDDTHHMMSS, without a date crate.
 fn chrono_like_now() -> String {
     let secs = idem_client::now_ms() / 1000;

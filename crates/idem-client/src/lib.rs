@@ -261,12 +261,15 @@ impl Endpoints {
     }
 }
 
-/// The node, not the cluster, failed: no connection, or no answer in time. (An
-/// UNAVAILABLE the server gave carries its reason: another node would say the same.)
+/// The node, not the cluster, failed: no connection, no answer in time, or the node said
+/// it cannot serve (`NODE_UNAVAILABLE`: its disk failed). (Any other UNAVAILABLE the
+/// server gave carries its reason: another node would say the same.)
 fn node_failed(st: &Status) -> bool {
     match st.code() {
         Code::DeadlineExceeded => true,
-        Code::Unavailable | Code::Unknown | Code::Cancelled => reason_of(st).is_none(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled => {
+            matches!(reason_of(st), None | Some(ErrorReason::NodeUnavailable))
+        }
         _ => false,
     }
 }
@@ -622,5 +625,12 @@ mod tests {
             "another node would say the same"
         );
         assert!(!node_failed(&Status::invalid_argument("key")));
+        let stopped = idem_proto::errors::status(
+            ErrorReason::NodeUnavailable,
+            "this node's disk failed",
+            &[],
+            None,
+        );
+        assert!(node_failed(&stopped), "another node can serve");
     }
 }

@@ -22,6 +22,9 @@ pub enum ErrorReason {
     Unavailable,
     NotLeader,
     Internal,
+    /// This node cannot serve (its disk failed, its data directory is new and not yet
+    /// confirmed by its peers); another node can: a client moves to the next endpoint.
+    NodeUnavailable,
 }
 
 impl ErrorReason {
@@ -37,6 +40,7 @@ impl ErrorReason {
             ErrorReason::Unavailable => "UNAVAILABLE",
             ErrorReason::NotLeader => "NOT_LEADER",
             ErrorReason::Internal => "INTERNAL",
+            ErrorReason::NodeUnavailable => "NODE_UNAVAILABLE",
         }
     }
 
@@ -53,6 +57,7 @@ impl ErrorReason {
             Unavailable,
             NotLeader,
             Internal,
+            NodeUnavailable,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -66,7 +71,9 @@ impl ErrorReason {
             }
             ErrorReason::NotFound => Code::NotFound,
             ErrorReason::Unauthenticated => Code::Unauthenticated,
-            ErrorReason::Unavailable | ErrorReason::NotLeader => Code::Unavailable,
+            ErrorReason::Unavailable | ErrorReason::NotLeader | ErrorReason::NodeUnavailable => {
+                Code::Unavailable
+            }
             ErrorReason::Internal => Code::Internal,
         }
     }

@@ -30,6 +30,9 @@ pub struct IdemService {
     pub geo: idem_geo::Geo,
     /// This node's clocks: a first attempt claimed to lie in the future is refused.
     pub stamper: Arc<idem_raft::Stamper>,
+    /// This node's disk: once it failed, the node answers nothing but
+    /// `NODE_UNAVAILABLE` (another node serves the call).
+    pub disk: idem_storage::DiskHealth,
 }
 
 pub fn geo_error(e: idem_geo::GeoError) -> Status {
@@ -88,6 +91,19 @@ fn fence_meta(f: Option<idem_core::Fence>) -> Vec<(&'static str, String)> {
 }
 
 impl IdemService {
+    /// Refuse every call once this node's disk failed.
+    fn gate(&self) -> Result<(), Status> {
+        match self.disk.failure() {
+            None => Ok(()),
+            Some(why) => Err(status(
+                ErrorReason::NodeUnavailable,
+                format!("this node stopped serving: its disk failed ({why}); another node serves the call"),
+                &[],
+                None,
+            )),
+        }
+    }
+
     fn group_for(&self, key: &Key) -> Result<Arc<Group>, Status> {
         let id = GroupId {
             region: self.region,
@@ -179,6 +195,7 @@ impl IdemService {
         &self,
         req: Request<v1::ReserveRequest>,
     ) -> Result<(Response<v1::ReserveResponse>, &'static str), Status> {
+        self.gate()?;
         let tenant = self.auth.tenant(req.metadata())?;
         let r = convert::reserve(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
         // A first attempt later than now (beyond what clocks may differ by) is a client
@@ -371,6 +388,7 @@ impl Idem for IdemService {
     ) -> Result<Response<v1::CompleteResponse>, Status> {
         let started = Instant::now();
         let r = async {
+            self.gate()?;
             let c = convert::complete(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
             let op = Op::Complete { fence: c.fence, response: c.response, quorum: 1 };
             match self.run(req.metadata(), c.scope, c.key, op).await? {
@@ -394,6 +412,7 @@ impl Idem for IdemService {
     ) -> Result<Response<v1::ReleaseResponse>, Status> {
         let started = Instant::now();
         let r = async {
+            self.gate()?;
             let c = convert::release(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
             let op = Op::Release { fence: c.fence };
             match self.run(req.metadata(), c.scope, c.key, op).await? {
@@ -422,6 +441,7 @@ impl Idem for IdemService {
     ) -> Result<Response<v1::ExtendResponse>, Status> {
         let started = Instant::now();
         let r = async {
+            self.gate()?;
             let c = convert::extend(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
             let lease_ms = c.lease_ms;
             let op = Op::Extend {
@@ -453,6 +473,7 @@ impl Idem for IdemService {
     async fn get(&self, req: Request<v1::GetRequest>) -> Result<Response<v1::GetResponse>, Status> {
         let started = Instant::now();
         let r = async {
+            self.gate()?;
             let tenant = self.auth.tenant(req.metadata())?;
             let g = convert::get(req.get_ref(), &self.limits).map_err(|e| invalid(&e))?;
             let key = self.key(tenant, g.scope, g.key);

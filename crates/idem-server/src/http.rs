@@ -39,8 +39,16 @@ async fn metrics(State(info): State<NodeInfo>) -> impl IntoResponse {
 }
 
 /// Ready: every group runs and has a leader, and the node's clock is confirmed by its
-/// peers (a node whose clock is in doubt stays live, `/livez`, but serves no writes).
+/// peers (a node whose clock is in doubt stays live, `/livez`, but serves no writes). A
+/// node whose disk failed is never ready again until it is restarted (it stays live, so
+/// an orchestrator does not restart it in a loop on a broken disk).
 async fn healthz(State(info): State<NodeInfo>) -> impl IntoResponse {
+    if let Some(why) = info.failure() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("failed: the disk failed ({why}); restart the node once the disk is healthy\n"),
+        );
+    }
     if let Some(why) = info.stamper.clock_fault() {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("clock: {why}\n"));
     }
@@ -117,6 +125,8 @@ async fn status(State(info): State<NodeInfo>) -> impl IntoResponse {
         "state_disk_bytes": s.state_disk_bytes,
         "log_disk_bytes": s.log_disk_bytes,
         "version": s.version,
+        // Why the node stopped serving (its disk failed), or null.
+        "failed": info.failure(),
         "groups": groups,
         // This node's wall clock and the stamp clock leases are judged by: an operator
         // (or the fault suite) compares them with a trusted clock.

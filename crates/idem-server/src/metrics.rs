@@ -213,6 +213,7 @@ pub struct Metrics {
     pub peer_clock_offset_seconds: Family<Gauge>,
     pub clock_refused_total: Family<Counter>,
     pub clock_fault: Gauge,
+    pub node_failed: Gauge,
     pub region_last_answer_age_seconds: Family<Gauge>,
 }
 
@@ -284,6 +285,7 @@ impl Default for Metrics {
             peer_clock_offset_seconds: Family::new(&["peer"], Gauge::default),
             clock_refused_total: Family::new(&["peer"], Counter::default),
             clock_fault: Gauge::default(),
+            node_failed: Gauge::default(),
             region_last_answer_age_seconds: Family::new(&["region"], Gauge::default),
         }
     }
@@ -520,6 +522,11 @@ impl Metrics {
             "idem_clock_fault",
             "1 while this node refuses to grant, accept or acknowledge because its peers do not confirm its clock.",
             &self.clock_fault,
+        );
+        w.gauge(
+            "idem_node_failed",
+            "1 once this node's disk failed (a write or fsync error, or a full disk): it serves nothing and takes no part in Raft until restarted.",
+            &self.node_failed,
         );
         out
     }

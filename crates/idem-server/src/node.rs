@@ -66,6 +66,27 @@ pub struct NodeInfo {
 }
 
 impl NodeInfo {
+    /// Why this node stopped serving (its disk failed), if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.log.disk().failure()
+    }
+
+    /// Fail stop after a disk failure: the groups stop (no vote, no append, no
+    /// acknowledgement), the public API answers `NODE_UNAVAILABLE`, `/healthz` says why;
+    /// the process stays up (live, not ready) until an operator restarts it, which
+    /// recovers from what the disk holds.
+    async fn fail_stop(&self, why: &str) {
+        tracing::error!(
+            node = self.node_id,
+            reason = %why,
+            "the node's disk failed: it has stopped serving and taking part in Raft; \
+             restart it once the disk is healthy (it recovers from what the disk holds)"
+        );
+        for g in self.router.all() {
+            g.shutdown().await;
+        }
+    }
+
     /// Refresh the sampled gauges (Raft and RocksDB health) and count leader changes.
     pub fn refresh_gauges(&self) {
         let m = &self.metrics;
@@ -145,6 +166,8 @@ impl NodeInfo {
         }
         m.clock_fault
             .set(f64::from(u8::from(self.stamper.clock_fault().is_some())));
+        m.node_failed
+            .set(f64::from(u8::from(self.failure().is_some())));
     }
 }
 
@@ -206,12 +229,17 @@ impl Node {
             reason: "unknown region".into(),
         })?;
         let data = &cfg.node.data_dir;
-        std::fs::create_dir_all(data).map_err(|source| NodeError::DataDir {
+        let data_dir_error = |source| NodeError::DataDir {
             path: data.clone(),
             source,
-        })?;
-        let log = LogEngine::open(&data.join("log"))?;
-        let state = StateEngine::open(&data.join("state"))?;
+        };
+        idem_storage::create_dir_durable(data).map_err(data_dir_error)?;
+        // Both engines share one disk: a write or sync that fails in either stops both.
+        let disk = idem_storage::DiskHealth::default();
+        let log = LogEngine::open_on(&data.join("log"), disk.clone())?;
+        let state = StateEngine::open_on(&data.join("state"), disk)?;
+        // The engines' directories are names in the data directory: make them durable.
+        idem_storage::sync_dir(data).map_err(data_dir_error)?;
 
         let grpc_listener = TcpListener::bind(cfg.node.grpc_addr)
             .await
@@ -316,6 +344,7 @@ impl Node {
             skew_margin_ms: cfg.cluster.skew_margin_ms,
             geo: geo.clone(),
             stamper: stamper.clone(),
+            disk: log.disk().clone(),
         };
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
@@ -415,9 +444,17 @@ impl Node {
             let mut tick = tokio::time::interval(HEALTH_SAMPLE_EVERY);
             let per_sample = (crate::history::SAMPLE_EVERY_SECS * 1000 / HEALTH_SAMPLE_EVERY.as_millis() as u64).max(1);
             let mut n = 0u64;
+            let mut stopped = false;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
+                        if !stopped {
+                            if let Some(why) = sampler.failure() {
+                                stopped = true;
+                                let node = sampler.clone();
+                                tokio::spawn(async move { node.fail_stop(&why).await });
+                            }
+                        }
                         sampler.refresh_gauges();
                         if n.is_multiple_of(per_sample) {
                             let sample = crate::history::Sample::take(&sampler.metrics, sampler.stamper.wall_ms());

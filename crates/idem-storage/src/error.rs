@@ -8,6 +8,10 @@ pub enum StorageError {
     Io(#[from] std::io::Error),
     #[error("corrupt {what}: {detail}")]
     Corrupt { what: &'static str, detail: String },
+    /// A write or sync failed earlier: the node writes and acknowledges nothing more
+    /// until it is restarted (see `disk.rs`).
+    #[error("the disk failed and the node stopped writing ({0}); restart it to recover from what is on disk")]
+    DiskFailed(String),
 }
 
 impl From<StorageError> for std::io::Error {

@@ -9,12 +9,14 @@
 //! This crate knows nothing of gRPC or of openraft: Raft metadata arrives as opaque,
 //! already-versioned bytes from `idem-raft`.
 
+mod disk;
 mod error;
 pub mod keys;
 mod log_engine;
 mod snapshot;
 mod state_engine;
 
+pub use disk::{create_dir_durable, sync_dir, sync_parent, DiskHealth};
 pub use error::StorageError;
 pub use log_engine::{LogEngine, COMMITTED, PURGED, VOTE};
 pub use snapshot::SnapshotFile;

@@ -2,7 +2,7 @@
 //! (`raft_log`, key `shard | index`) and Raft state (`raft_state`, key `shard | name`).
 
 use crate::keys::{log_index, log_key, meta_key};
-use crate::{Shard, StorageError};
+use crate::{DiskHealth, Shard, StorageError};
 use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
     WriteOptions, DB,
@@ -30,6 +30,7 @@ pub type OnDurable = Box<dyn FnOnce(Result<(), String>) + Send>;
 pub struct LogEngine {
     db: Arc<DB>,
     syncer: Arc<Syncer>,
+    disk: DiskHealth,
 }
 
 /// The group-commit thread and its queue. Dropping the last handle closes the queue and
@@ -50,8 +51,9 @@ impl Drop for Syncer {
 
 /// Group commit: one thread syncs the WAL for every append that arrived since its last
 /// sync, across all groups of the node, then acknowledges them all. Under load many
-/// appends share one fsync; idle, an append waits for exactly one.
-fn run_syncer(db: Arc<DB>, rx: std::sync::mpsc::Receiver<OnDurable>) {
+/// appends share one fsync; idle, an append waits for exactly one. A sync that fails is
+/// never tried again: every append waiting and every later one is refused.
+fn run_syncer(db: Arc<DB>, disk: DiskHealth, rx: std::sync::mpsc::Receiver<OnDurable>) {
     while let Ok(first) = rx.recv() {
         let mut waiting = vec![first];
         while waiting.len() < MAX_SYNC_BATCH {
@@ -60,15 +62,36 @@ fn run_syncer(db: Arc<DB>, rx: std::sync::mpsc::Receiver<OnDurable>) {
                 Err(_) => break,
             }
         }
-        let result = db.flush_wal(true).map_err(|e| e.to_string());
+        let result = disk
+            .guard("raft log sync", || sync_wal(&db))
+            .map_err(|e| e.to_string());
         for cb in waiting {
             cb(result.clone());
         }
     }
 }
 
+/// Make the WAL durable.
+#[cfg(not(feature = "broken-unsynced-append"))]
+fn sync_wal(db: &DB) -> Result<(), rocksdb::Error> {
+    db.flush_wal(true)
+}
+
+/// Deliberately broken (`broken-unsynced-append`): appends are acknowledged to Raft
+/// without their fsync, so a power loss of a group's majority loses committed entries.
+/// The fault suite must catch it; no release build enables it.
+#[cfg(feature = "broken-unsynced-append")]
+fn sync_wal(db: &DB) -> Result<(), rocksdb::Error> {
+    db.flush_wal(false)
+}
+
 impl LogEngine {
     pub fn open(path: &Path) -> Result<LogEngine, StorageError> {
+        Self::open_on(path, DiskHealth::default())
+    }
+
+    /// Open on a disk whose health the node's other engine shares.
+    pub fn open_on(path: &Path, disk: DiskHealth) -> Result<LogEngine, StorageError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -83,17 +106,29 @@ impl LogEngine {
         // Appends are written unsynced and made durable by the group-commit thread.
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
         let (tx, rx) = std::sync::mpsc::sync_channel(MAX_PENDING_SYNCS);
-        let sync_db = db.clone();
+        let (sync_db, sync_disk) = (db.clone(), disk.clone());
         let thread = std::thread::Builder::new()
             .name("idem-wal-sync".into())
-            .spawn(move || run_syncer(sync_db, rx))?;
+            .spawn(move || run_syncer(sync_db, sync_disk, rx))?;
         Ok(LogEngine {
             db,
             syncer: Arc::new(Syncer {
                 tx: Some(tx),
                 thread: Some(thread),
             }),
+            disk,
         })
+    }
+
+    /// The disk this engine writes to (failed once a write or sync failed).
+    pub fn disk(&self) -> &DiskHealth {
+        &self.disk
+    }
+
+    fn write(&self, what: &str, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.disk.guard(what, || self.db.write_opt(batch, &wo))
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -103,12 +138,6 @@ impl LogEngine {
             .expect("column family created at open")
     }
 
-    fn synced() -> WriteOptions {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        wo
-    }
-
     /// Append a batch of encoded entries; durable (one WAL sync) when this returns.
     pub fn append(&self, shard: Shard, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError> {
         let cf = self.cf(CF_LOG);
@@ -116,8 +145,7 @@ impl LogEngine {
         for (index, bytes) in entries {
             batch.put_cf(cf, log_key(shard, *index), bytes);
         }
-        self.db.write_opt(batch, &Self::synced())?;
-        Ok(())
+        self.write("raft log append", batch, true)
     }
 
     /// Append a batch of encoded entries: readable when this returns, durable when
@@ -133,7 +161,7 @@ impl LogEngine {
         for (index, bytes) in entries {
             batch.put_cf(cf, log_key(shard, *index), bytes);
         }
-        self.db.write(batch)?;
+        self.write("raft log append", batch, false)?;
         match &self.syncer.tx {
             Some(tx) => {
                 if let Err(e) = tx.send(on_durable) {
@@ -215,8 +243,7 @@ impl LogEngine {
             log_key(shard, u64::MAX),
         );
         batch.delete_cf(self.cf(CF_LOG), log_key(shard, u64::MAX));
-        self.db.write_opt(batch, &Self::synced())?;
-        Ok(())
+        self.write("raft log truncate", batch, true)
     }
 
     /// Record the purge point, then delete every entry with `index <= upto`.
@@ -233,8 +260,7 @@ impl LogEngine {
             log_key(shard, 0),
             log_key(shard, upto.saturating_add(1)),
         );
-        self.db.write_opt(batch, &Self::synced())?;
-        Ok(())
+        self.write("raft log purge", batch, true)
     }
 
     pub fn put_state(
@@ -244,11 +270,9 @@ impl LogEngine {
         value: &[u8],
         sync: bool,
     ) -> Result<(), StorageError> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(sync);
-        self.db
-            .put_cf_opt(self.cf(CF_STATE), meta_key(shard, name), value, &wo)?;
-        Ok(())
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_STATE), meta_key(shard, name), value);
+        self.write("raft state write", batch, sync)
     }
 
     pub fn get_state(&self, shard: Shard, name: &str) -> Result<Option<Vec<u8>>, StorageError> {

@@ -83,6 +83,8 @@ where
     f.sync_all()?;
     let path = unique_name(dir, shard, "snap");
     std::fs::rename(&tmp, &path)?;
+    // The name is durable only once its directory is synced.
+    crate::sync_dir(dir)?;
     Ok(SnapshotFile { path })
 }
 
@@ -192,7 +194,9 @@ impl SnapshotFile {
         let path = unique_name(dir, shard, "snap");
         if std::fs::rename(&self.path, &path).is_err() {
             std::fs::copy(&self.path, &path)?;
+            File::open(&path)?.sync_all()?;
         }
+        crate::sync_dir(dir)?;
         Ok(SnapshotFile { path })
     }
 }

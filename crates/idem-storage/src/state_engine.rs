@@ -10,7 +10,7 @@ use crate::keys::{
     decode_record_key, meta_key, outbox_dest_seq, outbox_key, record_key, shard_end, shard_prefix,
 };
 use crate::snapshot::{self, SnapshotFile};
-use crate::{Shard, StorageError};
+use crate::{DiskHealth, Shard, StorageError};
 use idem_core::codec::{
     decode_record, encode_record, encode_shipped, peek_expires_ms, replicated_parts, Shipped,
     BOOKKEEPING_BYTES,
@@ -198,6 +198,7 @@ pub struct StateEngine {
     dir: PathBuf,
     outbox: Arc<RwLock<OutboxConfig>>,
     horizon: Horizon,
+    disk: DiskHealth,
     /// Dropped with the last clone of the engine: its horizon thread then ends at once
     /// (`None` in the engine that thread itself builds).
     _horizon_stop: Option<Arc<std::sync::mpsc::Sender<()>>>,
@@ -223,13 +224,33 @@ fn u64_of(v: Option<Vec<u8>>) -> u64 {
 
 impl StateEngine {
     pub fn open(path: &Path) -> Result<StateEngine, StorageError> {
-        Self::open_with_horizon_thread(path).map(|(engine, _thread)| engine)
+        Self::open_on(path, DiskHealth::default())
+    }
+
+    /// Open on a disk whose health the node's other engine shares.
+    pub fn open_on(path: &Path, disk: DiskHealth) -> Result<StateEngine, StorageError> {
+        Self::open_with_horizon_thread(path, disk).map(|(engine, _thread)| engine)
+    }
+
+    /// The disk this engine writes to (failed once a write or sync failed).
+    pub fn disk(&self) -> &DiskHealth {
+        &self.disk
+    }
+
+    fn write(&self, what: &str, batch: WriteBatch) -> Result<(), StorageError> {
+        self.disk.guard(what, || self.db.write(batch))
+    }
+
+    /// Sync the WAL: everything written before is durable once this returns.
+    fn sync(&self, what: &str) -> Result<(), StorageError> {
+        self.disk.guard(what, || self.db.flush_wal(true))
     }
 
     /// `open`, and the thread that publishes the compaction horizon (it ends when the
     /// last clone of the engine is dropped).
     fn open_with_horizon_thread(
         path: &Path,
+        disk: DiskHealth,
     ) -> Result<(StateEngine, std::thread::JoinHandle<()>), StorageError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -266,6 +287,7 @@ impl StateEngine {
             dir: path.to_path_buf(),
             outbox: Arc::default(),
             horizon,
+            disk,
             _horizon_stop: Some(Arc::new(stop)),
         };
         engine.check_format()?;
@@ -277,6 +299,7 @@ impl StateEngine {
         // Later stamps are published once the WAL holding them is synced.
         let weak = Arc::downgrade(&engine.db);
         let (horizon, outbox) = (engine.horizon.clone(), engine.outbox.clone());
+        let disk = engine.disk.clone();
         let dir = engine.dir.clone();
         let thread = std::thread::Builder::new()
             .name("idem-horizon".into())
@@ -295,6 +318,7 @@ impl StateEngine {
                     dir: dir.clone(),
                     outbox: outbox.clone(),
                     horizon: horizon.clone(),
+                    disk: disk.clone(),
                     _horizon_stop: None,
                 };
                 if let Err(err) = e.publish_horizon() {
@@ -324,7 +348,7 @@ impl StateEngine {
     /// expire (read first, synced second: a stamp is published only once on disk).
     pub fn publish_horizon(&self) -> Result<(), StorageError> {
         let stamps = self.stamps()?;
-        self.db.flush_wal(true)?;
+        self.sync("state sync")?;
         for (shard, stamp) in stamps {
             self.horizon.publish(shard, stamp);
         }
@@ -339,7 +363,12 @@ impl StateEngine {
     fn check_format(&self) -> Result<(), StorageError> {
         let cf = self.cf(CF_META);
         match self.db.get_cf(cf, FORMAT)? {
-            None => self.db.put_cf(cf, FORMAT, [FORMAT_VERSION])?,
+            None => {
+                let mut batch = WriteBatch::default();
+                batch.put_cf(cf, FORMAT, [FORMAT_VERSION]);
+                self.write("state format", batch)?;
+                self.sync("state sync")?;
+            }
             Some(v) if v.as_slice() == [FORMAT_VERSION] => {}
             Some(v) => {
                 return Err(StorageError::Corrupt {
@@ -532,7 +561,7 @@ impl StateEngine {
             );
         }
         // Not synced: the Raft log is durable, and a lost tail is re-applied from it.
-        self.db.write(batch)?;
+        self.write("state apply", batch)?;
         Ok(results)
     }
 
@@ -792,7 +821,7 @@ impl StateEngine {
         F: FnOnce(Option<&[u8]>) -> Result<Vec<u8>, StorageError>,
     {
         // Make applied state durable before the log behind it may be purged.
-        self.db.flush_wal(true)?;
+        self.sync("state sync")?;
         let view = self.db.snapshot();
         let applied = view.get_cf(self.cf(CF_META), meta_key(shard, APPLIED))?;
         let stamp = u64_of(view.get_cf(self.cf(CF_META), meta_key(shard, STAMP))?);
@@ -831,12 +860,14 @@ impl StateEngine {
 
     fn set_current_snapshot(&self, shard: Shard, file: &SnapshotFile) -> Result<(), StorageError> {
         let previous = self.current_snapshot(shard)?;
-        self.db.put_cf(
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
             self.cf(CF_META),
             meta_key(shard, SNAPSHOT),
             file.path.to_string_lossy().as_bytes(),
-        )?;
-        self.db.flush_wal(true)?;
+        );
+        self.write("state snapshot", batch)?;
+        self.sync("state sync")?;
         if let Some(old) = previous.filter(|p| p.path != file.path) {
             let _ = std::fs::remove_file(old.path);
         }
@@ -878,7 +909,7 @@ impl StateEngine {
             shard_prefix(shard).to_vec(),
             shard_end(shard),
         );
-        self.db.write(batch)?;
+        self.write("state install", batch)?;
         let cf = self.cf(CF_RECORDS);
         let mut batch = WriteBatch::default();
         stable.read_records(|k, v| {
@@ -890,7 +921,7 @@ impl StateEngine {
             key.extend_from_slice(k);
             batch.put_cf(cf, key, v);
             if batch.size_in_bytes() > 4 << 20 {
-                self.db.write(std::mem::take(&mut batch))?;
+                self.write("state install", std::mem::take(&mut batch))?;
             }
             Ok(())
         })?;
@@ -907,8 +938,8 @@ impl StateEngine {
             meta_key(shard, DOUBLE_GRANTS),
             double_grants.to_be_bytes(),
         );
-        self.db.write(batch)?;
-        self.db.flush_wal(true)?;
+        self.write("state install", batch)?;
+        self.sync("state sync")?;
         self.horizon.publish(shard, stamp);
         Ok(())
     }

@@ -70,6 +70,17 @@ impl Default for Options {
 
 impl Cluster {
     pub fn start(opts: Options) -> Cluster {
+        let mut c = Cluster::configure(opts);
+        for i in 0..c.nodes.len() {
+            c.spawn(i);
+        }
+        c.wait_ready(Duration::from_secs(30));
+        c
+    }
+
+    /// Write every node's config; start nothing (a test that mounts something under a
+    /// node's data directory first).
+    pub fn configure(opts: Options) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("idem-it-")
             .tempdir()
@@ -114,12 +125,7 @@ impl Cluster {
                 child: None,
             });
         }
-        let mut c = Cluster { dir, nodes };
-        for i in 0..c.nodes.len() {
-            c.spawn(i);
-        }
-        c.wait_ready(Duration::from_secs(30));
-        c
+        Cluster { dir, nodes }
     }
 
     pub fn spawn(&mut self, i: usize) {

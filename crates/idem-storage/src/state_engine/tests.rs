@@ -808,7 +808,8 @@ fn a_regional_double_grant_is_counted_once_by_the_overturned_region_and_survives
 #[test]
 fn the_horizon_thread_ends_when_the_last_engine_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let (engine, thread) = StateEngine::open_with_horizon_thread(dir.path()).unwrap();
+    let (engine, thread) =
+        StateEngine::open_with_horizon_thread(dir.path(), DiskHealth::default()).unwrap();
     let clone = engine.clone();
     drop(engine);
     // A clone still holds the engine: the thread keeps running.
