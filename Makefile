@@ -8,8 +8,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # prometheus brings promtool, which checks the alert rules and the dashboard's queries.
 # faketime (libfaketime) runs a test node with its wall clock off.
 APT_PACKAGES := libclang-dev clang pkg-config build-essential prometheus faketime
-# The fault suite: network namespaces, firewall rules, a faked wall clock.
-JEPSEN_PACKAGES := iproute2 iptables faketime
+# The fault suite: network namespaces, firewall rules, a faked wall clock, FUSE (the
+# fault filesystem under each node's data directory).
+JEPSEN_PACKAGES := iproute2 iptables faketime fuse3
 
 .PHONY: deps jepsen-deps build release test demo lint fmt clean jepsen jepsen-quick jepsen-bins sim sim-rebuild sim-campaign sim-broken
 
@@ -85,33 +86,45 @@ jepsen-deps: deps
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-# The fault suite drives release binaries: the server as shipped, and two deliberately
-# broken builds it must catch (NEW on the local accept alone; Complete acknowledged
-# before a majority stored it). The correct build is built last, so that
-# $(CARGO_TARGET_DIR)/release/idem is the correct one.
+# The fault suite drives release binaries: the server as shipped, and four deliberately
+# broken builds it must catch, each for its own reason (NEW on the local accept alone;
+# Complete acknowledged before a majority stored it; Raft log appends acknowledged
+# without their fsync; another claim's record merged without the guard). The correct
+# build is built last, so that $(CARGO_TARGET_DIR)/release/idem is the correct one.
 REL := $(CARGO_TARGET_DIR)/release
+BROKEN_BUILDS := broken-local-accept broken-early-ack broken-unsynced-append broken-unguarded-merge
 jepsen-bins: jepsen-deps
-	$(CARGO) build --release -p idem-cli --features idem-cli/broken-local-accept
-	cp $(REL)/idem $(REL)/idem-broken-local-accept
-	$(CARGO) build --release -p idem-cli --features idem-cli/broken-early-ack
-	cp $(REL)/idem $(REL)/idem-broken-early-ack
+	@for b in $(BROKEN_BUILDS); do \
+	  $(CARGO) build --release -p idem-cli --features idem-cli/$$b || exit 1; \
+	  cp $(REL)/idem $(REL)/idem-$$b; \
+	done
 	$(CARGO) build --release -p idem-cli -p idem-jepsen
 
-# Under 10 minutes: the correct build under partitions, crashes, pauses and clock skew
-# (within the margin and 1 to 10 s beyond it) must be valid, with every named nemesis
-# fired and observed; each broken build must be reported invalid for its own reason.
+# Every nemesis there is.
+ALL_NEMESES := partition-node,partition-region,partition-majority,partition-ring,partition-bridge,partition-oneway,partition-regions,kill,kill-leader,kill-majority,kill-region,pause,clock,clock-strobe,loss,restart,wan-stall,power-loss-node,power-loss-group,power-loss-region,disk-eio,disk-full,disk-slow,lose-data
+
+# Under 15 minutes: the correct build under every nemesis (composed, three at most at
+# once) must be valid, with every named nemesis fired and observed; each broken build
+# must be reported invalid for its own reason.
 jepsen-quick: jepsen-bins
-	$(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem --time-limit 60 --seed 1 \
-	  --nemesis partition-region,partition-node,kill,pause,clock
+	$(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem --time-limit 180 --seed 1 \
+	  --quiet-s 2 --fault-s 5 --compose 3 --clients 24 --think-ms 200 --nemesis $(ALL_NEMESES)
 	$(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem-broken-local-accept --time-limit 40 --seed 2 \
 	  --nemesis partition-region --expect-invalid double_grant
 	$(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem-broken-early-ack --time-limit 120 --seed 3 \
 	  --nemesis partition-region --quiet-s 2 --fault-s 6 --expect-invalid lost_completion
+	$(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem-broken-unsynced-append --time-limit 90 --seed 4 \
+	  --nemesis power-loss-group,power-loss-region --quiet-s 3 --fault-s 3 --clients 24 --think-ms 100 \
+	  --expect-invalid lost_completion
+	$(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem-broken-unguarded-merge --time-limit 120 --seed 5 \
+	  --nemesis partition-region,partition-bridge,partition-oneway --quiet-s 2 --fault-s 6 \
+	  --clients 24 --expect-invalid double_grant
 
-# The long suite: every nemesis, ten minutes each for three seeds (about 35 minutes).
+# The long suite: every nemesis, composed three at most at once, 25 minutes for each of
+# three seeds, at least 10^6 operations in all (about 80 minutes).
 jepsen: jepsen-bins
 	for seed in 1 2 3; do \
-	  $(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem --time-limit 600 --seed $$seed \
-	    --nemesis partition-node,partition-region,partition-majority,partition-ring,partition-bridge,partition-oneway,kill,kill-leader,pause,clock,clock-strobe,loss,restart \
+	  $(SUDO) $(REL)/idem-jepsen run --bin $(REL)/idem --time-limit 1500 --seed $$seed \
+	    --quiet-s 3 --fault-s 6 --compose 3 --clients 48 --think-ms 100 --nemesis $(ALL_NEMESES) \
 	    || exit 1; \
 	done

@@ -139,6 +139,11 @@ impl Cluster {
     }
 
     pub fn start(&mut self, i: usize) -> anyhow::Result<()> {
+        self.start_with(i, &[])
+    }
+
+    /// Start node `i` with extra arguments to `idem server` (`--rejoin`).
+    pub fn start_with(&mut self, i: usize, args: &[&str]) -> anyhow::Result<()> {
         let n = &mut self.nodes[i];
         if n.child.is_some() {
             return Ok(());
@@ -150,6 +155,7 @@ impl Cluster {
         let mut cmd = Command::new(&self.bin);
         cmd.args(["server", "--config"])
             .arg(&n.config)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -186,6 +192,26 @@ impl Cluster {
             .with_context(|| format!("node {id} has no fault filesystem"))?;
         fs.power_loss()
             .with_context(|| format!("remount node {id}'s filesystem"))
+    }
+
+    /// Node `i`'s data directory is lost: killed, and its disk replaced by an empty one.
+    pub fn lose_data(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill(i);
+        let id = self.nodes[i].id;
+        let fs = self.nodes[i]
+            .fs
+            .as_mut()
+            .with_context(|| format!("node {id} has no fault filesystem"))?;
+        fs.wipe()
+            .with_context(|| format!("replace node {id}'s filesystem"))
+    }
+
+    /// Node `i`'s exit code, if its process has exited (it is then no longer running).
+    pub fn exited(&mut self, i: usize) -> Option<Option<i32>> {
+        let n = &mut self.nodes[i];
+        let status = n.child.as_mut()?.try_wait().ok()??;
+        n.child = None;
+        Some(status.code())
     }
 
     /// Why node `i` says it stopped serving (its disk failed), from its `/status`.

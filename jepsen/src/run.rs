@@ -346,9 +346,16 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
     for i in 0..n {
         cluster.signal(i, "-CONT");
         let _ = cluster.set_clock_offset(i, 0.0);
+        if let Some(fs) = &cluster.nodes[i].fs {
+            fs.set_faults(crate::faultfs::Faults::default());
+        }
+        // A node that stopped on a disk error is restarted, as an operator would.
+        if cluster.failure(i).is_some() {
+            cluster.kill(i);
+        }
         cluster.start(i)?;
     }
-    cluster.wait_ready(Duration::from_secs(60))?;
+    cluster.wait_ready(Duration::from_secs(90))?;
     let t = Instant::now();
     let converged_after = loop {
         let ds: Vec<Option<(u64, String)>> = (0..n).map(|i| cluster.digest(i)).collect();

@@ -62,6 +62,10 @@ fn only_what_fsync_made_durable_survives_a_power_loss() {
     names.sort();
     assert_eq!(names, vec!["000001.log"]);
     assert_eq!(fs.unsynced(), Discarded::default());
+    // A lost disk: nothing is left.
+    fs.wipe().unwrap();
+    assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
+    assert_eq!(fs.stats().used, 0);
 }
 
 #[test]

@@ -103,7 +103,9 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         a.rtt_ms,
         data.display()
     );
-    let mut nodes = Vec::new();
+    // Started together: a node on a new data directory asks its peers before it takes
+    // part, so it waits for them to be up.
+    let mut starting = Vec::new();
     for cfg in demo_configs(
         a.regions,
         a.nodes,
@@ -113,7 +115,11 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         &data,
     ) {
         let (id, region) = (cfg.node.id, cfg.node.region.clone());
-        let node = Node::start(cfg).await?;
+        starting.push((id, region, tokio::spawn(Node::start(cfg))));
+    }
+    let mut nodes = Vec::new();
+    for (id, region, task) in starting {
+        let node = task.await??;
         println!(
             "  node {id}  region {region:<9} grpc {}  http http://{}",
             node.grpc_addr(),

@@ -34,6 +34,10 @@ enum Cmd {
         /// Validate the configuration, print the result, and exit.
         #[arg(long)]
         check_config: bool,
+        /// Start on an empty data directory under an id the cluster knows (its data was
+        /// lost): see docs/operations.md, Replacing a node.
+        #[arg(long)]
+        rejoin: bool,
     },
     /// Start a local cluster on loopback, show the four outcomes, keep serving.
     Demo(demo::DemoArgs),
@@ -71,14 +75,19 @@ fn init_tracing(level: &str, json: bool) {
     };
 }
 
-async fn run_server(config: Option<PathBuf>, check: bool) -> anyhow::Result<ExitCode> {
-    let cfg = match idem_server::Config::load(config.as_deref(), std::env::vars()) {
+async fn run_server(
+    config: Option<PathBuf>,
+    check: bool,
+    rejoin: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut cfg = match idem_server::Config::load(config.as_deref(), std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("config error: {e}");
             return Ok(ExitCode::from(2));
         }
     };
+    cfg.node.rejoin |= rejoin;
     if let Err(e) = cfg.validate() {
         eprintln!("config error: {e}");
         return Ok(ExitCode::from(2));
@@ -94,7 +103,15 @@ async fn run_server(config: Option<PathBuf>, check: bool) -> anyhow::Result<Exit
         return Ok(ExitCode::SUCCESS);
     }
     init_tracing(&cfg.log.level, cfg.log.format == "json");
-    let node = idem_server::Node::start(cfg).await?;
+    let node = match idem_server::Node::start(cfg).await {
+        Ok(n) => n,
+        Err(idem_server::node::NodeError::Refused(why)) => {
+            tracing::error!(reason = %why, "refusing to start");
+            eprintln!("refusing to start: {why}");
+            return Ok(ExitCode::from(3));
+        }
+        Err(e) => return Err(e.into()),
+    };
     println!(
         "idem node serving gRPC on {} and HTTP on http://{}",
         node.grpc_addr(),
@@ -143,7 +160,8 @@ async fn main() -> ExitCode {
         Cmd::Server {
             config,
             check_config,
-        } => run_server(config, check_config).await,
+            rejoin,
+        } => run_server(config, check_config, rejoin).await,
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Reserve(a) => calls::reserve(a).await,
         Cmd::Complete(a) => calls::complete(a).await,

@@ -285,6 +285,16 @@ impl RegionLink {
                 timeout,
             }),
             Ok(Ok(resp)) => {
+                // The first answer from this region is recorded durably before it is
+                // used (once per region): a region that later loses every node's data
+                // is then known to have taken part (`idem_raft::incarnations`).
+                if let Some(inc) = self.channels.incarnations() {
+                    inc.region_answered(self.region)
+                        .map_err(|e| LinkError::Unreachable {
+                            region: self.region,
+                            detail: format!("cannot record the region's first answer: {e}"),
+                        })?;
+                }
                 *self.last_answer.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 Ok(resp.into_inner().payload)
             }

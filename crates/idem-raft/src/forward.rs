@@ -163,9 +163,12 @@ async fn call_leader(
     let mut client = channels
         .client(addr)
         .map_err(|e| GroupError::Unavailable(e.to_string()))?;
+    let (from_node, from_incarnation) = channels.me();
     let mut req = tonic::Request::new(RaftMessage {
         group: Some(group.to_wire()),
         payload: encode(&reqs),
+        from_node,
+        from_incarnation,
     });
     req.set_timeout(timeout);
     let resp = client

@@ -27,6 +27,7 @@ pub mod clock_health;
 pub mod codec;
 mod forward;
 mod group;
+pub mod incarnations;
 mod log_store;
 mod network;
 mod router;
@@ -37,8 +38,9 @@ mod storage_suite;
 mod types;
 
 pub use group::{Group, GroupConfig, GroupError, GroupHealth, NodeIdentity, Stamper};
+pub use incarnations::Incarnations;
 pub use network::Channels;
 pub use router::{GroupId, Router};
-pub use service::RaftService;
+pub use service::{Gate, Gates, RaftService};
 pub use state_machine::empty_applied_state;
 pub use types::Peer;

@@ -3,6 +3,7 @@
 //! its group. Payloads are versioned MessagePack (see `codec`).
 
 use crate::codec::{decode, encode};
+use crate::incarnations::{AdmitError, Incarnations};
 use crate::router::GroupId;
 use crate::types::{Snapshot, TypeConfig, Vote};
 use idem_proto::internal::raft_client::RaftClient;
@@ -33,6 +34,9 @@ pub struct Channels {
     inner: Arc<Mutex<HashMap<String, Channel>>>,
     /// Source address of outgoing connections (`None`: the kernel chooses).
     local: Option<std::net::IpAddr>,
+    /// This node's incarnation, sent with every Raft message, and what it knows of its
+    /// peers' (`None`: a test group that does not check them).
+    incarnations: Option<Arc<Incarnations>>,
 }
 
 impl Channels {
@@ -42,6 +46,31 @@ impl Channels {
         Channels {
             inner: Arc::default(),
             local: addr,
+            incarnations: None,
+        }
+    }
+
+    /// Send this node's incarnation with every Raft message and check the peers'.
+    pub fn with_incarnations(mut self, incarnations: Arc<Incarnations>) -> Channels {
+        self.incarnations = Some(incarnations);
+        self
+    }
+
+    pub fn incarnations(&self) -> Option<&Arc<Incarnations>> {
+        self.incarnations.as_ref()
+    }
+
+    /// (node, incarnation) to send, or zeros.
+    pub(crate) fn me(&self) -> (u64, u64) {
+        self.incarnations.as_ref().map_or((0, 0), |i| i.me())
+    }
+
+    /// Admit an answer from a peer: its incarnation recorded the first time, refused if
+    /// it changed (a node that lost its data must not be counted).
+    pub(crate) fn admit(&self, node: u64, incarnation: u64) -> Result<(), AdmitError> {
+        match &self.incarnations {
+            Some(i) => i.admit(node, incarnation),
+            None => Ok(()),
         }
     }
 
@@ -112,9 +141,23 @@ fn decode_error(e: std::io::Error) -> RPCError<TypeConfig> {
 
 impl Network {
     fn message(&self, payload: Vec<u8>) -> RaftMessage {
+        let (from_node, from_incarnation) = self.channels.me();
         RaftMessage {
             group: Some(self.group.to_wire()),
             payload,
+            from_node,
+            from_incarnation,
+        }
+    }
+
+    /// The payload of a peer's answer, once its incarnation is admitted.
+    fn admitted(&self, m: RaftMessage) -> Result<Vec<u8>, RPCError<TypeConfig>> {
+        match self.channels.admit(m.from_node, m.from_incarnation) {
+            Ok(()) => Ok(m.payload),
+            Err(e) => {
+                tracing::error!(group = %self.group, peer = %self.addr, error = %e, "answer refused");
+                Err(RPCError::Network(NetworkError::from_string(e.to_string())))
+            }
         }
     }
 
@@ -133,7 +176,7 @@ impl Network {
         let mut req = tonic::Request::new(self.message(encode(&(pre, rpc))));
         req.set_timeout(option.hard_ttl());
         let resp = self.client()?.vote(req).await.map_err(status_error)?;
-        decode::<Result<VoteResponse<TypeConfig>, String>>(&resp.into_inner().payload)
+        decode::<Result<VoteResponse<TypeConfig>, String>>(&self.admitted(resp.into_inner())?)
             .map_err(decode_error)?
             .map_err(|e| RPCError::Network(NetworkError::from_string(e)))
     }
@@ -187,10 +230,11 @@ impl RaftNetworkV2<TypeConfig> for Network {
             .append_entries(req)
             .await
             .map_err(status_error)?;
-        let answer =
-            decode::<Result<AppendEntriesResponse<TypeConfig>, String>>(&resp.into_inner().payload)
-                .map_err(decode_error)?
-                .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        let answer = decode::<Result<AppendEntriesResponse<TypeConfig>, String>>(
+            &self.admitted(resp.into_inner())?,
+        )
+        .map_err(decode_error)?
+        .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
         Ok(match (answer, partial) {
             (AppendEntriesResponse::Success, Some(last)) => {
                 AppendEntriesResponse::PartialSuccess(last)
@@ -223,6 +267,7 @@ impl RaftNetworkV2<TypeConfig> for Network {
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let group = self.group.to_wire();
+        let (from_node, from_incarnation) = self.channels.me();
         let meta = encode(&(vote, snapshot.meta.clone()));
         let path = snapshot.snapshot.path.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(SNAPSHOT_CHUNKS_IN_FLIGHT);
@@ -241,6 +286,8 @@ impl RaftNetworkV2<TypeConfig> for Network {
                     group: Some(group),
                     meta: if first { meta.clone() } else { Vec::new() },
                     data: buf,
+                    from_node,
+                    from_incarnation,
                 };
                 first = false;
                 if tx.send(chunk).await.is_err() {
@@ -264,7 +311,10 @@ impl RaftNetworkV2<TypeConfig> for Network {
         };
         reader.abort();
         let resp = result.map_err(|st| StreamingError::Network(NetworkError::new(&st)))?;
-        decode::<Result<SnapshotResponse<TypeConfig>, String>>(&resp.into_inner().payload)
+        let payload = self
+            .admitted(resp.into_inner())
+            .map_err(|e| StreamingError::Network(NetworkError::from_string(e.to_string())))?;
+        decode::<Result<SnapshotResponse<TypeConfig>, String>>(&payload)
             .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?
             .map_err(|e| StreamingError::Network(NetworkError::from_string(e)))
     }

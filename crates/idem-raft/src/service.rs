@@ -1,30 +1,151 @@
 //! The internal `Raft` gRPC service: peers' Raft messages, streamed snapshots, and
-//! commands forwarded to the leader, each dispatched to its group by the router.
+//! commands forwarded to the leader, each dispatched to its group by the router; and
+//! `Identify`, which a node with a new data directory asks before it takes part.
+//!
+//! Every Raft message names its sender's incarnation: a node id whose incarnation
+//! changed lost its data directory, and its messages are refused. A node that rejoins
+//! with an empty directory (`--rejoin`) passes a *gate* per group before it votes: a vote
+//! only in a term above every term its peers knew when it rejoined (it may have voted in
+//! any of those before), and only once its log reaches every peer's last index at that
+//! time (it may have acknowledged any of those entries).
 
 use crate::codec::{decode, encode};
 use crate::forward::MAX_BATCH;
 use crate::group::{Forwarded, Group};
+use crate::incarnations::{AdmitError, Incarnations};
 use crate::router::{GroupId, Router};
 use crate::types::{Snapshot, SnapshotMeta, TypeConfig, Vote};
 use idem_proto::internal::raft_server::Raft as RaftRpc;
+use idem_proto::internal::{GroupPosition, IdentifyRequest, IdentifyResponse};
 use idem_proto::internal::{RaftMessage, SnapshotChunk};
 use idem_storage::SnapshotFile;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use std::collections::BTreeMap;
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Largest snapshot a node accepts (a guard against a runaway sender).
 const MAX_SNAPSHOT_BYTES: u64 = 64 << 30;
 
+/// A rejoining node's gate for one group: it votes only in a term above `term` and once
+/// its log reaches `index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gate {
+    pub term: u64,
+    pub index: u64,
+}
+
+impl Gate {
+    /// Whether a node whose log ends at `last` may vote in `term`: only once its log
+    /// reaches the gate's index (it may have acknowledged any entry up to there before
+    /// it lost its data), and only in a term above the gate's (it may have voted in any
+    /// of those).
+    pub fn allows(&self, last: u64, term: u64) -> Result<(), String> {
+        if last < self.index {
+            return Err(format!(
+                "rejoining: its log is at {last}, it votes once it reaches {}",
+                self.index
+            ));
+        }
+        if term <= self.term {
+            return Err(format!(
+                "rejoining: votes only in terms above {} (it may have voted in those before it lost its data)",
+                self.term
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The gates of a rejoining node's groups, by shard (empty once every one is passed).
+#[derive(Clone, Default)]
+pub struct Gates(Arc<Mutex<BTreeMap<u32, Gate>>>);
+
+impl Gates {
+    pub fn set(&self, gates: BTreeMap<u32, Gate>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = gates;
+    }
+
+    pub fn get(&self, shard: u32) -> Option<Gate> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&shard)
+            .copied()
+    }
+
+    /// Open the gate of `shard` for good.
+    pub fn pass(&self, shard: u32) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&shard);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+}
+
 #[derive(Clone)]
 pub struct RaftService {
     router: Router,
+    /// This node's incarnation and its peers' (`None`: a test group that checks none).
+    incarnations: Option<Arc<Incarnations>>,
+    gates: Gates,
+    /// This node's own directory is confirmed (it takes part with its data).
+    confirmed: Arc<AtomicBool>,
 }
 
 impl RaftService {
     pub fn new(router: Router) -> Self {
-        RaftService { router }
+        RaftService {
+            router,
+            incarnations: None,
+            gates: Gates::default(),
+            confirmed: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// A service that checks its peers' incarnations, answers `Identify`, and holds a
+    /// rejoining node's votes behind `gates`.
+    pub fn with_identity(
+        router: Router,
+        incarnations: Arc<Incarnations>,
+        gates: Gates,
+        confirmed: Arc<AtomicBool>,
+    ) -> Self {
+        RaftService {
+            router,
+            incarnations: Some(incarnations),
+            gates,
+            confirmed,
+        }
+    }
+
+    /// Refuse a message from a node whose incarnation changed.
+    fn admit(&self, node: u64, incarnation: u64) -> Result<(), Status> {
+        match self
+            .incarnations
+            .as_ref()
+            .map(|i| i.admit(node, incarnation))
+        {
+            None | Some(Ok(())) => Ok(()),
+            Some(Err(AdmitError::Stale(s))) => Err(Status::failed_precondition(s.to_string())),
+            Some(Err(e @ AdmitError::Storage(_))) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
+    /// Whether a rejoining node may answer a vote of `term` in `g` yet.
+    fn gate(&self, g: &Group, term: u64) -> Result<(), Status> {
+        match self.gates.get(g.id().shard) {
+            None => Ok(()),
+            Some(gate) => gate
+                .allows(g.health().last_log_index, term)
+                .map_err(Status::unavailable),
+        }
     }
 
     fn group(&self, id: Option<&idem_proto::internal::GroupId>) -> Result<Arc<Group>, Status> {
@@ -39,11 +160,16 @@ fn bad_payload(e: std::io::Error) -> Status {
     Status::invalid_argument(format!("payload: {e}"))
 }
 
-fn reply<T: serde::Serialize>(group: &Group, value: &T) -> Response<RaftMessage> {
-    Response::new(RaftMessage {
-        group: Some(group.id().to_wire()),
-        payload: encode(value),
-    })
+impl RaftService {
+    fn reply<T: serde::Serialize>(&self, group: &Group, value: &T) -> Response<RaftMessage> {
+        let (from_node, from_incarnation) = self.incarnations.as_ref().map_or((0, 0), |i| i.me());
+        Response::new(RaftMessage {
+            group: Some(group.id().to_wire()),
+            payload: encode(value),
+            from_node,
+            from_incarnation,
+        })
+    }
 }
 
 #[tonic::async_trait]
@@ -53,6 +179,7 @@ impl RaftRpc for RaftService {
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         let m = req.into_inner();
+        self.admit(m.from_node, m.from_incarnation)?;
         let g = self.group(m.group.as_ref())?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&m.payload).map_err(bad_payload)?;
         let r = g
@@ -60,20 +187,25 @@ impl RaftRpc for RaftService {
             .append_entries(rpc)
             .await
             .map_err(|e| e.to_string());
-        Ok(reply(&g, &r))
+        Ok(self.reply(&g, &r))
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let m = req.into_inner();
+        self.admit(m.from_node, m.from_incarnation)?;
         let g = self.group(m.group.as_ref())?;
         let (pre, rpc): (bool, VoteRequest<TypeConfig>) =
             decode(&m.payload).map_err(bad_payload)?;
+        // A pre-vote records nothing: only a real vote waits behind the gate.
+        if !pre {
+            self.gate(&g, rpc.vote.leader_id().term)?;
+        }
         let r = if pre {
             g.raft().pre_vote(rpc).await
         } else {
             g.raft().vote(rpc).await
         };
-        Ok(reply(&g, &r.map_err(|e| e.to_string())))
+        Ok(self.reply(&g, &r.map_err(|e| e.to_string())))
     }
 
     async fn install_snapshot(
@@ -85,6 +217,7 @@ impl RaftRpc for RaftService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        self.admit(first.from_node, first.from_incarnation)?;
         let g = self.group(first.group.as_ref())?;
         let (vote, meta): (Vote, SnapshotMeta) = decode(&first.meta).map_err(bad_payload)?;
         let file = SnapshotFile::incoming(&g.engine().snapshot_dir(), g.id().shard);
@@ -117,7 +250,7 @@ impl RaftRpc for RaftService {
             .install_full_snapshot(vote, snapshot)
             .await
             .map_err(|e| e.to_string());
-        Ok(reply(&g, &r))
+        Ok(self.reply(&g, &r))
     }
 
     async fn forward_batch(
@@ -135,6 +268,81 @@ impl RaftRpc for RaftService {
         }
         // Served here only: a forwarded request is never forwarded again.
         let replies = futures::future::join_all(batch.into_iter().map(|f| g.handle_local(f))).await;
-        Ok(reply(&g, &replies))
+        Ok(self.reply(&g, &replies))
+    }
+
+    async fn identify(
+        &self,
+        req: Request<IdentifyRequest>,
+    ) -> Result<Response<IdentifyResponse>, Status> {
+        let r = req.into_inner();
+        let Some(inc) = &self.incarnations else {
+            return Err(Status::unimplemented(
+                "this node does not track incarnations",
+            ));
+        };
+        if r.node_id == 0 || r.incarnation == 0 {
+            return Err(Status::invalid_argument("node_id and incarnation"));
+        }
+        let known = inc.known(r.node_id);
+        if r.rejoin && known != Some(r.incarnation) {
+            // From now on the old incarnation is refused and the new one admitted.
+            inc.replace(r.node_id, r.incarnation)
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            tracing::warn!(
+                node = r.node_id,
+                old = ?known.map(|k| format!("{k:016x}")),
+                new = %format!("{:016x}", r.incarnation),
+                "a node rejoins with a new data directory"
+            );
+        }
+        let groups = self
+            .router
+            .all()
+            .iter()
+            .map(|g| {
+                let h = g.health();
+                GroupPosition {
+                    shard: g.id().shard,
+                    term: h.term,
+                    last_log_index: h.last_log_index,
+                }
+            })
+            .collect();
+        Ok(Response::new(IdentifyResponse {
+            known_incarnation: known.unwrap_or(0),
+            confirmed: self.confirmed.load(Ordering::SeqCst),
+            seen_region: u16::try_from(r.region).is_ok_and(|reg| inc.seen_region(reg)),
+            groups,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rejoining_node_votes_only_caught_up_and_in_a_later_term() {
+        let gate = Gate {
+            term: 7,
+            index: 120,
+        };
+        assert!(
+            gate.allows(119, 8).is_err(),
+            "its log misses entries it may have acknowledged"
+        );
+        assert!(gate.allows(120, 7).is_err(), "it may have voted in term 7");
+        assert!(gate.allows(120, 3).is_err());
+        assert!(gate.allows(120, 8).is_ok());
+        assert!(gate.allows(500, 9).is_ok());
+        let gates = Gates::default();
+        gates.set([(0, gate), (1, gate)].into_iter().collect());
+        gates.pass(0);
+        assert_eq!(gates.get(0), None);
+        assert_eq!(gates.get(1), Some(gate));
+        assert!(!gates.is_empty());
+        gates.pass(1);
+        assert!(gates.is_empty());
     }
 }

@@ -33,6 +33,8 @@ pub struct IdemService {
     /// This node's disk: once it failed, the node answers nothing but
     /// `NODE_UNAVAILABLE` (another node serves the call).
     pub disk: idem_storage::DiskHealth,
+    /// While a node with a new data directory joins, it serves nothing.
+    pub joining: crate::join::JoinStatus,
 }
 
 pub fn geo_error(e: idem_geo::GeoError) -> Status {
@@ -93,6 +95,14 @@ fn fence_meta(f: Option<idem_core::Fence>) -> Vec<(&'static str, String)> {
 impl IdemService {
     /// Refuse every call once this node's disk failed.
     fn gate(&self) -> Result<(), Status> {
+        if let Some(why) = self.joining.get() {
+            return Err(status(
+                ErrorReason::NodeUnavailable,
+                format!("this node is not serving yet ({why}); another node serves the call"),
+                &[],
+                None,
+            ));
+        }
         match self.disk.failure() {
             None => Ok(()),
             Some(why) => Err(status(

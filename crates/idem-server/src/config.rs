@@ -39,6 +39,11 @@ pub struct NodeConfig {
     pub http_addr: SocketAddr,
     /// Source address of connections to other nodes (absent: the kernel chooses).
     pub outgoing_addr: Option<std::net::IpAddr>,
+    /// A node whose data directory was lost may start on an empty one under its old id
+    /// (`idem server --rejoin`): its peers forget the old incarnation, and it votes only
+    /// once it holds what they held and only in later terms. Without it, such a node
+    /// refuses to start. Ignored for a directory that has its data.
+    pub rejoin: bool,
 }
 
 impl Default for NodeConfig {
@@ -50,6 +55,7 @@ impl Default for NodeConfig {
             grpc_addr: "127.0.0.1:7101".parse().expect("literal"),
             http_addr: "127.0.0.1:7201".parse().expect("literal"),
             outgoing_addr: None,
+            rejoin: false,
         }
     }
 }

@@ -43,6 +43,9 @@ async fn metrics(State(info): State<NodeInfo>) -> impl IntoResponse {
 /// node whose disk failed is never ready again until it is restarted (it stays live, so
 /// an orchestrator does not restart it in a loop on a broken disk).
 async fn healthz(State(info): State<NodeInfo>) -> impl IntoResponse {
+    if let Some(why) = info.joining.get() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
+    }
     if let Some(why) = info.failure() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod config;
 pub mod history;
 pub mod http;
+pub mod join;
 pub mod metrics;
 pub mod node;
 

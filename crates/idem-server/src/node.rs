@@ -43,6 +43,9 @@ pub enum NodeError {
     },
     #[error("raft: {0}")]
     Raft(#[from] idem_raft::GroupError),
+    /// The node must not take part (its data directory was lost): see `join`.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// What the services and endpoints of a node share.
@@ -62,6 +65,8 @@ pub struct NodeInfo {
     pub expected_groups: usize,
     pub history: Arc<crate::history::History>,
     pub geo: idem_geo::Geo,
+    /// While a node with a new data directory joins: what it waits for.
+    pub joining: crate::join::JoinStatus,
     last_leaders: Arc<Mutex<BTreeMap<GroupId, Option<u64>>>>,
 }
 
@@ -215,6 +220,47 @@ impl idem_geo::Observer for GeoObserver {
     }
 }
 
+/// A rejoining node's directory is confirmed once every group's gate is passed: its log
+/// reached what its peers held and its term went past theirs (until then a restart
+/// rejoins again, with gates at least as strict).
+async fn confirm_when_gates_pass(
+    router: Router,
+    region: u16,
+    gates: idem_raft::Gates,
+    mut identity: idem_storage::Identity,
+    data: std::path::PathBuf,
+    confirmed: Arc<std::sync::atomic::AtomicBool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        for g in router.all() {
+            let shard = g.id().shard;
+            if let Some(gate) = gates.get(shard) {
+                let h = g.health();
+                if g.id().region == region && h.last_log_index >= gate.index && h.term > gate.term {
+                    tracing::info!(group = %g.id(), "rejoined: caught up and past the peers' terms");
+                    gates.pass(shard);
+                }
+            }
+        }
+        if gates.is_empty() {
+            match identity.confirm(&data) {
+                Ok(()) => {
+                    confirmed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    tracing::info!("rejoined: the data directory is confirmed");
+                }
+                Err(e) => tracing::error!(error = %e, "cannot confirm the data directory"),
+            }
+            return;
+        }
+    }
+}
+
 pub struct Node {
     info: NodeInfo,
     shutdown: watch::Sender<bool>,
@@ -234,6 +280,11 @@ impl Node {
             source,
         };
         idem_storage::create_dir_durable(data).map_err(data_dir_error)?;
+        let found = idem_storage::Identity::open(data, cfg.node.id, region.id, rand::random())?;
+        let mut dir_identity = found.identity();
+        if let idem_storage::Found::New(_) = found {
+            tracing::info!(incarnation = %format!("{:016x}", dir_identity.incarnation), "a new data directory");
+        }
         // Both engines share one disk: a write or sync that fails in either stops both.
         let disk = idem_storage::DiskHealth::default();
         let log = LogEngine::open_on(&data.join("log"), disk.clone())?;
@@ -284,7 +335,21 @@ impl Node {
                 .map(|r| r.name.clone())
                 .collect::<Vec<_>>(),
         );
-        let channels = idem_raft::Channels::with_local_address(cfg.node.outgoing_addr);
+        let incarnations = Arc::new(idem_raft::Incarnations::open(
+            log.clone(),
+            cfg.node.id,
+            dir_identity.incarnation,
+        )?);
+        let channels = idem_raft::Channels::with_local_address(cfg.node.outgoing_addr)
+            .with_incarnations(incarnations.clone());
+        let confirmed = Arc::new(std::sync::atomic::AtomicBool::new(dir_identity.confirmed));
+        let gates = idem_raft::Gates::default();
+        let joining = crate::join::JoinStatus::default();
+        if !dir_identity.confirmed {
+            joining.set(Some(
+                "joining: a new data directory asks its region's nodes".into(),
+            ));
+        }
         let geo_cfg = cfg.geo_config(region.id);
         state.set_outbox(idem_storage::OutboxConfig {
             destinations: if geo_cfg.regions.len() > 1 {
@@ -328,6 +393,7 @@ impl Node {
             expected_groups: cfg.cluster.shards as usize,
             history: Arc::default(),
             geo: geo.clone(),
+            joining: joining.clone(),
             last_leaders: Arc::default(),
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -345,6 +411,7 @@ impl Node {
             geo: geo.clone(),
             stamper: stamper.clone(),
             disk: log.disk().clone(),
+            joining: joining.clone(),
         };
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
@@ -368,14 +435,30 @@ impl Node {
                     .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES),
             )
             .add_service(
-                RaftServer::new(RaftService::new(router.clone()))
-                    .max_decoding_message_size(idem_raft::MAX_PEER_MESSAGE_BYTES)
-                    .max_encoding_message_size(idem_raft::MAX_PEER_MESSAGE_BYTES),
+                RaftServer::new(RaftService::with_identity(
+                    router.clone(),
+                    incarnations.clone(),
+                    gates.clone(),
+                    confirmed.clone(),
+                ))
+                .max_decoding_message_size(idem_raft::MAX_PEER_MESSAGE_BYTES)
+                .max_encoding_message_size(idem_raft::MAX_PEER_MESSAGE_BYTES),
             )
             .add_service(
-                GeoServer::new(idem_geo::service::GeoService::new(geo.clone()))
-                    .max_decoding_message_size(idem_raft::MAX_PEER_MESSAGE_BYTES)
-                    .max_encoding_message_size(idem_raft::MAX_PEER_MESSAGE_BYTES),
+                // A node that is joining answers no other region: an answer would let
+                // that region believe this one took part.
+                tonic::service::interceptor::InterceptedService::new(
+                    GeoServer::new(idem_geo::service::GeoService::new(geo.clone()))
+                        .max_decoding_message_size(idem_raft::MAX_PEER_MESSAGE_BYTES)
+                        .max_encoding_message_size(idem_raft::MAX_PEER_MESSAGE_BYTES),
+                    {
+                        let joining = joining.clone();
+                        move |req: tonic::Request<()>| match joining.get() {
+                            Some(why) => Err(tonic::Status::unavailable(why)),
+                            None => Ok(req),
+                        }
+                    },
+                ),
             )
             .add_service(AdminServer::new(AdminService { info: info.clone() }))
             .add_service(health_service)
@@ -417,6 +500,62 @@ impl Node {
                 addr: n.addr.clone(),
             })
             .collect();
+        // A new data directory joins before its groups start (see `join`).
+        if !dir_identity.confirmed {
+            let member = |n: &crate::config::PeerConfig| crate::join::Member {
+                id: n.id,
+                addr: n.addr.clone(),
+            };
+            let region_peers: Vec<_> = region
+                .nodes
+                .iter()
+                .filter(|n| n.id != cfg.node.id)
+                .map(member)
+                .collect();
+            let others: Vec<_> = cfg
+                .effective_regions()
+                .iter()
+                .filter(|r| r.id != region.id)
+                .map(|r| (r.id, r.nodes.iter().map(member).collect()))
+                .collect();
+            let joined = crate::join::join(
+                &dir_identity,
+                &region_peers,
+                &others,
+                &channels,
+                cfg.node.rejoin,
+                &joining,
+            )
+            .await;
+            match joined {
+                Ok(crate::join::Joined::Confirmed) => {
+                    dir_identity.confirm(data)?;
+                    confirmed.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                Ok(crate::join::Joined::Rejoined(g)) => {
+                    tracing::warn!(gates = ?g, "rejoining with an empty data directory: votes wait for these logs and terms");
+                    gates.set(g);
+                    tasks.push(tokio::spawn(confirm_when_gates_pass(
+                        router.clone(),
+                        region.id,
+                        gates.clone(),
+                        dir_identity,
+                        data.clone(),
+                        confirmed.clone(),
+                        shutdown_rx.clone(),
+                    )));
+                }
+                Err(refused) => {
+                    let _ = shutdown.send(true);
+                    for t in tasks {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+                    }
+                    return Err(NodeError::Refused(refused.to_string()));
+                }
+            }
+        } else if cfg.node.rejoin {
+            tracing::warn!("--rejoin ignored: this data directory has its data");
+        }
         let mut group_cfg = cfg.raft.group_config();
         group_cfg.max_response_bytes = cfg.limits.max_response_bytes;
         for shard in 0..cfg.cluster.shards {

@@ -12,6 +12,12 @@ pub enum StorageError {
     /// until it is restarted (see `disk.rs`).
     #[error("the disk failed and the node stopped writing ({0}); restart it to recover from what is on disk")]
     DiskFailed(String),
+    #[error("the data directory {dir} belongs to {found}, not to {expected}")]
+    WrongNode {
+        dir: String,
+        found: String,
+        expected: String,
+    },
 }
 
 impl From<StorageError> for std::io::Error {

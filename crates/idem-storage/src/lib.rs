@@ -11,6 +11,7 @@
 
 mod disk;
 mod error;
+mod identity;
 pub mod keys;
 mod log_engine;
 mod snapshot;
@@ -18,6 +19,7 @@ mod state_engine;
 
 pub use disk::{create_dir_durable, sync_dir, sync_parent, DiskHealth};
 pub use error::StorageError;
+pub use identity::{Found, Identity};
 pub use log_engine::{LogEngine, COMMITTED, PURGED, VOTE};
 pub use snapshot::SnapshotFile;
 pub use state_engine::{

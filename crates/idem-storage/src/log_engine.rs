@@ -279,6 +279,30 @@ impl LogEngine {
         Ok(self.db.get_cf(self.cf(CF_STATE), meta_key(shard, name))?)
     }
 
+    /// Every value of `shard` in `raft_state` whose name starts with `prefix`, as (the
+    /// rest of the name, value), in name order.
+    pub fn states_with_prefix(
+        &self,
+        shard: Shard,
+        prefix: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        let from = meta_key(shard, prefix);
+        let mut out = Vec::new();
+        let it = self.db.iterator_cf(
+            self.cf(CF_STATE),
+            IteratorMode::From(&from, Direction::Forward),
+        );
+        for item in it {
+            let (k, v) = item?;
+            if !k.starts_with(&from) {
+                break;
+            }
+            let rest = String::from_utf8_lossy(&k[from.len()..]).into_owned();
+            out.push((rest, v.into_vec()));
+        }
+        Ok(out)
+    }
+
     /// Bytes the log engine occupies on disk (SST files plus live WAL estimate).
     pub fn disk_bytes(&self) -> u64 {
         let sst = |cf| {

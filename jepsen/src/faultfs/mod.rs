@@ -87,6 +87,15 @@ impl FaultFs {
         Ok(discarded)
     }
 
+    /// The disk is lost: everything on it is gone (a replaced machine, a deleted
+    /// volume). The process that used it must be dead already.
+    pub fn wipe(&mut self) -> std::io::Result<()> {
+        self.unmount()?;
+        let capacity = self.shared.model().capacity();
+        *self.shared.model() = model::Model::new(capacity);
+        self.spawn()
+    }
+
     /// What a power loss would discard now.
     pub fn unsynced(&self) -> Discarded {
         self.shared.model().unsynced()

@@ -18,6 +18,9 @@ pub enum DiskFault {
     Full(usize, u64, u64),
     /// The node and its count of delayed operations before.
     Slow(usize, u64),
+    /// The node whose data directory was lost, and its exit code once it exited (-1:
+    /// killed by a signal).
+    Lost(usize, std::cell::Cell<Option<i32>>),
 }
 
 fn stats(c: &Cluster, x: usize) -> crate::faultfs::Stats {
@@ -114,13 +117,23 @@ pub fn inject(
             let what = format!("node {}: disk {ms} ms slow", c.nodes[x].id);
             (DiskFault::Slow(x, before), what)
         }
+        "lose-data" => {
+            let Some(x) = claims.node(c, rng) else {
+                return Ok(None);
+            };
+            c.lose_data(x)?;
+            // Started again under its id on the empty directory: it must refuse.
+            c.start(x)?;
+            let what = format!("node {}: data directory lost, started again", c.nodes[x].id);
+            (DiskFault::Lost(x, std::cell::Cell::new(None)), what)
+        }
         other => anyhow::bail!("unknown disk nemesis {other:?}"),
     };
     Ok(Some((Active::Disk(fault.0), fault.1)))
 }
 
 impl DiskFault {
-    pub fn observe(&self, c: &Cluster) -> Option<String> {
+    pub fn observe(&self, c: &mut Cluster) -> Option<String> {
         match self {
             DiskFault::PowerLoss(xs, lost) => Some(format!(
                 "{} down; {} unsynced bytes and {} directory changes discarded",
@@ -146,6 +159,14 @@ impl DiskFault {
             DiskFault::Slow(x, before) => {
                 let slowed = stats(c, *x).delayed - before;
                 (slowed > 0).then(|| format!("{slowed} operations delayed"))
+            }
+            DiskFault::Lost(x, exit) => {
+                if exit.get().is_none() {
+                    exit.set(c.exited(*x).map(|code| code.unwrap_or(-1)));
+                }
+                // Only the refusal (exit code 3) is the effect this fault looks for.
+                (exit.get() == Some(3))
+                    .then(|| format!("node {} refused to start (exit 3)", c.nodes[*x].id))
             }
         }
     }
@@ -202,6 +223,11 @@ impl DiskFault {
                 }
             }
             DiskFault::Slow(x, _) => set_faults(c, x, Faults::default()),
+            DiskFault::Lost(x, _) => {
+                // Brought back as an operator would: rejoined on its empty directory.
+                c.kill(x);
+                c.start_with(x, &["--rejoin"])?;
+            }
         }
         Ok(())
     }

@@ -27,6 +27,7 @@
 //! | `disk-eio` | one node's fsyncs fail with EIO (the node must stop; healed by a power loss and a restart) |
 //! | `disk-full` | one node's disk is full (ENOSPC) |
 //! | `disk-slow` | one node's disk answers every operation 20 to 80 ms late |
+//! | `lose-data` | one node's data directory is lost and the node started again under its id: it must refuse to start; healed by `--rejoin` |
 
 mod disk;
 
@@ -37,7 +38,7 @@ use rand::Rng;
 use serde::Serialize;
 use std::collections::BTreeSet;
 
-pub const ALL: [&str; 23] = [
+pub const ALL: [&str; 24] = [
     "partition-node",
     "partition-region",
     "partition-majority",
@@ -61,11 +62,12 @@ pub const ALL: [&str; 23] = [
     "disk-eio",
     "disk-full",
     "disk-slow",
+    "lose-data",
 ];
 
 /// The nemeses that act on the fault filesystem.
 pub fn needs_faultfs(name: &str) -> bool {
-    name.starts_with("power-loss") || name.starts_with("disk-")
+    name.starts_with("power-loss") || name.starts_with("disk-") || name == "lose-data"
 }
 
 /// One fault, from when it was injected to when it was healed.

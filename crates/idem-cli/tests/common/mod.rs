@@ -129,6 +129,11 @@ impl Cluster {
     }
 
     pub fn spawn(&mut self, i: usize) {
+        self.spawn_with(i, &[]);
+    }
+
+    /// Start node `i` with extra arguments to `idem server`.
+    pub fn spawn_with(&mut self, i: usize, args: &[&str]) {
         let n = &mut self.nodes[i];
         assert!(n.child.is_none(), "node {} already running", n.id);
         let log = std::fs::OpenOptions::new()
@@ -139,6 +144,7 @@ impl Cluster {
         let child = Command::new(env!("CARGO_BIN_EXE_idem"))
             .args(["server", "--config"])
             .arg(&n.config)
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
