@@ -482,7 +482,9 @@ fn check_key(key: &str, ops: &[&Op], skew: u64, v: &mut Verdict) {
             }
         }
     }
-    v.possible.extend(possible);
+    if !regional {
+        v.possible.extend(possible);
+    }
     v.regional_double_grants += regional_double_grants;
 }
 

@@ -184,7 +184,13 @@ fn names(a: &RunArgs) -> Vec<String> {
 
 /// Inside the namespace.
 pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
-    let run = format!("{}-{}", chrono_like_now(), a.nemesis.replace(',', "+"));
+    let named = names(&a);
+    let label = if named.len() > 4 {
+        format!("{}-nemeses", named.len())
+    } else {
+        named.join("+")
+    };
+    let run = format!("{}-{label}-seed{}", chrono_like_now(), a.seed);
     let dir = a.store.join(&run);
     std::fs::create_dir_all(&dir)?;
     let bin = a.bin.clone().unwrap_or_else(default_bin);

@@ -9,13 +9,15 @@ use crate::nemesis::Window;
 const SETTLE_MS: u64 = 300;
 
 /// While every region is cut off from every other (`partition-regions`), no majority of
-/// regions can answer anyone: a Reserve sent inside such a window (after its rules
-/// settled) and answered NEW before the window ended was granted without a majority.
+/// regions can answer anyone: a Reserve of a GLOBAL namespace sent inside such a window
+/// (after its rules settled) and answered NEW before the window ended was granted
+/// without a majority. (A REGIONAL namespace grants on its region alone, by design.)
 pub fn check_no_grant_without_majority(history: &[Op], windows: &[Window], v: &mut Verdict) {
     for w in windows.iter().filter(|w| w.nemesis == "partition-regions") {
         for op in history.iter().filter(|o| {
             o.call == Call::Reserve
                 && o.outcome == Outcome::New
+                && !crate::workload::is_regional(&o.key)
                 && o.start_ms >= w.start_ms + SETTLE_MS
                 && o.end_ms < w.end_ms
         }) {
@@ -83,6 +85,11 @@ mod tests {
             reserve(4, 12_000, 13_000, Outcome::Unavailable),
             // Another nemesis's window.
             reserve(5, 21_000, 21_100, Outcome::New),
+            // A REGIONAL namespace grants on its own region.
+            Op {
+                key: crate::workload::history_key("acme", crate::workload::REGIONAL_SCOPE, "k6"),
+                ..reserve(6, 11_000, 11_100, Outcome::New)
+            },
         ];
         let mut v = Verdict::default();
         check_no_grant_without_majority(&history, &windows, &mut v);
