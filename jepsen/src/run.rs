@@ -376,7 +376,25 @@ pub async fn inner(a: RunArgs) -> anyhow::Result<bool> {
     let converged = converged_after.is_some();
     match converged_after {
         Some(d) => eprintln!("regions converged {d:?} after healing"),
-        None => eprintln!("regions did not converge within {CONVERGE_BOUND:?} after healing"),
+        None => {
+            eprintln!(
+                "regions did not converge within {CONVERGE_BOUND:?} after healing; the nodes say:"
+            );
+            // What each node's groups say, to see which one is behind and why.
+            for i in 0..n {
+                let status = crate::cluster::http_get(&cluster.nodes[i].http(), "/status")
+                    .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok());
+                let groups = status.as_ref().map(|v| v["groups"].to_string());
+                let failed = status.as_ref().map(|v| v["failed"].to_string());
+                eprintln!(
+                    "  node {}: digest {:?}, groups {}, failed {}",
+                    cluster.nodes[i].id,
+                    cluster.digest(i).map(|d| d.1),
+                    groups.unwrap_or_else(|| "unreachable".into()),
+                    failed.unwrap_or_default()
+                );
+            }
+        }
     }
     for i in 0..n {
         let now = crate::history::now_ms();

@@ -1,8 +1,8 @@
 //! A node whose data directory is lost, started again under its old id, on real
 //! processes: it refuses to start and says how to bring it back; its peers refuse the
-//! old incarnation once it rejoins; with `--rejoin` it catches up, serves every
-//! acknowledged completion, and its directory is confirmed once the group moved past
-//! the terms its peers knew.
+//! old incarnation once it rejoins; with `--rejoin` it catches up (from the leader's log,
+//! or from a snapshot when the log was purged), serves every acknowledged completion,
+//! and its directory is confirmed once the group moved past the terms its peers knew.
 
 mod common;
 
@@ -62,12 +62,15 @@ fn exit_code(c: &mut Cluster, i: usize, within: Duration) -> Option<i32> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_that_lost_its_data_refuses_to_start_then_rejoins_safely() {
-    let mut c = Cluster::start(Options::default());
+/// A follower loses its data directory: it refuses to start, then rejoins and catches up
+/// under the leader it finds (which must replicate to it from the start: openraft keeps a
+/// follower's matched index from going back), then its directory is confirmed once the
+/// group moves to a new term.
+async fn lost_follower_refuses_then_rejoins(opts: Options) {
+    let mut c = Cluster::start(opts);
     let keys: Vec<String> = (0..20).map(|i| format!("k-{i}")).collect();
     complete(&c.client(0).await, &keys).await;
-    let x = c.leader().expect("a leader");
+    let x = (c.leader().expect("a leader") + 1) % 3; // a follower
     let id = c.nodes[x].id;
     let old = identity_field(&c, x, "incarnation");
     assert_eq!(identity_field(&c, x, "confirmed"), "true");
@@ -102,6 +105,28 @@ async fn a_node_that_lost_its_data_refuses_to_start_then_rejoins_safely() {
             Ok(Reservation::Replay(r)) => assert_eq!(r, body(k)),
             other => panic!("{k}: an acknowledged completion must replay, got {other:?}"),
         }
+    }
+    // It catches up under the leader it found (no election needed): its log reaches
+    // the others' and it applies what they applied.
+    let start = Instant::now();
+    loop {
+        let applied = |i: usize| {
+            common::http_get(&c.nodes[i].http, "/status")
+                .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["groups"][0]["applied_index"].as_u64())
+                .unwrap_or(0)
+        };
+        if applied(x) > 0 && applied(x) >= applied(other) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the rejoined node does not catch up: applied {} against {}; log:\n{}",
+            applied(x),
+            applied(other),
+            c.log_of(x)
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
     // Its peers now refuse the old incarnation's messages.
     let mut raw = RaftClient::connect(format!("http://{}", c.nodes[other].grpc))
@@ -147,4 +172,19 @@ async fn a_node_that_lost_its_data_refuses_to_start_then_rejoins_safely() {
     }
     c.wait_ready(Duration::from_secs(60));
     complete(&c.client(x).await, &["after".to_string()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_data_refuses_to_start_then_rejoins_from_the_leaders_log() {
+    lost_follower_refuses_then_rejoins(Options::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_data_refuses_to_start_then_rejoins_from_a_snapshot() {
+    // Snapshots every 20 entries, 5 kept behind: the log was purged at its peers.
+    lost_follower_refuses_then_rejoins(Options {
+        snapshot_every: Some((20, 5)),
+        ..Options::default()
+    })
+    .await;
 }

@@ -34,6 +34,12 @@ pub struct GroupConfig {
     /// The largest stored response (`limits.max_response_bytes`): what a forwarded
     /// request's answer may bring back, counted in batch byte bounds.
     pub max_response_bytes: usize,
+    /// Whether this node may stand for election (a rejoining node may not until its
+    /// log caught up: `Group::allow_elections`).
+    pub elect: bool,
+    /// Whether an uninitialized group initializes itself with the configured members
+    /// (a new cluster), or waits for the leader to replicate them (a rejoining node).
+    pub initialize: bool,
 }
 
 impl Default for GroupConfig {
@@ -46,7 +52,28 @@ impl Default for GroupConfig {
             logs_kept_after_snapshot: 5_000,
             request_timeout: Duration::from_secs(5),
             max_response_bytes: idem_core::Limits::default().max_response_bytes,
+            elect: true,
+            initialize: true,
         }
+    }
+}
+
+/// A log id as a plain position, ordered as openraft orders log ids: by the leader that
+/// proposed the entry (its term, then its node), then by index. (0, 0, 0): no entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LogPosition {
+    pub term: u64,
+    pub node: u64,
+    pub index: u64,
+}
+
+impl LogPosition {
+    pub(crate) fn of(id: Option<&crate::types::LogId>) -> LogPosition {
+        id.map_or(LogPosition::default(), |id| LogPosition {
+            term: id.leader_id.term,
+            node: id.leader_id.node_id,
+            index: id.index,
+        })
     }
 }
 
@@ -394,6 +421,7 @@ pub struct Group {
     node_id: u64,
     raft: Raft<TypeConfig, StateMachine>,
     engine: StateEngine,
+    log: LogEngine,
     stamper: Arc<Stamper>,
     forwarder: Forwarder,
     timeout: Duration,
@@ -490,6 +518,7 @@ impl Group {
             max_in_snapshot_log_to_keep: cfg.logs_kept_after_snapshot,
             purge_batch_size: 256,
             enable_pre_vote: Some(true),
+            enable_elect: cfg.elect,
             ..Default::default()
         }
         .validate()
@@ -504,7 +533,7 @@ impl Group {
             node_id,
             Arc::new(config),
             network,
-            LogStore::new(log, id.shard),
+            LogStore::new(log.clone(), id.shard),
             sm,
         )
         .await
@@ -513,7 +542,7 @@ impl Group {
             .is_initialized()
             .await
             .map_err(|e| GroupError::Fatal(e.to_string()))?;
-        if !initialized {
+        if !initialized && cfg.initialize {
             let members: BTreeMap<u64, BasicNode> = peers
                 .iter()
                 .map(|p| (p.id, BasicNode::new(p.addr.clone())))
@@ -535,6 +564,7 @@ impl Group {
             node_id,
             raft,
             engine: state,
+            log,
             _clock_guard: guard,
             stamper,
             forwarder: Forwarder::start(id, channels, cfg.request_timeout, cfg.max_response_bytes),
@@ -716,6 +746,57 @@ impl Group {
             committed_index: m.local_committed.as_ref().map_or(0, |l| l.index),
             voters: m.membership_config.voter_ids().collect(),
         }
+    }
+
+    /// The id of the last entry in this node's log (or of the last purged one), as a
+    /// position comparable with a vote request's.
+    pub fn last_log_position(&self) -> Result<LogPosition, GroupError> {
+        let fatal = |e: std::io::Error| GroupError::Fatal(e.to_string());
+        if let Some((_, bytes)) = self
+            .log
+            .last_entry(self.id.shard)
+            .map_err(|e| GroupError::Fatal(e.to_string()))?
+        {
+            let e: crate::types::Entry = crate::codec::decode(&bytes).map_err(fatal)?;
+            return Ok(LogPosition::of(Some(&e.log_id)));
+        }
+        let purged = self
+            .log
+            .get_state(self.id.shard, idem_storage::PURGED)
+            .map_err(|e| GroupError::Fatal(e.to_string()))?;
+        match purged {
+            Some(b) => {
+                let id: Option<crate::types::LogId> = crate::codec::decode(&b).map_err(fatal)?;
+                Ok(LogPosition::of(id.as_ref()))
+            }
+            None => Ok(LogPosition::default()),
+        }
+    }
+
+    /// A peer lost its log and rejoins under its id: if this node leads, let that peer's
+    /// log go back once and replicate to it from the start (openraft keeps a follower's
+    /// matched index from ever going back, as Raft assumes a follower never loses what it
+    /// acknowledged). Whether this node led.
+    pub async fn allow_revert(&self, peer: u64) -> bool {
+        if !self.is_leader() {
+            return false;
+        }
+        match self.raft.trigger().allow_next_revert(&peer, true).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(group = %self.id, peer, error = %e, "cannot reset replication to a rejoining node");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(group = %self.id, peer, error = %e, "cannot reset replication to a rejoining node");
+                false
+            }
+        }
+    }
+
+    /// Let this node stand for election again (a rejoining node whose log caught up).
+    pub fn allow_elections(&self) {
+        self.raft.runtime_config().elect(true);
     }
 
     /// Wait until this group has a leader (for start-up and tests).

@@ -37,7 +37,7 @@ mod state_machine;
 mod storage_suite;
 mod types;
 
-pub use group::{Group, GroupConfig, GroupError, GroupHealth, NodeIdentity, Stamper};
+pub use group::{Group, GroupConfig, GroupError, GroupHealth, LogPosition, NodeIdentity, Stamper};
 pub use incarnations::Incarnations;
 pub use network::Channels;
 pub use router::{GroupId, Router};

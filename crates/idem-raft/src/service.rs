@@ -11,6 +11,7 @@
 
 use crate::codec::{decode, encode};
 use crate::forward::MAX_BATCH;
+use crate::group::LogPosition;
 use crate::group::{Forwarded, Group};
 use crate::incarnations::{AdmitError, Incarnations};
 use crate::router::{GroupId, Router};
@@ -29,30 +30,34 @@ use tonic::{Request, Response, Status, Streaming};
 /// Largest snapshot a node accepts (a guard against a runaway sender).
 const MAX_SNAPSHOT_BYTES: u64 = 64 << 30;
 
-/// A rejoining node's gate for one group: it votes only in a term above `term` and once
-/// its log reaches `index`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A rejoining node's gate for one group: `term` and `log` are the highest term and the
+/// most advanced last log id among its peers when it rejoined.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Gate {
     pub term: u64,
-    pub index: u64,
+    pub log: LogPosition,
 }
 
 impl Gate {
-    /// Whether a node whose log ends at `last` may vote in `term`: only once its log
-    /// reaches the gate's index (it may have acknowledged any entry up to there before
-    /// it lost its data), and only in a term above the gate's (it may have voted in any
-    /// of those).
-    pub fn allows(&self, last: u64, term: u64) -> Result<(), String> {
-        if last < self.index {
-            return Err(format!(
-                "rejoining: its log is at {last}, it votes once it reaches {}",
-                self.index
-            ));
-        }
+    /// Whether a rejoining node may vote in `term` for a candidate whose log ends at
+    /// `candidate`. Only in a term above the gate's: it may have voted in any of those
+    /// before it lost its data. And only for a candidate whose log is at least the most
+    /// advanced of its peers' when it rejoined: it may have acknowledged entries that were
+    /// committed with its help and are now on one peer only, and it cannot compare the
+    /// candidate with the log it lost; a log at least as advanced as that peer's holds
+    /// every entry committed then (Raft's election restriction, with the peers' logs
+    /// standing in for its own).
+    pub fn allows(&self, candidate: LogPosition, term: u64) -> Result<(), String> {
         if term <= self.term {
             return Err(format!(
                 "rejoining: votes only in terms above {} (it may have voted in those before it lost its data)",
                 self.term
+            ));
+        }
+        if candidate < self.log {
+            return Err(format!(
+                "rejoining: votes only for a log at least at {:?}, the candidate's is at {candidate:?}",
+                self.log
             ));
         }
         Ok(())
@@ -138,12 +143,15 @@ impl RaftService {
         }
     }
 
-    /// Whether a rejoining node may answer a vote of `term` in `g` yet.
-    fn gate(&self, g: &Group, term: u64) -> Result<(), Status> {
+    /// Whether a rejoining node may answer this vote in `g`.
+    fn gate(&self, g: &Group, rpc: &VoteRequest<TypeConfig>) -> Result<(), Status> {
         match self.gates.get(g.id().shard) {
             None => Ok(()),
             Some(gate) => gate
-                .allows(g.health().last_log_index, term)
+                .allows(
+                    LogPosition::of(rpc.last_log_id.as_ref()),
+                    rpc.vote.leader_id().term,
+                )
                 .map_err(Status::unavailable),
         }
     }
@@ -198,7 +206,7 @@ impl RaftRpc for RaftService {
             decode(&m.payload).map_err(bad_payload)?;
         // A pre-vote records nothing: only a real vote waits behind the gate.
         if !pre {
-            self.gate(&g, rpc.vote.leader_id().term)?;
+            self.gate(&g, &rpc)?;
         }
         let r = if pre {
             g.raft().pre_vote(rpc).await
@@ -289,6 +297,10 @@ impl RaftRpc for RaftService {
             // From now on the old incarnation is refused and the new one admitted.
             inc.replace(r.node_id, r.incarnation)
                 .map_err(|e| Status::unavailable(e.to_string()))?;
+            // The groups this node leads replicate to it from the start: its log went back.
+            for g in self.router.all() {
+                g.allow_revert(r.node_id).await;
+            }
             tracing::warn!(
                 node = r.node_id,
                 old = ?known.map(|k| format!("{k:016x}")),
@@ -301,14 +313,18 @@ impl RaftRpc for RaftService {
             .all()
             .iter()
             .map(|g| {
-                let h = g.health();
-                GroupPosition {
+                let last = g
+                    .last_log_position()
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                Ok(GroupPosition {
                     shard: g.id().shard,
-                    term: h.term,
-                    last_log_index: h.last_log_index,
-                }
+                    term: g.health().term,
+                    last_log_index: last.index,
+                    last_log_term: last.term,
+                    last_log_node: last.node,
+                })
             })
-            .collect();
+            .collect::<Result<_, Status>>()?;
         Ok(Response::new(IdentifyResponse {
             known_incarnation: known.unwrap_or(0),
             confirmed: self.confirmed.load(Ordering::SeqCst),
@@ -323,19 +339,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_rejoining_node_votes_only_caught_up_and_in_a_later_term() {
+    fn a_rejoining_node_votes_only_in_a_later_term_for_a_log_as_advanced_as_its_peers() {
+        let at = |term, node, index| LogPosition { term, node, index };
         let gate = Gate {
             term: 7,
-            index: 120,
+            log: at(6, 2, 120),
         };
         assert!(
-            gate.allows(119, 8).is_err(),
-            "its log misses entries it may have acknowledged"
+            gate.allows(at(6, 2, 119), 8).is_err(),
+            "the candidate may miss committed entries"
         );
-        assert!(gate.allows(120, 7).is_err(), "it may have voted in term 7");
-        assert!(gate.allows(120, 3).is_err());
-        assert!(gate.allows(120, 8).is_ok());
-        assert!(gate.allows(500, 9).is_ok());
+        assert!(
+            gate.allows(at(5, 3, 900), 8).is_err(),
+            "a longer log of an older leader is behind"
+        );
+        assert!(
+            gate.allows(at(6, 2, 120), 7).is_err(),
+            "it may have voted in term 7"
+        );
+        assert!(gate.allows(at(6, 2, 120), 3).is_err());
+        assert!(gate.allows(at(6, 2, 120), 8).is_ok());
+        assert!(
+            gate.allows(at(7, 1, 3), 9).is_ok(),
+            "a later leader's entry is ahead"
+        );
         let gates = Gates::default();
         gates.set([(0, gate), (1, gate)].into_iter().collect());
         gates.pass(0);

@@ -9,9 +9,10 @@
 //! - a peer that knows this node id under another incarnation means the data was lost:
 //!   the node refuses to start and says how to bring it back (`--rejoin`);
 //! - with `--rejoin`, each peer records the new incarnation (the old one is refused from
-//!   then on) and tells its groups' positions; the node then votes in a group only once
-//!   its log reaches every peer's last index and only in terms above every peer's term
-//!   (`idem_raft::Gates`), and its directory is confirmed once every gate is passed (a
+//!   then on) and tells its groups' positions; the node then votes in a group only in
+//!   terms above every peer's term and only for a candidate whose log is at least the
+//!   most advanced of theirs, and stands for election only once its own log is
+//!   (`idem_raft::Gates`); its directory is confirmed once every gate is passed (a
 //!   restart before that rejoins again: its peers know the new incarnation);
 //! - if no peer of its region has a confirmed directory (the whole region is new) but a
 //!   node of another region has heard from this region before, the region lost all its
@@ -22,7 +23,7 @@
 
 use idem_proto::internal::raft_client::RaftClient;
 use idem_proto::internal::IdentifyRequest;
-use idem_raft::{Channels, Gate};
+use idem_raft::{Channels, Gate, LogPosition};
 use idem_storage::Identity;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -130,7 +131,8 @@ struct Answer {
     known: u64,
     confirmed: bool,
     seen_region: bool,
-    groups: Vec<(u32, u64, u64)>,
+    /// By shard: the highest term and the last log id.
+    groups: Vec<(u32, u64, LogPosition)>,
 }
 
 async fn ask(channels: &Channels, m: &Member, me: &Identity, rejoin: bool) -> Option<Answer> {
@@ -154,7 +156,14 @@ async fn ask(channels: &Channels, m: &Member, me: &Identity, rejoin: bool) -> Op
         groups: r
             .groups
             .iter()
-            .map(|g| (g.shard, g.term, g.last_log_index))
+            .map(|g| {
+                let log = LogPosition {
+                    term: g.last_log_term,
+                    node: g.last_log_node,
+                    index: g.last_log_index,
+                };
+                (g.shard, g.term, log)
+            })
             .collect(),
     })
 }
@@ -264,10 +273,10 @@ pub async fn join(
     }
     let mut gates: BTreeMap<u32, Gate> = BTreeMap::new();
     for a in answers.values() {
-        for &(shard, term, index) in &a.groups {
-            let g = gates.entry(shard).or_insert(Gate { term: 0, index: 0 });
+        for &(shard, term, log) in &a.groups {
+            let g = gates.entry(shard).or_default();
             g.term = g.term.max(term);
-            g.index = g.index.max(index);
+            g.log = g.log.max(log);
         }
     }
     Ok(Joined::Rejoined(gates))

@@ -238,11 +238,15 @@ async fn confirm_when_gates_pass(
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        for g in router.all() {
+        for g in router.all().iter().filter(|g| g.id().region == region) {
             let shard = g.id().shard;
-            if let Some(gate) = gates.get(shard) {
-                let h = g.health();
-                if g.id().region == region && h.last_log_index >= gate.index && h.term > gate.term {
+            let Some(gate) = gates.get(shard) else {
+                continue;
+            };
+            // Its own log as advanced as its peers' were: it may stand for election.
+            if g.last_log_position().is_ok_and(|own| own >= gate.log) {
+                g.allow_elections();
+                if g.health().term > gate.term {
                     tracing::info!(group = %g.id(), "rejoined: caught up and past the peers' terms");
                     gates.pass(shard);
                 }
@@ -563,6 +567,14 @@ impl Node {
                 region: region.id,
                 shard,
             };
+            // A rejoining node stands for election in a group once its log caught up,
+            // and does not initialize the group: its peers' leader replicates to it.
+            let rejoining = gates.get(shard).is_some();
+            let cfg = idem_raft::GroupConfig {
+                elect: !rejoining,
+                initialize: !rejoining,
+                ..group_cfg.clone()
+            };
             let g = Group::start(
                 id,
                 stamper.clone(),
@@ -570,7 +582,7 @@ impl Node {
                 log.clone(),
                 state.clone(),
                 channels.clone(),
-                &group_cfg,
+                &cfg,
             )
             .await?;
             router.insert(Arc::new(g));

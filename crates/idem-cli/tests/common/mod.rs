@@ -53,6 +53,9 @@ pub struct Options {
     pub shards: u32,
     pub skew_margin_ms: u64,
     pub min_retention_ms: u64,
+    /// A snapshot every this many entries, with this many kept behind it (`None`: the
+    /// defaults).
+    pub snapshot_every: Option<(u64, u64)>,
     pub extra: String,
 }
 
@@ -63,6 +66,7 @@ impl Default for Options {
             shards: 1,
             skew_margin_ms: 100,
             min_retention_ms: 1_000,
+            snapshot_every: None,
             extra: String::new(),
         }
     }
@@ -106,12 +110,17 @@ impl Cluster {
             let text = format!(
                 "[node]\nid = {id}\nregion = \"test\"\ndata_dir = \"{}\"\ngrpc_addr = \"127.0.0.1:{g}\"\nhttp_addr = \"127.0.0.1:{h}\"\n\n\
                  [cluster]\nshards = {}\nskew_margin_ms = {}\n\n\
-                 [raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\nrequest_timeout_ms = 3000\n\n\
+                 [raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\nrequest_timeout_ms = 3000\n{}\n\
                  [limits]\nmin_retention_ms = {}\n\n{}\n\
                  [[regions]]\nid = 0\nname = \"test\"\n{members}",
                 data.display(),
                 opts.shards,
                 opts.skew_margin_ms,
+                opts.snapshot_every
+                    .map(|(every, kept)| format!(
+                        "snapshot_every_entries = {every}\nlogs_kept_after_snapshot = {kept}\n"
+                    ))
+                    .unwrap_or_default(),
                 opts.min_retention_ms,
                 opts.extra,
             );
